@@ -1,0 +1,64 @@
+"""The composition root: builds the ensemble, the views and the Starlette app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import structlog
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from . import api
+from .config import Settings
+from .engine import LlamaEngine
+from .ensemble import Ensemble, EngineLoader
+from .errors_http import EXCEPTION_HANDLERS
+from .events import EventBus
+from .log_view import subscribe_log
+from .middleware import BodyLimitMiddleware, RequestContextMiddleware
+
+__all__ = ["create_app"]
+
+_log = structlog.get_logger("ensemble_ops.app")
+
+
+def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -> Starlette:
+    """Build the app. Models load in the background once the lifespan starts, so the
+    server answers (readiness 503) while they load; ``loader`` is the engine factory."""
+    bus = EventBus()
+    subscribe_log(bus)
+    ensemble = Ensemble(settings, bus, loader)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        _log.info(
+            "ensemble.starting",
+            models=[spec.name for spec in settings.models],
+            default_mode=settings.default_mode,
+        )
+        async with anyio.create_task_group() as tasks:
+            ensemble.attach(tasks)
+            tasks.start_soon(ensemble.load_all)
+            try:
+                yield
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await ensemble.close(settings.server.shutdown_timeout_s)
+                tasks.cancel_scope.cancel()
+        _log.info("ensemble.stopped")
+
+    app = Starlette(
+        routes=api.routes,
+        middleware=[
+            Middleware(RequestContextMiddleware),
+            Middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes),
+        ],
+        exception_handlers=dict(EXCEPTION_HANDLERS),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.ensemble = ensemble
+    app.state.bus = bus
+    return app

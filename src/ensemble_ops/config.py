@@ -1,0 +1,246 @@
+"""Settings: one validated object from a TOML file plus ``ENSEMBLE_OPS_*`` overrides.
+
+Every value has a typed default with its unit in the name. Anything wrong (an unknown key,
+a wrong type, a missing GGUF file, a duplicate model name) raises :class:`ConfigError` with
+one line that names the key, so start-up fails before any model is loaded.
+
+Environment overrides use ``__`` between levels, and models are addressed by name::
+
+    ENSEMBLE_OPS_SERVER__PORT=9000
+    ENSEMBLE_OPS_SERVER__ADMIN_TOKEN=...
+    ENSEMBLE_OPS_MODELS__QWEN__N_GPU_LAYERS=0
+
+Values are read as TOML literals (``9000``, ``true``, ``["a", "b"]``) and as plain strings
+otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+__all__ = [
+    "CacheSettings",
+    "LoggingSettings",
+    "ModeName",
+    "ModeSpec",
+    "ModelSpec",
+    "ServerSettings",
+    "Settings",
+]
+
+ModeName = Literal["fast", "balanced", "creative"]
+MODE_NAMES: tuple[ModeName, ...] = ("fast", "balanced", "creative")
+ENV_PREFIX = "ENSEMBLE_OPS_"
+
+
+class _Section(BaseModel):
+    # strict: TOML already gives typed values; "8000" for a port is a mistake worth naming.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ServerSettings(_Section):
+    """Where and how the HTTP server listens."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    admin_token: SecretStr | None = None
+    max_body_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024
+    shutdown_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    access_log: bool = True
+
+
+class LoggingSettings(_Section):
+    """Structured logs: JSON lines by default, ``console`` for humans."""
+
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    file: Annotated[Path, Field(strict=False)] | None = None
+
+
+class CacheSettings(_Section):
+    """Response cache for deterministic requests (temperature 0 or a fixed seed)."""
+
+    enabled: bool = True
+    max_entries: Annotated[int, Field(gt=0)] = 1024
+    ttl_s: Annotated[float, Field(gt=0)] = 300.0
+
+
+class ModeSpec(_Section):
+    """A request preset; explicit request fields override it."""
+
+    max_tokens: Annotated[int, Field(gt=0)]
+    temperature: Annotated[float, Field(ge=0, le=2)]
+    top_p: Annotated[float, Field(gt=0, le=1)]
+    prefer: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    """Members tried first, in order, for ``model: "ensemble"``; the rest follow."""
+
+
+_DEFAULT_MODES: dict[str, ModeSpec] = {
+    "fast": ModeSpec(max_tokens=64, temperature=0.2, top_p=0.9),
+    "balanced": ModeSpec(max_tokens=128, temperature=0.7, top_p=0.95),
+    "creative": ModeSpec(max_tokens=256, temperature=1.0, top_p=1.0),
+}
+
+
+class ModelSpec(_Section):
+    """One ensemble member: a GGUF file and how llama.cpp runs it."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    path: Annotated[Path, Field(strict=False)]
+    n_ctx: Annotated[int, Field(ge=16)] = 4096
+    n_gpu_layers: Annotated[int, Field(ge=-1)] = 0
+    """-1 offloads every layer (needs a CUDA build of llama-cpp-python)."""
+    n_threads: Annotated[int, Field(gt=0)] | None = None
+    """CPU threads for generation; llama.cpp's default when unset."""
+    n_batch: Annotated[int, Field(gt=0)] = 512
+    queue_size: Annotated[int, Field(ge=0)] = 16
+    """Requests that may wait for this member beyond the one it runs; past it: 503."""
+    description: str = ""
+
+    @field_validator("path")
+    @classmethod
+    def _file_exists(cls, path: Path) -> Path:
+        if not path.is_file():
+            raise ValueError(f"GGUF file not found: {path}")
+        return path
+
+
+class Settings(_Section):
+    """Everything the service needs; build it with :meth:`from_toml` or :meth:`from_mapping`."""
+
+    server: ServerSettings = ServerSettings()
+    logging: LoggingSettings = LoggingSettings()
+    cache: CacheSettings = CacheSettings()
+    modes: dict[ModeName, ModeSpec] = Field(default_factory=lambda: dict(_DEFAULT_MODES))
+    default_mode: ModeName = "balanced"
+    models: Annotated[tuple[ModelSpec, ...], Field(min_length=1, strict=False)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        names = [m.name for m in self.models]
+        for i, name in enumerate(names):
+            if name == "ensemble":
+                raise ValueError(f"models[{i}].name: 'ensemble' is reserved for routing")
+            if name in names[:i]:
+                raise ValueError(f"models[{i}].name: duplicate model name {name!r}")
+        for mode, spec in self.modes.items():
+            for member in spec.prefer:
+                if member not in names:
+                    raise ValueError(f"modes.{mode}.prefer: unknown model {member!r}")
+        return self
+
+    def model(self, name: str) -> ModelSpec:
+        """The spec of member ``name`` (KeyError when there is none)."""
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @classmethod
+    def from_mapping(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        base_dir: Path | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Validate ``data`` (as read from TOML) after applying environment overrides.
+
+        Relative model paths are resolved against ``base_dir`` (the config file's folder).
+        """
+        merged = _apply_environment(_to_plain(data), os.environ if environ is None else environ)
+        base = base_dir or Path.cwd()
+        models = merged.get("models")
+        if isinstance(models, list):
+            for entry in models:
+                if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                    entry["path"] = base / Path(entry["path"]).expanduser()
+        modes = merged.get("modes")
+        if isinstance(modes, dict):
+            # A config that tunes one mode keeps the defaults of the others.
+            merged["modes"] = {**_DEFAULT_MODES, **modes}
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as err:
+            raise ConfigError(_first_problem(err)) from err
+
+    @classmethod
+    def from_toml(cls, path: Path, *, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate a TOML config file."""
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file not found: {path}") from err
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from err
+        return cls.from_mapping(data, base_dir=path.resolve().parent, environ=environ)
+
+
+def _to_plain(value: Any) -> Any:
+    """Deep-copy TOML data into dicts and lists we may change."""
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    for key, raw in sorted(environ.items()):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
+        value = _parse_env_value(raw)
+        if parts[0] == "models" and len(parts) == 3:
+            name, field = parts[1], parts[2]
+            entries = data.get("models", [])
+            match = [m for m in entries if str(m.get("name", "")).lower() == name]
+            if not match:
+                raise ConfigError(f"{key}: no model named {name!r} in the config")
+            match[0][field] = value
+            continue
+        target = data
+        for part in parts[:-1]:
+            nested = target.setdefault(part, {})
+            if not isinstance(nested, dict):
+                raise ConfigError(f"{key}: {'.'.join(parts[:-1])} is not a table")
+            target = nested
+        target[parts[-1]] = value
+    return data
+
+
+def _first_problem(err: ValidationError) -> str:
+    """One line: the dotted key and the reason, for the first (and usually only) problem."""
+    problem = err.errors()[0]
+    loc = problem["loc"]
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    reason = str(problem["msg"]).removeprefix("Value error, ")
+    if problem["type"] == "extra_forbidden":
+        reason = "unknown key"
+    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{key}: {reason}{extra}" if key else f"{reason}{extra}"

@@ -1,0 +1,277 @@
+"""The inference engine seam: a Protocol, and ``LlamaEngine`` over llama-cpp-python.
+
+Every method here is synchronous and may take long: callers run them in a worker thread,
+one at a time per engine (a llama.cpp context is not thread-safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
+
+from .errors import EngineError
+from .gguf_file import inspect_gguf
+from .llama_log import route_llama_logs
+
+if TYPE_CHECKING:
+    from .config import ModelSpec
+
+__all__ = [
+    "ChatMessage",
+    "ChatPrompt",
+    "Completion",
+    "Engine",
+    "GenerationParams",
+    "LlamaEngine",
+    "OnText",
+]
+
+OnText: TypeAlias = Callable[[str], None]
+"""Receives each piece of generated text while streaming; raising from it stops generation."""
+
+FinishReason: TypeAlias = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A chat rendered to tokens by the model's own template, with its stop strings."""
+
+    tokens: list[int]
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling parameters after mode presets were applied."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Static facts about a loaded model, for /v1/models and health."""
+
+    n_ctx: int
+    weights_bytes: int
+    context_bytes: int
+    architecture: str
+    gpu_offload: bool
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """What the service needs from an inference engine."""
+
+    @property
+    def info(self) -> EngineInfo: ...
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of a completion prompt, with the model's BOS token where it wants one."""
+        ...
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt: ...
+
+    def complete(
+        self, tokens: list[int], params: GenerationParams, on_text: OnText | None = None
+    ) -> Completion:
+        """Generate at most ``params.max_tokens`` tokens after ``tokens``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _TokenBudget:
+    """llama.cpp stopping criterion that makes ``max_tokens`` a hard limit.
+
+    llama-cpp-python checks ``max_tokens`` after a branch that skips incomplete multi-byte
+    characters, so multi-byte output overshoots it (NOTES: 86 tokens for 16). A stopping
+    criterion runs before every token, whatever the text. It also counts the tokens of a
+    stream, which llama-cpp-python does not report.
+    """
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.prompt_len: int | None = None
+        self.generated = 0
+        self.exhausted = False
+
+    def __call__(self, input_ids: Any, logits: Any) -> bool:
+        if self.prompt_len is None:  # the first call sees exactly the prompt
+            self.prompt_len = len(input_ids)
+        self.generated = len(input_ids) - self.prompt_len
+        self.exhausted = self.exhausted or self.generated >= self.max_tokens
+        return self.exhausted
+
+
+_FALLBACK_TEMPLATE_STOP = ("\nuser:", "\nsystem:")
+
+
+class LlamaEngine:
+    """A GGUF model loaded by llama-cpp-python."""
+
+    def __init__(self, name: str, llm: Any, info: EngineInfo, chat_template: str | None) -> None:
+        self._name = name
+        self._llm = llm
+        self._info = info
+        self._chat_template = chat_template
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> LlamaEngine:
+        """Check and load ``spec``'s GGUF file (slow: run it in a worker thread)."""
+        import llama_cpp
+
+        gguf_info = inspect_gguf(spec.path)
+        route_llama_logs()
+        # verbose=False would redirect file descriptors 1 and 2 to /dev/null for the whole
+        # process while loading (llama-cpp-python #1874), losing every other thread's logs.
+        # verbose=True keeps them; its Python-level chatter goes to a buffer instead.
+        with contextlib.redirect_stderr(io.StringIO()):
+            try:
+                llm = llama_cpp.Llama(
+                    model_path=str(spec.path),
+                    n_ctx=spec.n_ctx,
+                    n_gpu_layers=spec.n_gpu_layers,
+                    n_threads=spec.n_threads,
+                    n_threads_batch=spec.n_threads,
+                    n_batch=min(spec.n_batch, spec.n_ctx),
+                    verbose=True,
+                )
+            except Exception as err:  # llama-cpp-python raises ValueError on a failed load
+                raise EngineError(spec.name, f"cannot load {spec.path}: {err}") from err
+        llm.verbose = False  # no per-request prints on stderr from here on
+        model = llm.model
+        n_layer = llama_cpp.llama_model_n_layer(model)
+        n_head = max(llama_cpp.llama_model_n_head(model), 1)
+        n_head_kv = llama_cpp.llama_model_n_head_kv(model)
+        n_embd = llama_cpp.llama_model_n_embd(model)
+        # K and V caches in f16 (llama.cpp's default type): 2 bytes per value.
+        kv_bytes = 2 * 2 * llm.n_ctx() * n_layer * (n_embd // n_head) * n_head_kv
+        metadata = {str(k): str(v) for k, v in llm.metadata.items()}
+        info = EngineInfo(
+            n_ctx=llm.n_ctx(),
+            weights_bytes=int(llama_cpp.llama_model_size(model)),
+            context_bytes=kv_bytes,
+            architecture=gguf_info.architecture,
+            gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()) and spec.n_gpu_layers != 0,
+            metadata=metadata,
+        )
+        return cls(spec.name, llm, info, metadata.get("tokenizer.chat_template"))
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def tokenize(self, text: str) -> list[int]:
+        tokens: list[int] = self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        return tokens
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
+        plain = [{"role": m.role, "content": m.content} for m in messages]
+        if self._chat_template is None:
+            # No template in the file: a neutral role-prefixed transcript.
+            text = "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+            return ChatPrompt(self.tokenize(text), _FALLBACK_TEMPLATE_STOP)
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llm = self._llm
+        formatter = Jinja2ChatFormatter(
+            template=self._chat_template,
+            eos_token=llm.detokenize([llm.token_eos()]).decode("utf-8", errors="ignore"),
+            bos_token=llm.detokenize([llm.token_bos()]).decode("utf-8", errors="ignore"),
+        )
+        rendered = formatter(messages=plain)
+        tokens: list[int] = llm.tokenize(
+            rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
+        )
+        stop = rendered.stop
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        # A control token's text can be empty, and "" would match before any output.
+        return ChatPrompt(tokens, tuple(s for s in stops if s))
+
+    def complete(
+        self, tokens: list[int], params: GenerationParams, on_text: OnText | None = None
+    ) -> Completion:
+        import llama_cpp
+
+        budget = _TokenBudget(params.max_tokens)
+        kwargs: dict[str, Any] = {
+            # One more than asked, so the budget (exact) stops generation, not the library.
+            "max_tokens": params.max_tokens + 1,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "seed": params.seed,
+            "stop": list(params.stop),
+            "stopping_criteria": llama_cpp.StoppingCriteriaList([budget]),
+        }
+        if on_text is not None:
+            return self._stream(tokens, kwargs, budget, on_text)
+        try:
+            result = self._llm.create_completion(tokens, **kwargs)
+        except Exception as err:
+            raise EngineError(self._name, str(err)) from err
+        choice = result["choices"][0]
+        return Completion(
+            text=choice["text"],
+            finish_reason="length" if budget.exhausted else _finish(choice),
+            prompt_tokens=result["usage"]["prompt_tokens"],
+            completion_tokens=result["usage"]["completion_tokens"],
+        )
+
+    def _stream(
+        self, tokens: list[int], kwargs: dict[str, Any], budget: _TokenBudget, on_text: OnText
+    ) -> Completion:
+        pieces: list[str] = []
+        finish: FinishReason = "length"
+        chunks = self._llm.create_completion(tokens, stream=True, **kwargs)
+        # closing() ends llama-cpp-python's generator, and frees the context for the next
+        # request, also when on_text raises because the client went away.
+        with contextlib.closing(chunks):
+            while True:
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    break
+                except Exception as err:
+                    raise EngineError(self._name, str(err)) from err
+                choice = chunk["choices"][0]
+                if choice["text"]:
+                    pieces.append(choice["text"])
+                    on_text(choice["text"])  # its exceptions propagate as they are
+                if choice.get("finish_reason"):
+                    finish = _finish(choice)
+        # The budget saw every token that was evaluated; llama-cpp-python also emits the last
+        # sampled one when its own length check (near n_ctx) ends generation.
+        generated = budget.generated
+        if budget.exhausted:
+            finish = "length"
+        elif finish == "length":
+            generated += 1
+        return Completion("".join(pieces), finish, len(tokens), generated)
+
+    def close(self) -> None:
+        self._llm.close()
+
+
+def _finish(choice: dict[str, Any]) -> FinishReason:
+    return "stop" if choice.get("finish_reason") == "stop" else "length"

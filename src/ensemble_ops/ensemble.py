@@ -1,0 +1,373 @@
+"""The ensemble: members by name, request routing, fallback, the response cache.
+
+A request names a member, or ``ensemble``: then the mode's preference order picks the first
+member that can serve, and the next one answers when that one is overloaded or fails.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .cache import ResponseCache, is_deterministic
+from .config import ModeName, Settings
+from .engine import ChatMessage, Completion, Engine, GenerationParams, OnText
+from .errors import (
+    ContextLengthExceededError,
+    EngineError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    NoMemberAvailableError,
+    OverloadedError,
+)
+from .events import (
+    EventBus,
+    InferenceFailed,
+    InferenceFinished,
+    ModelLoaded,
+    ModelLoadFailed,
+    ModelUnloaded,
+)
+from .slot import Lease, Loaded, ModelSlot
+
+__all__ = ["Ensemble", "EngineLoader", "InferenceRequest", "InferenceResult", "TextStream"]
+
+ENSEMBLE = "ensemble"
+EngineLoader = Callable[..., Engine]
+"""Loads a member's engine from its ModelSpec (blocking; run in a worker thread)."""
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """A validated request: either a prompt or chat messages, with final parameters."""
+
+    model: str
+    mode: ModeName
+    params: GenerationParams
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] = ()
+
+    @property
+    def kind(self) -> Literal["completion", "chat"]:
+        return "completion" if self.prompt is not None else "chat"
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    member: str
+    completion: Completion
+    cached: bool
+
+
+def _generate(
+    engine: Engine, request: InferenceRequest, on_text: OnText | None = None
+) -> Completion:
+    """The work of one request, in the worker thread that holds the instance."""
+    params = request.params
+    if request.prompt is not None:
+        tokens = engine.tokenize(request.prompt)
+    else:
+        chat = engine.render_chat(request.messages)
+        tokens = chat.tokens
+        params = GenerationParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            stop=params.stop + tuple(s for s in chat.stop if s not in params.stop),
+        )
+    n_ctx = engine.info.n_ctx
+    if len(tokens) + params.max_tokens > n_ctx:
+        raise ContextLengthExceededError(request.model, len(tokens), params.max_tokens, n_ctx)
+    return engine.complete(tokens, params, on_text)
+
+
+class TextStream:
+    """A streaming completion running on one member.
+
+    ``await first()`` waits for the first piece (or the end), so errors found before any
+    text (context too long, engine failure) can still become a proper HTTP error; then
+    iterate ``pieces()``; ``result`` holds the completion once it ends. The generation runs
+    in a task of the ensemble's task group, which holds the lease until the worker thread has
+    really stopped. ``close()`` (idempotent) says the client is gone: the worker's next piece
+    fails to send and generation stops within one token.
+    """
+
+    def __init__(self, member: str, request: InferenceRequest) -> None:
+        self.member = member
+        self.request = request
+        self.result: Completion | None = None
+        self.error: Exception | None = None
+        self.produced = 0
+        self._first = anyio.Event()
+        # Unbounded (max_tokens bounds it): a slow reader never holds the model.
+        send, receive = anyio.create_memory_object_stream[str](math.inf)
+        self._send: MemoryObjectSendStream[str] = send
+        self._receive: MemoryObjectReceiveStream[str] = receive
+
+    async def first(self) -> None:
+        """Wait for the first piece or the end; raise the error if it ended with no text."""
+        await self._first.wait()
+        if self.error is not None and self.produced == 0:
+            raise self.error
+
+    async def pieces(self) -> AsyncIterator[str]:
+        async with self._receive:
+            async for piece in self._receive:
+                yield piece
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self._receive.close()
+
+    def _deliver(self, piece: str) -> None:
+        self._send.send_nowait(piece)  # raises BrokenResourceError once the client is gone
+        self.produced += 1
+        self._first.set()
+
+    def _end(self) -> None:
+        self._send.close()
+        self._first.set()
+
+
+class Ensemble:
+    """Members by name; loads them, routes requests and publishes what happens."""
+
+    def __init__(self, settings: Settings, bus: EventBus, loader: EngineLoader) -> None:
+        self.settings = settings
+        self.bus = bus
+        self._loader = loader
+        self.slots = {spec.name: ModelSlot(spec) for spec in settings.models}
+        self.cache = (
+            ResponseCache(settings.cache.max_entries, settings.cache.ttl_s)
+            if settings.cache.enabled
+            else None
+        )
+        self.loading_done = anyio.Event()
+        self._tasks: anyio.abc.TaskGroup | None = None
+        self._closing = False
+        # Loads are memory-heavy: one at a time.
+        self._load_limiter = anyio.CapacityLimiter(1)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def load_all(self) -> None:
+        """Load every member (one at a time); a member that fails is marked, not fatal."""
+        try:
+            for slot in self.slots.values():
+                await self.load(slot)
+        finally:
+            self.loading_done.set()
+
+    async def load(self, slot: ModelSlot) -> Loaded | None:
+        started = time.perf_counter()
+        try:
+            engine = await anyio.to_thread.run_sync(
+                self._loader, slot.spec, limiter=self._load_limiter
+            )
+        except Exception as err:
+            slot.mark_failed(str(err))
+            self.bus.publish(ModelLoadFailed(slot.name, str(err)))
+            return None
+        if self._closing:  # shut down while this member was loading
+            await anyio.to_thread.run_sync(engine.close)
+            return None
+        loaded = Loaded(slot.name, engine)
+        slot.swap(loaded)
+        info = engine.info
+        self.bus.publish(
+            ModelLoaded(
+                slot.name,
+                loaded.generation,
+                info.weights_bytes,
+                info.context_bytes,
+                time.perf_counter() - started,
+            )
+        )
+        return loaded
+
+    async def close(self, drain_timeout_s: float) -> None:
+        """Stop every member: wait for in-flight work (bounded), then free the models."""
+        self._closing = True
+        for slot in self.slots.values():
+            old = slot.swap(None)
+            slot.state = "stopped"
+            if old is None:
+                continue
+            await old.wait_idle(drain_timeout_s)
+            await old.close()
+            self.bus.publish(ModelUnloaded(slot.name, old.generation))
+
+    def attach(self, tasks: anyio.abc.TaskGroup) -> None:
+        """Give the ensemble the task group that runs streaming generations."""
+        self._tasks = tasks
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def candidates(self, model: str, mode: ModeName) -> list[ModelSlot]:
+        """Members to try in order: the named one, or the mode's preference for ``ensemble``."""
+        if model != ENSEMBLE:
+            slot = self.slots.get(model)
+            if slot is None:
+                raise ModelNotFoundError(model, list(self.slots))
+            return [slot]
+        preferred = self.settings.modes[mode].prefer
+        order = [*preferred, *(name for name in self.slots if name not in preferred)]
+        return [self.slots[name] for name in order]
+
+    def _acquire_first(self, request: InferenceRequest) -> tuple[ModelSlot, Lease]:
+        """Lease the first candidate that is loaded and not overloaded."""
+        slots = self.candidates(request.model, request.mode)
+        if len(slots) == 1:
+            return slots[0], slots[0].acquire()
+        reasons: dict[str, str] = {}
+        for slot in slots:
+            try:
+                return slot, slot.acquire()
+            except (ModelUnavailableError, OverloadedError) as err:
+                reasons[slot.name] = _short(err)
+        raise NoMemberAvailableError(reasons)
+
+    # -- inference ---------------------------------------------------------------------------
+
+    async def complete(self, request: InferenceRequest) -> InferenceResult:
+        """Answer ``request``, falling back to the next member for ``model: ensemble``."""
+        slots = self.candidates(request.model, request.mode)
+        if len(slots) == 1:
+            return await self._complete_on(slots[0], request)
+        reasons: dict[str, str] = {}
+        for slot in slots:
+            try:
+                return await self._complete_on(slot, request)
+            except (ModelUnavailableError, OverloadedError, EngineError) as err:
+                reasons[slot.name] = _short(err)
+        raise NoMemberAvailableError(reasons)
+
+    def _cache_key(self, slot: ModelSlot, loaded: Loaded, request: InferenceRequest) -> object:
+        prompt = request.prompt if request.prompt is not None else request.messages
+        return ResponseCache.key(slot.name, loaded.generation, prompt, request.params)
+
+    async def _complete_on(self, slot: ModelSlot, request: InferenceRequest) -> InferenceResult:
+        started = time.perf_counter()
+        cache = self.cache if is_deterministic(request.params) else None
+        active = slot.active
+        if cache is not None and active is not None:
+            hit = cache.get(self._cache_key(slot, active, request))
+            if hit is not None:
+                self._finished(slot.name, request, hit, started, cached=True, stream=False)
+                return InferenceResult(slot.name, hit, cached=True)
+        async with slot.lease() as loaded:
+            try:
+                completion = await loaded.run(_generate, loaded.engine, request)
+            except Exception as err:
+                self._failed(slot.name, request, err, started)
+                raise
+        if cache is not None:
+            cache.put(self._cache_key(slot, loaded, request), completion)
+        self._finished(slot.name, request, completion, started, cached=False, stream=False)
+        return InferenceResult(slot.name, completion, cached=False)
+
+    def start_stream(self, request: InferenceRequest) -> TextStream:
+        """Start a streaming generation on the first member that can take it.
+
+        Raises before anything is sent when no member can (so the client gets a 4xx/503).
+        Streams are not cached and do not fall back once started.
+        """
+        if self._tasks is None:
+            raise RuntimeError("the ensemble is not running (attach() was not called)")
+        slot, lease = self._acquire_first(request)
+        stream = TextStream(slot.name, request)
+        self._tasks.start_soon(self._run_stream, slot, lease, stream)
+        return stream
+
+    async def _run_stream(self, slot: ModelSlot, lease: Lease, stream: TextStream) -> None:
+        started = time.perf_counter()
+        first_piece: list[float] = []
+        request = stream.request
+
+        def on_text(piece: str) -> None:  # in the worker thread
+            if not first_piece:
+                first_piece.append(time.perf_counter() - started)
+            anyio.from_thread.run_sync(stream._deliver, piece)
+
+        try:
+            loaded = lease.loaded
+            stream.result = await loaded.run(_generate, loaded.engine, request, on_text)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.bus.publish(
+                InferenceFinished(
+                    slot.name, request.mode, time.perf_counter() - started, 0, stream.produced,
+                    cached=False, stream=True, outcome="cancelled",
+                )
+            )
+        except Exception as err:
+            stream.error = err
+            self._failed(slot.name, request, err, started)
+        else:
+            ttft = first_piece[0] if first_piece else None
+            self._finished(
+                slot.name, request, stream.result, started, cached=False, stream=True, ttft=ttft
+            )
+        finally:
+            lease.release()
+            stream._end()
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _finished(
+        self,
+        member: str,
+        request: InferenceRequest,
+        completion: Completion,
+        started: float,
+        *,
+        cached: bool,
+        stream: bool,
+        ttft: float | None = None,
+    ) -> None:
+        self.bus.publish(
+            InferenceFinished(
+                member,
+                request.mode,
+                time.perf_counter() - started,
+                completion.prompt_tokens,
+                completion.completion_tokens,
+                cached=cached,
+                stream=stream,
+                time_to_first_token_s=ttft,
+            )
+        )
+
+    def _failed(
+        self, member: str, request: InferenceRequest, err: Exception, started: float
+    ) -> None:
+        if isinstance(err, ContextLengthExceededError):
+            error_type = "context_length_exceeded"
+        elif isinstance(err, EngineError):
+            error_type = "engine_error"
+        else:
+            error_type = type(err).__name__
+        self.bus.publish(
+            InferenceFailed(member, request.mode, error_type, str(err), time.perf_counter() - started)
+        )
+
+    def member_names(self) -> Sequence[str]:
+        return list(self.slots)
+
+
+def _short(err: Exception) -> str:
+    if isinstance(err, ModelUnavailableError):
+        return err.reason
+    if isinstance(err, OverloadedError):
+        return "overloaded"
+    return str(err)

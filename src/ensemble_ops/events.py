@@ -1,0 +1,92 @@
+"""In-process publish/subscribe on the event loop.
+
+Components announce what happened (a model loaded, an inference finished); views such as
+the log, health and metrics subscribe. Nothing reaches into another component's state, and
+this module depends on nothing else in the package.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+__all__ = [
+    "EventBus",
+    "InferenceFailed",
+    "InferenceFinished",
+    "ModelLoadFailed",
+    "ModelLoaded",
+    "ModelUnloaded",
+]
+
+E = TypeVar("E")
+_log = logging.getLogger(__name__)
+
+
+class EventBus:
+    """Synchronous fan-out: ``publish`` calls each subscriber of the event's type in turn.
+
+    Call it from the event loop only (subscribers such as aioprometheus have no locks). A
+    subscriber that raises is logged and skipped, so one broken view cannot break a request.
+    """
+
+    def __init__(self) -> None:
+        self._handlers: defaultdict[type[Any], list[Callable[[Any], None]]] = defaultdict(list)
+
+    def subscribe(self, event_type: type[E], handler: Callable[[E], None]) -> None:
+        self._handlers[event_type].append(handler)
+
+    def publish(self, event: object) -> None:
+        for handler in self._handlers.get(type(event), ()):
+            try:
+                handler(event)
+            except Exception:
+                _log.exception("event handler failed for %s", type(event).__name__)
+
+
+@dataclass(frozen=True)
+class ModelLoaded:
+    model: str
+    generation: int
+    weights_bytes: int
+    context_bytes: int
+    load_s: float
+
+
+@dataclass(frozen=True)
+class ModelLoadFailed:
+    model: str
+    error: str
+
+
+@dataclass(frozen=True)
+class ModelUnloaded:
+    model: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class InferenceFinished:
+    """A request was answered, from the engine or from the response cache."""
+
+    model: str
+    mode: str
+    latency_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool
+    stream: bool
+    outcome: Literal["success", "cancelled"] = "success"
+    time_to_first_token_s: float | None = None
+
+
+@dataclass(frozen=True)
+class InferenceFailed:
+    model: str
+    mode: str
+    error_type: str
+    message: str
+    latency_s: float

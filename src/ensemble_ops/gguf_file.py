@@ -1,0 +1,103 @@
+"""Checks on a GGUF file before llama.cpp sees it.
+
+llama.cpp trusts its input: a file with a bad header fails to load (fine), but an SPM or BPE
+vocabulary without byte tokens loads and then *aborts the process* (an uncaught C++
+``std::out_of_range`` in ``llama_vocab::byte_to_token``) on the first prompt that holds a
+character outside the vocabulary. One user's bad file must not kill every member, so such a
+file is refused here, from its metadata, before it is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidModelFileError
+
+__all__ = ["GGUFInfo", "inspect_gguf"]
+
+_GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """What the service needs to know about a GGUF file without loading it."""
+
+    path: Path
+    architecture: str
+    name: str | None
+    context_length: int | None
+    vocab_size: int
+    tokenizer_model: str
+    size_bytes: int
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-to-character table, which byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _missing_byte_tokens(tokenizer_model: str, tokens: list[str]) -> int:
+    """How many of the 256 bytes llama.cpp could not map to a token (0 = safe)."""
+    vocab = set(tokens)
+    if tokenizer_model == "llama":  # SentencePiece: <0xNN> tokens, or the raw byte as text
+        return sum(
+            1 for b in range(256) if f"<0x{b:02X}>" not in vocab and chr(b) not in vocab
+        )
+    if tokenizer_model == "gpt2":  # byte-level BPE
+        return sum(1 for char in _bytes_to_unicode().values() if char not in vocab)
+    return 0  # other tokenizers do not go through byte_to_token's unchecked lookup
+
+
+def inspect_gguf(path: Path) -> GGUFInfo:
+    """Read and check ``path``'s header; raise :class:`InvalidModelFileError` if unsafe."""
+    import gguf  # heavy import, only needed when a model is (re)loaded
+
+    if not path.is_file():
+        raise InvalidModelFileError(path, "file not found")
+    with path.open("rb") as handle:
+        if handle.read(4) != _GGUF_MAGIC:
+            raise InvalidModelFileError(path, "not a GGUF file (bad magic number)")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # the reader raises ValueError, IndexError, ... on bad bytes
+        raise InvalidModelFileError(path, f"corrupt or truncated GGUF: {err}") from err
+
+    def field(key: str) -> Any:
+        entry = reader.fields.get(key)
+        return None if entry is None else entry.contents()
+
+    architecture = field("general.architecture")
+    known = set(gguf.MODEL_ARCH_NAMES.values())
+    if not isinstance(architecture, str) or architecture not in known:
+        raise InvalidModelFileError(path, f"unsupported architecture {architecture!r}")
+    tokenizer_model = field("tokenizer.ggml.model")
+    tokens = field("tokenizer.ggml.tokens")
+    if not isinstance(tokenizer_model, str) or not isinstance(tokens, list) or not tokens:
+        raise InvalidModelFileError(path, "no tokenizer vocabulary in the metadata")
+    missing = _missing_byte_tokens(tokenizer_model, tokens)
+    if missing:
+        raise InvalidModelFileError(
+            path,
+            f"the {tokenizer_model!r} vocabulary lacks {missing} of the 256 byte tokens; "
+            "llama.cpp would abort the process on text outside the vocabulary",
+        )
+    context_length = field(f"{architecture}.context_length")
+    name = field("general.name")
+    return GGUFInfo(
+        path=path,
+        architecture=architecture,
+        name=name if isinstance(name, str) else None,
+        context_length=context_length if isinstance(context_length, int) else None,
+        vocab_size=len(tokens),
+        tokenizer_model=tokenizer_model,
+        size_bytes=path.stat().st_size,
+    )

@@ -1,0 +1,147 @@
+"""A member of the ensemble: its spec and an atomic reference to the loaded instance.
+
+Requests *lease* the instance that is active at that moment; a reload *swaps* the reference
+in one assignment and closes the old instance only after its last lease ends. Everything
+here runs on the event loop, so plain attributes are atomic and need no lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Literal, ParamSpec, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from .config import ModelSpec
+from .engine import Engine
+from .errors import ModelUnavailableError, OverloadedError
+
+__all__ = ["Lease", "Loaded", "ModelSlot", "SlotState"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+SlotState = Literal["loading", "ready", "failed", "stopped"]
+
+_generations = itertools.count(1)
+
+
+class Loaded:
+    """One loaded instance of a model, running one completion at a time in a worker thread."""
+
+    def __init__(self, name: str, engine: Engine) -> None:
+        self.name = name
+        self.engine = engine
+        self.generation = next(_generations)
+        self.loaded_at = time.time()
+        # One at a time: a llama.cpp context is not thread-safe. Waiting happens on the
+        # event loop (anyio parks the task), so a queued request holds no thread.
+        self.limiter = anyio.CapacityLimiter(1)
+        self.in_flight = 0
+        self._idle: anyio.Event | None = None
+
+    async def run(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``func`` in a worker thread once this instance is free."""
+
+        def call() -> T:
+            return func(*args, **kwargs)
+
+        return await anyio.to_thread.run_sync(call, limiter=self.limiter)
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no lease is held; False if ``timeout_s`` passed first."""
+        with anyio.move_on_after(timeout_s):
+            while self.in_flight:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+            return True
+        return False
+
+    async def close(self) -> None:
+        """Free the engine (in a thread: freeing a large model takes a while)."""
+        await anyio.to_thread.run_sync(self.engine.close)
+
+
+class Lease:
+    """A request's hold on one instance; ``release`` is idempotent."""
+
+    def __init__(self, loaded: Loaded) -> None:
+        self.loaded = loaded
+        self._released = False
+        loaded._enter()
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.loaded._leave()
+
+
+class ModelSlot:
+    """One ensemble member."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.state: SlotState = "loading"
+        self.error: str | None = None
+        self._active: Loaded | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def active(self) -> Loaded | None:
+        return self._active
+
+    def unavailable_reason(self) -> str | None:
+        """Why this member cannot take a request now, or None when it can."""
+        if self._active is not None:
+            return None
+        if self.state == "loading":
+            return "the model is still loading"
+        if self.state == "failed":
+            return f"the model failed to load ({self.error})"
+        return "the model is not loaded"
+
+    def is_overloaded(self) -> bool:
+        active = self._active
+        return active is not None and active.in_flight > self.spec.queue_size
+
+    def acquire(self) -> Lease:
+        """Lease the active instance, or raise if there is none or its queue is full."""
+        active = self._active
+        if active is None:
+            raise ModelUnavailableError(self.name, self.unavailable_reason() or "not loaded")
+        # One runs, queue_size wait; one more would wait without a place in line.
+        if active.in_flight > self.spec.queue_size:
+            raise OverloadedError(self.name, self.spec.queue_size)
+        return Lease(active)
+
+    @asynccontextmanager
+    async def lease(self) -> AsyncIterator[Loaded]:
+        held = self.acquire()
+        try:
+            yield held.loaded
+        finally:
+            held.release()
+
+    def swap(self, new: Loaded | None) -> Loaded | None:
+        """Make ``new`` the active instance in one step; return the one it replaced."""
+        old, self._active = self._active, new
+        self.state = "ready" if new is not None else self.state
+        return old
+
+    def mark_failed(self, error: str) -> None:
+        self.state = "failed"
+        self.error = error

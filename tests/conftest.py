@@ -1,0 +1,95 @@
+"""Shared fixtures: real generated GGUF models, settings, and the app run in-process."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from starlette.applications import Starlette
+
+from ensemble_ops.app import create_app
+from ensemble_ops.cli import demo_settings
+from ensemble_ops.config import Settings
+from ensemble_ops.demo import DemoModel, ensure_demo_models, write_model
+from ensemble_ops.ensemble import Ensemble
+
+BYTE_SAMPLER = DemoModel(
+    "byte-sampler", n_embd=64, n_layer=2, n_ff=192, n_head=4, seed=11, printable=False
+)
+"""Plain random weights: samples byte tokens, i.e. text that is not valid UTF-8."""
+NO_BYTE_TOKENS = DemoModel(
+    "no-byte-tokens", n_embd=64, n_layer=2, n_ff=192, n_head=4, seed=12, byte_tokens=False
+)
+"""A vocabulary without byte tokens: llama.cpp would abort on text outside it."""
+
+
+@pytest.fixture(name="demo_dir", scope="session")
+def _demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("models")
+    ensure_demo_models(directory)
+    for model in (BYTE_SAMPLER, NO_BYTE_TOKENS):
+        write_model(model, directory / model.filename)
+    return directory
+
+
+@pytest.fixture(name="settings")
+def _settings(demo_dir: Path) -> Settings:
+    return demo_settings(demo_dir, environ={})
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture(name="make_settings")
+def _make_settings(demo_dir: Path) -> SettingsFactory:
+    """Settings over the demo models with changes: ``make_settings(cache={"enabled": False})``."""
+
+    def make(models: list[dict[str, Any]] | None = None, **sections: Any) -> Settings:
+        base = demo_settings(demo_dir, environ={}).model_dump(mode="python")
+        if models is not None:
+            base["models"] = models
+            del base["modes"]  # the demo preferences name the demo members
+        for spec in base["models"]:
+            spec["path"] = str(spec["path"])
+        base["server"]["admin_token"] = None
+        for key, value in sections.items():
+            base[key] = {**base[key], **value} if isinstance(value, dict) else value
+        return Settings.from_mapping(base, base_dir=demo_dir, environ={})
+
+    return make
+
+
+async def start(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    async with LifespanManager(app) as manager:
+        ensemble: Ensemble = app.state.ensemble
+        await ensemble.loading_done.wait()
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+@pytest.fixture(name="client")
+async def _client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The demo ensemble's app, in-process, lifespan entered and every model loaded."""
+    async for client in start(create_app(settings)):
+        yield client
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(name="clean_env")
+def _clean_env() -> dict[str, str]:
+    """The environment without ENSEMBLE_OPS_* variables, for subprocesses."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("ENSEMBLE_OPS_")}

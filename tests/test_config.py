@@ -1,0 +1,132 @@
+"""Settings: TOML, environment overrides and one-line errors."""
+
+from __future__ import annotations
+
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ensemble_ops.config import Settings
+from ensemble_ops.errors import ConfigError
+
+EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "ensemble.toml"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    path = tmp_path / "ensemble.toml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = '[[models]]\nname = "a"\npath = "m.gguf"\n'
+
+
+class TestExample:
+    def test_production_example_loads(self, tmp_path: Path) -> None:
+        """docs/examples/ensemble.toml validates once its GGUF files exist."""
+        config = tmp_path / "ensemble.toml"
+        shutil.copy(EXAMPLE, config)
+        for model in tomllib.loads(EXAMPLE.read_text())["models"]:
+            (tmp_path / model["path"]).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / model["path"]).write_bytes(b"GGUF")
+        settings = Settings.from_toml(config, environ={})
+        assert [m.name for m in settings.models] == ["qwen", "mistral", "llama"]
+        assert all(m.n_gpu_layers == -1 for m in settings.models)
+        assert settings.modes["fast"].prefer == ("qwen", "mistral")
+        assert settings.model("qwen").path == tmp_path / "models/qwen2.5-7b-instruct-q4_k_m.gguf"
+
+    def test_example_without_models_names_the_missing_file(self, tmp_path: Path) -> None:
+        """The example's GGUF files are placeholders: loading without them says which."""
+        config = tmp_path / "ensemble.toml"
+        shutil.copy(EXAMPLE, config)
+        with pytest.raises(ConfigError, match=r"^models\[0\]\.path: GGUF file not found"):
+            Settings.from_toml(config, environ={})
+
+
+class TestDefaults:
+    def test_minimal_config_gets_safe_defaults(self, tmp_path: Path) -> None:
+        """Loopback, port 8000, 1 MiB body limit, no admin token, three modes."""
+        settings = Settings.from_toml(_write(tmp_path, MINIMAL), environ={})
+        assert settings.server.host == "127.0.0.1"
+        assert settings.server.port == 8000
+        assert settings.server.max_body_bytes == 1024 * 1024
+        assert settings.server.admin_token is None
+        assert set(settings.modes) == {"fast", "balanced", "creative"}
+        assert settings.model("a").path == tmp_path / "m.gguf"
+
+    def test_one_mode_tuned_keeps_the_others(self, tmp_path: Path) -> None:
+        """A [modes.fast] table does not erase balanced and creative."""
+        text = MINIMAL + "[modes.fast]\nmax_tokens = 8\ntemperature = 0.0\ntop_p = 1.0\n"
+        settings = Settings.from_toml(_write(tmp_path, text), environ={})
+        assert settings.modes["fast"].max_tokens == 8
+        assert settings.modes["creative"].temperature == 1.0
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            (MINIMAL + "[server]\nprot = 1\n", r"^server\.prot: unknown key$"),
+            (MINIMAL.replace('name = "a"', 'name = "a"\nn_ctx = "big"'),
+             r"^models\[0\]\.n_ctx: Input should be a valid integer"),
+            (MINIMAL + "[server]\nport = \"8000\"\n", r"^server\.port: Input should be a valid"),
+            (MINIMAL.replace("m.gguf", "nope.gguf"), r"^models\[0\]\.path: GGUF file not found"),
+            (MINIMAL + MINIMAL, r"^models\[1\]\.name: duplicate model name 'a'$"),
+            ('[[models]]\nname = "ensemble"\npath = "m.gguf"\n', r"^models\[0\]\.name: 'ensemble'"),
+            (MINIMAL + "[modes.fast]\nmax_tokens = 1\ntemperature = 0.0\ntop_p = 1.0\n"
+             'prefer = ["zz"]\n', r"^modes\.fast\.prefer: unknown model 'zz'$"),
+            ("", r"^models: Field required$"),
+            (MINIMAL + "[server]\nport = 70000\n", r"^server\.port: Input should be less"),
+        ],
+    )
+    def test_bad_config_is_one_line_naming_the_key(
+        self, tmp_path: Path, text: str, message: str
+    ) -> None:
+        """Each problem stops start-up with one line that starts with the key."""
+        with pytest.raises(ConfigError, match=message) as caught:
+            Settings.from_toml(_write(tmp_path, text), environ={})
+        assert "\n" not in str(caught.value)
+
+    def test_invalid_toml(self, tmp_path: Path) -> None:
+        """A syntax error names the file."""
+        with pytest.raises(ConfigError, match="invalid TOML"):
+            Settings.from_toml(_write(tmp_path, "[server"), environ={})
+
+    def test_missing_config_file(self, tmp_path: Path) -> None:
+        """A config path that does not exist is named."""
+        with pytest.raises(ConfigError, match="config file not found"):
+            Settings.from_toml(tmp_path / "none.toml", environ={})
+
+
+class TestEnvironment:
+    def test_overrides_server_and_model_by_name(self, tmp_path: Path) -> None:
+        """ENSEMBLE_OPS_SECTION__KEY and ENSEMBLE_OPS_MODELS__NAME__KEY override the file."""
+        env = {
+            "ENSEMBLE_OPS_SERVER__PORT": "9001",
+            "ENSEMBLE_OPS_SERVER__HOST": "0.0.0.0",
+            "ENSEMBLE_OPS_SERVER__ADMIN_TOKEN": "s3cret",
+            "ENSEMBLE_OPS_MODELS__A__N_GPU_LAYERS": "-1",
+            "OTHER": "ignored",
+        }
+        settings = Settings.from_toml(_write(tmp_path, MINIMAL), environ=env)
+        assert settings.server.port == 9001
+        assert settings.server.host == "0.0.0.0"
+        assert settings.server.admin_token is not None
+        assert settings.server.admin_token.get_secret_value() == "s3cret"
+        assert "s3cret" not in repr(settings)
+        assert settings.model("a").n_gpu_layers == -1
+
+    def test_bad_override_names_the_key(self, tmp_path: Path) -> None:
+        """A wrongly typed override fails like a wrongly typed file value."""
+        env = {"ENSEMBLE_OPS_SERVER__PORT": "eighty"}
+        with pytest.raises(ConfigError, match=r"^server\.port: Input should be a valid integer"):
+            Settings.from_toml(_write(tmp_path, MINIMAL), environ=env)
+
+    def test_override_for_unknown_model(self, tmp_path: Path) -> None:
+        """An override naming no model is an error, not silently ignored."""
+        env = {"ENSEMBLE_OPS_MODELS__ZZ__N_CTX": "8"}
+        with pytest.raises(ConfigError, match="ENSEMBLE_OPS_MODELS__ZZ__N_CTX: no model named"):
+            Settings.from_toml(_write(tmp_path, MINIMAL), environ=env)
