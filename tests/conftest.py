@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,9 @@ def _make_settings(demo_dir: Path) -> SettingsFactory:
     return make
 
 
-async def start(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+@asynccontextmanager
+async def serving(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of ``app`` with its lifespan entered and every model loading finished."""
     async with LifespanManager(app) as manager:
         ensemble: Ensemble = app.state.ensemble
         await ensemble.loading_done.wait()
@@ -76,7 +79,7 @@ async def start(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture(name="client")
 async def _client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The demo ensemble's app, in-process, lifespan entered and every model loaded."""
-    async for client in start(create_app(settings)):
+    async with serving(create_app(settings)) as client:
         yield client
 
 

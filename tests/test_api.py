@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
 from ensemble_ops.app import create_app
 from ensemble_ops.config import ModelSpec, Settings
@@ -23,7 +24,7 @@ from ensemble_ops.engine import (
 )
 from ensemble_ops.errors import EngineError
 
-from .conftest import SettingsFactory, start
+from .conftest import SettingsFactory, serving
 
 COMPLETION = {"model": "demo-tiny", "prompt": "Hello", "max_tokens": 8}
 
@@ -57,8 +58,11 @@ class TestCompletions:
         """A chat completion answers as the assistant."""
         response = await client.post(
             "/v1/chat/completions",
-            json={"model": "demo-small", "messages": [{"role": "user", "content": "Hi"}],
-                  "max_tokens": 5},
+            json={
+                "model": "demo-small",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 5,
+            },
         )
         assert response.status_code == 200
         choice = response.json()["choices"][0]
@@ -73,7 +77,11 @@ class TestCompletions:
 
     @pytest.mark.parametrize(
         ("mode", "member", "max_tokens"),
-        [("fast", "demo-tiny", 64), ("balanced", "demo-small", 128), ("creative", "demo-base", 256)],
+        [
+            ("fast", "demo-tiny", 64),
+            ("balanced", "demo-small", 128),
+            ("creative", "demo-base", 256),
+        ],
     )
     async def test_mode_picks_member_and_preset(
         self, client: httpx.AsyncClient, mode: str, member: str, max_tokens: int
@@ -96,8 +104,13 @@ class TestCompletions:
         """Streaming sends OpenAI chunks, role first, finish_reason last, then [DONE]."""
         response = await client.post(
             "/v1/chat/completions",
-            json={"model": "demo-tiny", "messages": [{"role": "user", "content": "Hi"}],
-                  "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}},
+            json={
+                "model": "demo-tiny",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 6,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
         )
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -144,7 +157,7 @@ class TestCache:
             engine.complete = counting  # type: ignore[method-assign]
             return engine
 
-        async for client in start(create_app(settings, loader=loader)):
+        async with serving(create_app(settings, loader=loader)) as client:
             request = {**COMPLETION, "temperature": 0}
             first = await client.post("/v1/completions", json=request)
             second = await client.post("/v1/completions", json=request)
@@ -154,15 +167,17 @@ class TestCache:
             seeded = {**COMPLETION, "temperature": 0.9, "seed": 1}
             await client.post("/v1/completions", json=seeded)
             third = await client.post("/v1/completions", json=seeded)
-            assert third.headers["x-cache"] == "HIT" and len(calls) == 2
+            assert third.headers["x-cache"] == "HIT"
+            assert len(calls) == 2
             sampled = {**COMPLETION, "temperature": 0.9}
             await client.post("/v1/completions", json=sampled)
             fourth = await client.post("/v1/completions", json=sampled)
-            assert fourth.headers["x-cache"] == "MISS" and len(calls) == 4
+            assert fourth.headers["x-cache"] == "MISS"
+            assert len(calls) == 4
 
     async def test_cache_can_be_disabled(self, make_settings: SettingsFactory) -> None:
         """cache.enabled = false: every request reaches the engine."""
-        async for client in start(create_app(make_settings(cache={"enabled": False}))):
+        async with serving(create_app(make_settings(cache={"enabled": False}))) as client:
             request = {**COMPLETION, "temperature": 0}
             await client.post("/v1/completions", json=request)
             again = await client.post("/v1/completions", json=request)
@@ -248,7 +263,7 @@ class TestErrors:
 
     async def test_body_over_limit(self, make_settings: SettingsFactory) -> None:
         """A body over server.max_body_bytes is a 413, whether declared or streamed."""
-        async for client in start(create_app(make_settings(server={"max_body_bytes": 1000}))):
+        async with serving(create_app(make_settings(server={"max_body_bytes": 1000}))) as client:
             big = {**COMPLETION, "prompt": "x" * 2000}
             response = await client.post("/v1/completions", json=big)
             assert response.status_code == 413
@@ -299,6 +314,35 @@ class _FailingEngine:
         self.real.close()
 
 
+class TestReadiness:
+    async def test_not_ready_while_loading(self, settings: Settings) -> None:
+        """Readiness is 503 while the models load, 200 once one can serve."""
+        import threading
+
+        gate = threading.Event()
+
+        def slow_loader(spec: ModelSpec) -> LlamaEngine:
+            gate.wait(timeout=30)
+            return LlamaEngine.load(spec)
+
+        app = create_app(settings, loader=slow_loader)
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                waiting = await client.get("/health/ready")
+                assert waiting.status_code == 503
+                assert waiting.json() == {
+                    "status": "not_ready",
+                    "reason": "models are still loading",
+                }
+                refused = await client.post("/v1/completions", json=COMPLETION)
+                assert refused.status_code == 503
+                assert "retry-after" in refused.headers
+                gate.set()
+                await app.state.ensemble.loading_done.wait()
+                assert (await client.get("/health/ready")).json() == {"status": "ready"}
+
+
 class TestFailures:
     async def test_engine_failure_is_500_with_its_message(self, settings: Settings) -> None:
         """A failing engine answers 500 carrying the engine's message."""
@@ -307,7 +351,7 @@ class TestFailures:
             engine = LlamaEngine.load(spec)
             return _FailingEngine(engine) if spec.name == "demo-small" else engine
 
-        async for client in start(create_app(settings, loader=loader)):
+        async with serving(create_app(settings, loader=loader)) as client:
             response = await client.post(
                 "/v1/completions", json={**COMPLETION, "model": "demo-small"}
             )
@@ -324,8 +368,9 @@ class TestFailures:
             assert routed.status_code == 200
             assert routed.json()["model"] == "demo-base"
 
-    async def test_member_that_failed_to_load(self, make_settings: SettingsFactory,
-                                              demo_dir: Any) -> None:
+    async def test_member_that_failed_to_load(
+        self, make_settings: SettingsFactory, demo_dir: Any
+    ) -> None:
         """A member whose file is bad is unavailable (503); the others serve; ready stays 200."""
         bad = demo_dir / "bad.gguf"
         bad.write_bytes(b"GGUF" + b"\0" * 64)
@@ -334,7 +379,7 @@ class TestFailures:
             {"name": "demo-tiny", "path": str(demo_dir / "demo-tiny.gguf")},
         ]
         settings = make_settings(models=models)
-        async for client in start(create_app(settings)):
+        async with serving(create_app(settings)) as client:
             response = await client.post("/v1/completions", json={**COMPLETION, "model": "broken"})
             assert response.status_code == 503
             assert response.headers["retry-after"] == "5"
@@ -349,7 +394,7 @@ class TestFailures:
         """Past the queue, a member answers 503 + Retry-After at once; nothing hangs."""
         models = [{"name": "demo-base", "path": str(demo_dir / "demo-base.gguf"), "queue_size": 1}]
         settings = make_settings(models=models)
-        async for client in start(create_app(settings)):
+        async with serving(create_app(settings)) as client:
             long = {"model": "demo-base", "prompt": "Hi", "max_tokens": 400}
             results: list[httpx.Response] = []
 
@@ -371,7 +416,7 @@ class TestFailures:
         """model "ensemble": a full member passes the request to the next one."""
         settings = make_settings()
         models = [{**m.model_dump(), "path": str(m.path), "queue_size": 0} for m in settings.models]
-        async for client in start(create_app(make_settings(models=models))):
+        async with serving(create_app(make_settings(models=models))) as client:
             request = {"model": "ensemble", "mode": "creative", "prompt": "Hi", "max_tokens": 300}
             results: list[httpx.Response] = []
 

@@ -70,14 +70,19 @@ class TestErrors:
         ("text", "message"),
         [
             (MINIMAL + "[server]\nprot = 1\n", r"^server\.prot: unknown key$"),
-            (MINIMAL.replace('name = "a"', 'name = "a"\nn_ctx = "big"'),
-             r"^models\[0\]\.n_ctx: Input should be a valid integer"),
-            (MINIMAL + "[server]\nport = \"8000\"\n", r"^server\.port: Input should be a valid"),
+            (
+                MINIMAL.replace('name = "a"', 'name = "a"\nn_ctx = "big"'),
+                r"^models\[0\]\.n_ctx: Input should be a valid integer",
+            ),
+            (MINIMAL + '[server]\nport = "8000"\n', r"^server\.port: Input should be a valid"),
             (MINIMAL.replace("m.gguf", "nope.gguf"), r"^models\[0\]\.path: GGUF file not found"),
             (MINIMAL + MINIMAL, r"^models\[1\]\.name: duplicate model name 'a'$"),
             ('[[models]]\nname = "ensemble"\npath = "m.gguf"\n', r"^models\[0\]\.name: 'ensemble'"),
-            (MINIMAL + "[modes.fast]\nmax_tokens = 1\ntemperature = 0.0\ntop_p = 1.0\n"
-             'prefer = ["zz"]\n', r"^modes\.fast\.prefer: unknown model 'zz'$"),
+            (
+                MINIMAL + "[modes.fast]\nmax_tokens = 1\ntemperature = 0.0\ntop_p = 1.0\n"
+                'prefer = ["zz"]\n',
+                r"^modes\.fast\.prefer: unknown model 'zz'$",
+            ),
             ("", r"^models: Field required$"),
             (MINIMAL + "[server]\nport = 70000\n", r"^server\.port: Input should be less"),
         ],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 
@@ -24,7 +25,8 @@ class TestDemoModels:
     def test_three_members_of_different_sizes(self, demo_dir: Path) -> None:
         """The ensemble has three members, each larger than the last, named as demos."""
         sizes = [(demo_dir / m.filename).stat().st_size for m in DEMO_MEMBERS]
-        assert sizes == sorted(sizes) and len(set(sizes)) == 3
+        assert sizes == sorted(sizes)
+        assert len(set(sizes)) == 3
         assert all(m.name.startswith("demo-") for m in DEMO_MEMBERS)
 
     def test_cache_is_reused(self, tmp_path: Path) -> None:
@@ -39,9 +41,12 @@ class TestDemoModels:
         for member in DEMO_MEMBERS:
             llm = llama_cpp.Llama(str(demo_dir / member.filename), n_ctx=256, verbose=False)
             try:
-                out = llm.create_completion("Hello there", max_tokens=16, temperature=1.0, seed=7)
+                out: Any = llm.create_completion(
+                    "Hello there", max_tokens=16, temperature=1.0, seed=7
+                )
             finally:
                 llm.close()
             text = out["choices"][0]["text"]
             assert out["usage"]["completion_tokens"] == 16
-            assert text.strip() and text.isprintable(), repr(text)
+            assert text.strip(), repr(text)
+            assert text.isprintable(), repr(text)

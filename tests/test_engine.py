@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import pytest
@@ -33,13 +34,11 @@ class TestMaxTokens:
     def test_library_overshoots_on_multibyte_output(self, demo_dir: Path) -> None:
         """The problem: plain llama-cpp-python generates past max_tokens on invalid UTF-8."""
         llm = llama_cpp.Llama(str(demo_dir / BYTE_SAMPLER.filename), n_ctx=512, verbose=False)
+        counts = []
         try:
-            counts = [
-                llm.create_completion("Hello", max_tokens=16, temperature=1.0, seed=seed)[
-                    "usage"
-                ]["completion_tokens"]
-                for seed in self.SEEDS
-            ]
+            for seed in self.SEEDS:
+                out: Any = llm.create_completion("Hello", max_tokens=16, temperature=1.0, seed=seed)
+                counts.append(out["usage"]["completion_tokens"])
         finally:
             llm.close()
         assert max(counts) > 16
@@ -125,9 +124,7 @@ class TestLoading:
             "print('survived')\n"
         )
         env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # no gdb dump of the crash
-        run = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, timeout=60, env=env
-        )
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=env)
         assert run.returncode == -signal.SIGABRT
         assert b"out_of_range" in run.stderr
 
@@ -136,5 +133,5 @@ class TestLoading:
         path = tmp_path / "cut.gguf"
         data = (demo_dir / "demo-small.gguf").read_bytes()
         path.write_bytes(data[: len(data) // 2])
-        with pytest.raises((EngineError, InvalidModelFileError), match="cannot load|corrupt"):
+        with pytest.raises((EngineError, InvalidModelFileError), match=r"cannot load|corrupt"):
             LlamaEngine.load(_spec(path))

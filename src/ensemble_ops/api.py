@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from .config import Settings
 from .engine import Completion
-from .ensemble import ENSEMBLE, Ensemble, InferenceRequest, InferenceResult, TextStream
+from .ensemble import ENSEMBLE, Ensemble, InferenceRequest, InferenceResult
 from .errors import InvalidRequestError
 from .middleware import log_fields
 from .schemas import ChatCompletionBody, CompletionBody, parse_body
@@ -249,9 +249,7 @@ async def ready(request: Request) -> Response:
     if any(slot.active is not None for slot in ensemble.slots.values()):
         return JSONResponse({"status": "ready"})
     reason = (
-        "models are still loading"
-        if not ensemble.loading_done.is_set()
-        else "no model is loaded"
+        "models are still loading" if not ensemble.loading_done.is_set() else "no model is loaded"
     )
     return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
 

@@ -13,7 +13,7 @@ from starlette.middleware import Middleware
 from . import api
 from .config import Settings
 from .engine import LlamaEngine
-from .ensemble import Ensemble, EngineLoader
+from .ensemble import EngineLoader, Ensemble
 from .errors_http import EXCEPTION_HANDLERS
 from .events import EventBus
 from .log_view import subscribe_log

@@ -34,9 +34,7 @@ class ResponseCache:
         self._entries: TTLCache[Hashable, Completion] = TTLCache(max_entries, ttl_s, timer)
 
     @staticmethod
-    def key(
-        member: str, generation: int, prompt: Hashable, params: GenerationParams
-    ) -> Hashable:
+    def key(member: str, generation: int, prompt: Hashable, params: GenerationParams) -> Hashable:
         return (member, generation, prompt, params)
 
     def get(self, key: Hashable) -> Completion | None:

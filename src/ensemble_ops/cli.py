@@ -42,10 +42,16 @@ def demo_settings(
         "modes": {
             "fast": {"max_tokens": 64, "temperature": 0.2, "top_p": 0.9, "prefer": [tiny, small]},
             "balanced": {
-                "max_tokens": 128, "temperature": 0.7, "top_p": 0.95, "prefer": [small, base],
+                "max_tokens": 128,
+                "temperature": 0.7,
+                "top_p": 0.95,
+                "prefer": [small, base],
             },
             "creative": {
-                "max_tokens": 256, "temperature": 1.0, "top_p": 1.0, "prefer": [base, small],
+                "max_tokens": 256,
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "prefer": [base, small],
             },
         },
     }

@@ -91,7 +91,7 @@ class ModeSpec(_Section):
     """Members tried first, in order, for ``model: "ensemble"``; the rest follow."""
 
 
-_DEFAULT_MODES: dict[str, ModeSpec] = {
+_DEFAULT_MODES: dict[ModeName, ModeSpec] = {
     "fast": ModeSpec(max_tokens=64, temperature=0.2, top_p=0.9),
     "balanced": ModeSpec(max_tokens=128, temperature=0.7, top_p=0.95),
     "creative": ModeSpec(max_tokens=256, temperature=1.0, top_p=1.0),

@@ -187,7 +187,7 @@ class LlamaEngine:
         return tokens
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
-        plain = [{"role": m.role, "content": m.content} for m in messages]
+        plain: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
         if self._chat_template is None:
             # No template in the file: a neutral role-prefixed transcript.
             text = "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"

@@ -39,7 +39,7 @@ from .events import (
 )
 from .slot import Lease, Loaded, ModelSlot
 
-__all__ = ["Ensemble", "EngineLoader", "InferenceRequest", "InferenceResult", "TextStream"]
+__all__ = ["EngineLoader", "Ensemble", "InferenceRequest", "InferenceResult", "TextStream"]
 
 ENSEMBLE = "ensemble"
 EngineLoader = Callable[..., Engine]
@@ -306,8 +306,14 @@ class Ensemble:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self.bus.publish(
                 InferenceFinished(
-                    slot.name, request.mode, time.perf_counter() - started, 0, stream.produced,
-                    cached=False, stream=True, outcome="cancelled",
+                    slot.name,
+                    request.mode,
+                    time.perf_counter() - started,
+                    0,
+                    stream.produced,
+                    cached=False,
+                    stream=True,
+                    outcome="cancelled",
                 )
             )
         except Exception as err:
@@ -358,7 +364,9 @@ class Ensemble:
         else:
             error_type = type(err).__name__
         self.bus.publish(
-            InferenceFailed(member, request.mode, error_type, str(err), time.perf_counter() - started)
+            InferenceFailed(
+                member, request.mode, error_type, str(err), time.perf_counter() - started
+            )
         )
 
     def member_names(self) -> Sequence[str]:

@@ -1,6 +1,6 @@
 """The one place where errors become HTTP responses, in OpenAI's error body shape::
 
-    {"error": {"message": "...", "type": "...", "param": null, "code": "..."}}
+{"error": {"message": "...", "type": "...", "param": null, "code": "..."}}
 """
 
 from __future__ import annotations
@@ -47,24 +47,36 @@ def _render(err: EnsembleOpsError) -> JSONResponse:
     match err:
         case ContextLengthExceededError():
             return error_response(
-                400, message, error_type="invalid_request_error",
-                code="context_length_exceeded", param="messages",
+                400,
+                message,
+                error_type="invalid_request_error",
+                code="context_length_exceeded",
+                param="messages",
             )
         case InvalidRequestError():
             return error_response(
-                400, message, error_type="invalid_request_error",
-                code="invalid_value", param=err.param,
+                400,
+                message,
+                error_type="invalid_request_error",
+                code="invalid_value",
+                param=err.param,
             )
         case ModelNotFoundError():
             return error_response(
-                404, message, error_type="invalid_request_error",
-                code="model_not_found", param="model",
+                404,
+                message,
+                error_type="invalid_request_error",
+                code="model_not_found",
+                param="model",
             )
         case OverloadedError() | NoMemberAvailableError() | ModelUnavailableError():
             code = "overloaded" if isinstance(err, OverloadedError) else "model_unavailable"
             return error_response(
-                503, message, error_type="service_unavailable_error",
-                code=code, retry_after_s=err.retry_after_s,
+                503,
+                message,
+                error_type="service_unavailable_error",
+                code=code,
+                retry_after_s=err.retry_after_s,
             )
         case EngineError():
             return error_response(500, message, error_type="server_error", code="engine_error")
@@ -100,7 +112,9 @@ async def _on_unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
-EXCEPTION_HANDLERS: Mapping[type[Exception] | int, Callable[[Request, Exception], Awaitable[Response]]] = {
+EXCEPTION_HANDLERS: Mapping[
+    type[Exception] | int, Callable[[Request, Exception], Awaitable[Response]]
+] = {
     EnsembleOpsError: _on_core_error,
     HTTPException: _on_http_error,
     Exception: _on_unexpected,

@@ -49,9 +49,7 @@ def _missing_byte_tokens(tokenizer_model: str, tokens: list[str]) -> int:
     """How many of the 256 bytes llama.cpp could not map to a token (0 = safe)."""
     vocab = set(tokens)
     if tokenizer_model == "llama":  # SentencePiece: <0xNN> tokens, or the raw byte as text
-        return sum(
-            1 for b in range(256) if f"<0x{b:02X}>" not in vocab and chr(b) not in vocab
-        )
+        return sum(1 for b in range(256) if f"<0x{b:02X}>" not in vocab and chr(b) not in vocab)
     if tokenizer_model == "gpt2":  # byte-level BPE
         return sum(1 for char in _bytes_to_unicode().values() if char not in vocab)
     return 0  # other tokenizers do not go through byte_to_token's unchecked lookup

@@ -38,6 +38,15 @@ def _unloaded(event: ModelUnloaded) -> None:
 
 
 def _finished(event: InferenceFinished) -> None:
+    if event.outcome == "cancelled":
+        _log.info(
+            "inference.cancelled",
+            model=event.model,
+            mode=event.mode,
+            completion_tokens=event.completion_tokens,
+            latency_ms=round(event.latency_s * 1000, 2),
+        )
+        return
     _log.debug(
         "inference.finished",
         model=event.model,

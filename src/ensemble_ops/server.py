@@ -51,9 +51,10 @@ async def serve(settings: Settings) -> int:
         nonlocal exit_code
         await ensemble.loading_done.wait()
         if not any(slot.active for slot in ensemble.slots.values()):
-            _log.error("ensemble.no_model_loaded", reasons={
-                name: slot.error for name, slot in ensemble.slots.items()
-            })
+            _log.error(
+                "ensemble.no_model_loaded",
+                reasons={name: slot.error for name, slot in ensemble.slots.items()},
+            )
             exit_code = 1
             stop.set()
 

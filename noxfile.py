@@ -1,0 +1,31 @@
+"""Developer sessions: ``nox`` runs lint and tests; ``nox -s bench`` measures."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.default_venv_backend = "venv"
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite (what CI runs)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint and format) and mypy --strict over src, tests and benchmarks."""
+    session.install("-e", ".[test,lint,bench]")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Serving benchmarks against direct llama_cpp calls, reported as ratios."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "benchmarks.serving", *session.posargs)
