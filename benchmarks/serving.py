@@ -1,13 +1,16 @@
-"""Serving benchmark: ensemble-ops over HTTP against direct llama_cpp calls, same run.
+"""Serving benchmark: ensemble-ops against direct llama_cpp calls and a peer, same run.
 
 Measures, on whatever machine runs it:
 
 1. throughput of ``/v1/completions`` on each demo member (16-token completions, concurrency
    1 and 4) as a ratio to calling the same llama_cpp model directly, in-process, with the
-   same prompts and settings;
-2. latency of ``GET /v1/models`` while all three members are saturated with requests.
+   same prompts and settings, and to the peer ``python -m llama_cpp.server`` (from
+   ``llama-cpp-python[server]``) serving the same file with the same n_ctx and threads;
+2. latency of ``GET /v1/models`` and of the health probes (``/health/live``,
+   ``/health/ready``, ``/health/llm/all``) while every member is saturated, next to the
+   peer's ``/v1/models`` while its model is saturated.
 
-Prints a table and writes ``benchmarks/results/latest.json``. Run with ``nox -s bench``.
+Prints tables and writes ``benchmarks/results/latest.json``. Run with ``nox -s bench``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,8 +63,7 @@ def direct_throughput(path: Path, requests: int, threads: int | None) -> float:
         llm.create_completion(PROMPTS[0], max_tokens=MAX_TOKENS)  # warm-up
         started = time.perf_counter()
         for i in range(requests):
-            llm.create_completion(PROMPTS[i % len(PROMPTS)], max_tokens=MAX_TOKENS,
-                                  temperature=0.8)
+            llm.create_completion(PROMPTS[i % len(PROMPTS)], max_tokens=MAX_TOKENS, temperature=0.8)
         return requests / (time.perf_counter() - started)
     finally:
         llm.close()
@@ -76,15 +77,21 @@ async def http_throughput(url: str, member: str, requests: int, concurrency: int
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal failures
         for i in counter:
-            body = {"model": member, "prompt": PROMPTS[i % len(PROMPTS)],
-                    "max_tokens": MAX_TOKENS, "temperature": 0.8}
+            body = {
+                "model": member,
+                "prompt": PROMPTS[i % len(PROMPTS)],
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0.8,
+            }
             response = await client.post(f"{url}/v1/completions", json=body)
             failures += response.status_code != 200
 
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        await client.post(f"{url}/v1/completions",
-                          json={"model": member, "prompt": "warm", "max_tokens": MAX_TOKENS})
+        await client.post(
+            f"{url}/v1/completions",
+            json={"model": member, "prompt": "warm", "max_tokens": MAX_TOKENS},
+        )
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
@@ -93,40 +100,114 @@ async def http_throughput(url: str, member: str, requests: int, concurrency: int
     return requests / elapsed
 
 
-async def probe_latency_under_load(url: str, samples: int) -> dict[str, float]:
-    """p50/p99/max of GET /v1/models while every member is saturated."""
+async def probe_latency_under_load(
+    url: str, members: list[str | None], paths: list[str], samples: int
+) -> dict[str, dict[str, float]]:
+    """p50/p99/max of GET ``paths`` while two clients per member keep it generating."""
     stop = asyncio.Event()
 
-    async def load(client: httpx.AsyncClient, member: str) -> None:
+    async def load(client: httpx.AsyncClient, member: str | None) -> None:
+        body: dict[str, Any] = {"prompt": "busy", "max_tokens": 64, "temperature": 0.8}
+        if member is not None:
+            body["model"] = member
         while not stop.is_set():
-            await client.post(f"{url}/v1/completions",
-                              json={"model": member, "prompt": "busy", "max_tokens": 64,
-                                    "temperature": 0.8})
+            await client.post(f"{url}/v1/completions", json=body)
 
-    async with httpx.AsyncClient(timeout=60) as loaders, httpx.AsyncClient(timeout=60) as probe:
-        tasks = [asyncio.create_task(load(loaders, m.name)) for m in DEMO_MEMBERS for _ in (0, 1)]
+    def sample() -> dict[str, dict[str, float]]:
+        # Its own thread and connection: the load generator's event loop must not delay it.
+        results: dict[str, dict[str, float]] = {}
+        with httpx.Client(timeout=60) as probe:
+            for path in paths:
+                latencies, inside = [], []
+                for _ in range(samples):
+                    started = time.perf_counter()
+                    response = probe.get(f"{url}{path}")
+                    latencies.append((time.perf_counter() - started) * 1000)
+                    if response.status_code != 200:
+                        raise RuntimeError(f"{path} answered {response.status_code}")
+                    timing = response.headers.get("server-timing", "")
+                    if "dur=" in timing:  # ensemble-ops reports its own handling time
+                        inside.append(float(timing.split("dur=")[1].split(";")[0]))
+                    time.sleep(0.01)
+                results[path] = {
+                    "p50_ms": _percentile(latencies, 50),
+                    "p99_ms": _percentile(latencies, 99),
+                    "max_ms": max(latencies),
+                }
+                if inside:
+                    results[path] |= {
+                        "server_p50_ms": _percentile(inside, 50),
+                        "server_p99_ms": _percentile(inside, 99),
+                    }
+        return results
+
+    async with httpx.AsyncClient(timeout=60) as loaders:
+        tasks = [asyncio.create_task(load(loaders, m)) for m in members for _ in (0, 1)]
         await asyncio.sleep(1.0)
-        latencies = []
-        for _ in range(samples):
-            started = time.perf_counter()
-            response = await probe.get(f"{url}/v1/models")
-            latencies.append((time.perf_counter() - started) * 1000)
-            assert response.status_code == 200
-            await asyncio.sleep(0.01)
-        stop.set()
-        await asyncio.gather(*tasks)
-    return {
-        "p50_ms": _percentile(latencies, 50),
-        "p99_ms": _percentile(latencies, 99),
-        "max_ms": max(latencies),
-    }
+        try:
+            return await asyncio.to_thread(sample)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
 
 
-def start_server(models: dict[str, Path], threads: int | None, workdir: Path) -> tuple[
-    subprocess.Popen[bytes], str
-]:
+def _wait_until_up(process: subprocess.Popen[bytes], url: str, ready: Any) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if ready(httpx.get(f"{url}/v1/models", timeout=1)):
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("server did not start")
+
+
+def start_peer(path: Path, threads: int | None) -> tuple[subprocess.Popen[bytes], str] | None:
+    """``python -m llama_cpp.server`` on one model, or None when it is not installed."""
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError:
+        return None
     port = _free_port()
-    lines = ["[logging]", 'level = "warning"', "[server]", "access_log = false"]
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(path),
+        "--n_ctx",
+        str(N_CTX),
+        "--port",
+        str(port),
+        "--verbose",
+        "false",
+    ]
+    if threads:
+        command += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    _wait_until_up(process, url, lambda r: r.status_code == 200)
+    return process, url
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def start_server(
+    models: dict[str, Path], threads: int | None, workdir: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    # The production defaults (info level, one JSON line per request), to a file.
+    lines = ["[logging]", f'file = "{workdir / "server.log"}"']
     for name, path in models.items():
         lines += ["[[models]]", f'name = "{name}"', f'path = "{path}"', f"n_ctx = {N_CTX}"]
         if threads:
@@ -134,64 +215,133 @@ def start_server(models: dict[str, Path], threads: int | None, workdir: Path) ->
     config = workdir / "bench.toml"
     config.write_text("\n".join(lines) + "\n")
     process = subprocess.Popen(
-        [sys.executable, "-m", "ensemble_ops", "serve", "--config", str(config),
-         "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "ensemble_ops",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+        ],
         stdout=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            data = httpx.get(f"{url}/v1/models", timeout=1).json()["data"][1:]
-            if all(m["meta"]["state"] == "ready" for m in data):
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not start")
+    _wait_until_up(
+        process,
+        url,
+        lambda r: all(m["meta"]["state"] == "ready" for m in r.json()["data"][1:]),
+    )
+    return process, url
+
+
+PROBES = ["/v1/models", "/health/live", "/health/ready", "/health/llm/all"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=200, help="per throughput cell")
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
-    parser.add_argument("--samples", type=int, default=300, help="probe samples")
+    parser.add_argument("--samples", type=int, default=300, help="probe samples per path")
+    parser.add_argument("--no-peer", action="store_true", help="skip llama_cpp.server")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         models = ensure_demo_models(workdir / "models")
-        direct = {name: direct_throughput(path, args.requests, args.threads)
-                  for name, path in models.items()}
+        direct = {
+            name: direct_throughput(path, args.requests, args.threads)
+            for name, path in models.items()
+        }
         process, url = start_server(models, args.threads, workdir)
         try:
             served = {
                 (name, c): asyncio.run(http_throughput(url, name, args.requests, c))
-                for name in models for c in (1, 4)
+                for name in models
+                for c in (1, 4)
             }
-            probe = asyncio.run(probe_latency_under_load(url, args.samples))
+            probes = asyncio.run(probe_latency_under_load(url, list(models), PROBES, args.samples))
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+            _stop(process)
+        peer: dict[tuple[str, int], float] = {}
+        peer_probe: dict[str, dict[str, float]] = {}
+        for name, path in models.items():
+            started = None if args.no_peer else start_peer(path, args.threads)
+            if started is None:
+                break
+            peer_process, peer_url = started
+            try:
+                for c in (1, 4):
+                    peer[(name, c)] = asyncio.run(http_throughput(peer_url, name, args.requests, c))
+                if name == DEMO_MEMBERS[-1].name:
+                    # Its one model saturated by 4 clients, like each of ours by 2 (x3).
+                    peer_probe = asyncio.run(
+                        probe_latency_under_load(
+                            peer_url, [None, None], ["/v1/models"], args.samples
+                        )
+                    )
+            finally:
+                _stop(peer_process)
 
     rows = []
-    print(f"\n{'member':<12}{'direct req/s':>14}{'c=1 req/s':>12}{'ratio':>8}"
-          f"{'c=4 req/s':>12}{'ratio':>8}")
+    print(
+        f"\n{'member':<12}{'direct':>9}{'c=1':>9}{'/direct':>9}{'/peer':>8}"
+        f"{'c=4':>9}{'/direct':>9}{'/peer':>8}   (req/s, ratios)"
+    )
     for name, rate in direct.items():
         one, four = served[(name, 1)], served[(name, 4)]
-        rows.append({"member": name, "direct_rps": rate, "c1_rps": one, "c4_rps": four,
-                     "c1_ratio": one / rate, "c4_ratio": four / rate})
-        print(f"{name:<12}{rate:>14.1f}{one:>12.1f}{one / rate:>8.2f}{four:>12.1f}"
-              f"{four / rate:>8.2f}")
-    print(f"\nGET /v1/models with all members saturated: p50 {probe['p50_ms']:.1f} ms, "
-          f"p99 {probe['p99_ms']:.1f} ms, max {probe['max_ms']:.1f} ms")
+        row: dict[str, Any] = {
+            "member": name,
+            "direct_rps": rate,
+            "c1_rps": one,
+            "c4_rps": four,
+            "c1_vs_direct": one / rate,
+            "c4_vs_direct": four / rate,
+        }
+        if peer:
+            row |= {
+                "peer_c1_rps": peer[(name, 1)],
+                "peer_c4_rps": peer[(name, 4)],
+                "c1_vs_peer": one / peer[(name, 1)],
+                "c4_vs_peer": four / peer[(name, 4)],
+            }
+        rows.append(row)
+        vs_peer1 = f"{row['c1_vs_peer']:>8.2f}" if peer else f"{'-':>8}"
+        vs_peer4 = f"{row['c4_vs_peer']:>8.2f}" if peer else f"{'-':>8}"
+        print(
+            f"{name:<12}{rate:>9.1f}{one:>9.1f}{one / rate:>9.2f}{vs_peer1}"
+            f"{four:>9.1f}{four / rate:>9.2f}{vs_peer4}"
+        )
+    print("\nLatency while every member is saturated (ms; 'in server' from Server-Timing):")
+    print(f"{'path':<28}{'p50':>8}{'p99':>8}{'max':>8}{'in server p50':>15}{'p99':>7}")
+    for label, table in (("ensemble-ops", probes), ("peer", peer_probe)):
+        for route, f in table.items():
+            inner = (
+                f"{f['server_p50_ms']:>15.2f}{f['server_p99_ms']:>7.2f}"
+                if "server_p50_ms" in f
+                else ""
+            )
+            print(
+                f"{label + ' ' + route:<28}{f['p50_ms']:>8.1f}{f['p99_ms']:>8.1f}"
+                f"{f['max_ms']:>8.1f}{inner}"
+            )
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
-        "settings": {"requests": args.requests, "max_tokens": MAX_TOKENS,
-                     "threads": args.threads, "n_ctx": N_CTX},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "requests": args.requests,
+            "max_tokens": MAX_TOKENS,
+            "threads": args.threads,
+            "n_ctx": N_CTX,
+            "probe_samples": args.samples,
+        },
         "throughput": rows,
-        "models_probe_under_load": probe,
+        "latency_under_load": probes,
+        "peer_latency_under_load": peer_probe,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,17 @@ from ensemble_ops.app import create_app
 from ensemble_ops.cli import demo_settings
 from ensemble_ops.config import Settings
 from ensemble_ops.demo import DemoModel, ensure_demo_models, write_model
+from ensemble_ops.engine import (
+    ChatMessage,
+    ChatPrompt,
+    Completion,
+    EngineInfo,
+    GenerationParams,
+    LlamaEngine,
+    OnText,
+)
 from ensemble_ops.ensemble import Ensemble
+from ensemble_ops.errors import EngineError
 
 BYTE_SAMPLER = DemoModel(
     "byte-sampler", n_embd=64, n_layer=2, n_ff=192, n_head=4, seed=11, printable=False
@@ -96,3 +106,37 @@ def free_port() -> int:
 def _clean_env() -> dict[str, str]:
     """The environment without ENSEMBLE_OPS_* variables, for subprocesses."""
     return {k: v for k, v in os.environ.items() if not k.startswith("ENSEMBLE_OPS_")}
+
+
+class FlakyEngine:
+    """A real engine whose decodes fail while ``failing`` is set.
+
+    A real model cannot be made to fail on demand and then recover, so this small fake sits
+    at the Engine boundary; everything else (tokenizing, templates, sizes) is the real one.
+    """
+
+    def __init__(self, real: LlamaEngine, *, failing: bool = True) -> None:
+        self.real = real
+        self.failing = failing
+        self.calls = 0
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.real.info
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.real.tokenize(text)
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
+        return self.real.render_chat(messages)
+
+    def complete(
+        self, tokens: list[int], params: GenerationParams, on_text: OnText | None = None
+    ) -> Completion:
+        self.calls += 1
+        if self.failing:
+            raise EngineError("flaky", "llama_decode returned -3")
+        return self.real.complete(tokens, params, on_text)
+
+    def close(self) -> None:
+        self.real.close()

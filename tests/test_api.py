@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
+from structlog.testing import capture_logs
 
 from ensemble_ops.app import create_app
 from ensemble_ops.config import ModelSpec, Settings
 from ensemble_ops.engine import (
-    ChatMessage,
-    ChatPrompt,
     Completion,
-    EngineInfo,
-    GenerationParams,
     LlamaEngine,
-    OnText,
 )
-from ensemble_ops.errors import EngineError
 
-from .conftest import SettingsFactory, serving
+from .conftest import FlakyEngine, SettingsFactory, serving
 
 COMPLETION = {"model": "demo-tiny", "prompt": "Hello", "max_tokens": 8}
 
@@ -281,6 +275,16 @@ class TestErrors:
         assert (await client.get("/v1/nothing")).status_code == 404
         assert _error(await client.get("/v1/completions"))["code"] == "method_not_allowed"
 
+    async def test_log_fields_do_not_leak_between_requests(self, client: httpx.AsyncClient) -> None:
+        """Each request's log line has its own fields only."""
+        with capture_logs() as logs:
+            await client.post("/v1/completions", json=COMPLETION)
+            await client.get("/v1/models")
+        lines = [line for line in logs if line["event"] == "request"]
+        assert lines[0]["model"] == "demo-tiny"
+        assert lines[1]["path"] == "/v1/models"
+        assert "model" not in lines[1]
+
     async def test_request_id_is_honoured(self, client: httpx.AsyncClient) -> None:
         """A sane X-Request-ID comes back; an insane one is replaced."""
         mine = await client.get("/v1/models", headers={"X-Request-ID": "abc-123"})
@@ -289,67 +293,13 @@ class TestErrors:
         assert len(bad.headers["x-request-id"]) == 32
 
 
-class _FailingEngine:
-    """Stands in for an engine whose decode fails: a real model cannot do that on demand."""
-
-    def __init__(self, real: LlamaEngine) -> None:
-        self.real = real
-
-    @property
-    def info(self) -> EngineInfo:
-        return self.real.info
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.real.tokenize(text)
-
-    def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
-        return self.real.render_chat(messages)
-
-    def complete(
-        self, tokens: list[int], params: GenerationParams, on_text: OnText | None = None
-    ) -> Completion:
-        raise EngineError("demo-small", "llama_decode returned -3")
-
-    def close(self) -> None:
-        self.real.close()
-
-
-class TestReadiness:
-    async def test_not_ready_while_loading(self, settings: Settings) -> None:
-        """Readiness is 503 while the models load, 200 once one can serve."""
-        import threading
-
-        gate = threading.Event()
-
-        def slow_loader(spec: ModelSpec) -> LlamaEngine:
-            gate.wait(timeout=30)
-            return LlamaEngine.load(spec)
-
-        app = create_app(settings, loader=slow_loader)
-        async with LifespanManager(app) as manager:
-            transport = httpx.ASGITransport(app=manager.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-                waiting = await client.get("/health/ready")
-                assert waiting.status_code == 503
-                assert waiting.json() == {
-                    "status": "not_ready",
-                    "reason": "models are still loading",
-                }
-                refused = await client.post("/v1/completions", json=COMPLETION)
-                assert refused.status_code == 503
-                assert "retry-after" in refused.headers
-                gate.set()
-                await app.state.ensemble.loading_done.wait()
-                assert (await client.get("/health/ready")).json() == {"status": "ready"}
-
-
 class TestFailures:
     async def test_engine_failure_is_500_with_its_message(self, settings: Settings) -> None:
         """A failing engine answers 500 carrying the engine's message."""
 
         def loader(spec: ModelSpec) -> Any:
             engine = LlamaEngine.load(spec)
-            return _FailingEngine(engine) if spec.name == "demo-small" else engine
+            return FlakyEngine(engine) if spec.name == "demo-small" else engine
 
         async with serving(create_app(settings, loader=loader)) as client:
             response = await client.post(

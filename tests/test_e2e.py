@@ -147,8 +147,8 @@ class TestOpenAIClient:
 
 
 class TestUnderLoad:
-    def test_models_answers_while_every_member_generates(self, server: Server) -> None:
-        """GET /v1/models returns while all three members are busy generating."""
+    def test_models_and_probes_answer_while_every_member_generates(self, server: Server) -> None:
+        """/v1/models and the health probes return while all three members generate."""
         started = threading.Barrier(4)
         finished: dict[str, float] = {}
 
@@ -171,11 +171,13 @@ class TestUnderLoad:
         for thread in threads:
             thread.start()
         started.wait(timeout=60)
-        response = httpx.get(f"{server.url}/v1/models", timeout=30)
+        paths = ["/v1/models", "/health/live", "/health/ready", "/health/llm/all"]
+        answers = {path: httpx.get(f"{server.url}{path}", timeout=30) for path in paths}
         answered = time.monotonic()
         for thread in threads:
             thread.join(timeout=120)
-        assert response.status_code == 200
+        assert {path: r.status_code for path, r in answers.items()} == dict.fromkeys(paths, 200)
+        assert answers["/health/llm/all"].json()["healthy_count"] == 3
         assert len(finished) == 3
         assert answered < min(finished.values())
 

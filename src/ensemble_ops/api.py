@@ -243,20 +243,8 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [routing, *entries]})
 
 
-async def ready(request: Request) -> Response:
-    """Readiness: 200 once at least one member can serve."""
-    ensemble = _ensemble(request)
-    if any(slot.active is not None for slot in ensemble.slots.values()):
-        return JSONResponse({"status": "ready"})
-    reason = (
-        "models are still loading" if not ensemble.loading_done.is_set() else "no model is loaded"
-    )
-    return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
-
-
 routes = [
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
-    Route("/health/ready", ready, methods=["GET"]),
 ]

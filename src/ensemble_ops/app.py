@@ -10,14 +10,16 @@ import structlog
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from . import api
+from . import api, health_routes
 from .config import Settings
 from .engine import LlamaEngine
 from .ensemble import EngineLoader, Ensemble
 from .errors_http import EXCEPTION_HANDLERS
 from .events import EventBus
+from .health import HealthChecker
 from .log_view import subscribe_log
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware
+from .watchdog import Watchdog
 
 __all__ = ["create_app"]
 
@@ -30,6 +32,15 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
     bus = EventBus()
     subscribe_log(bus)
     ensemble = Ensemble(settings, bus, loader)
+    watchdog = Watchdog(settings.health, ensemble.instances, bus)
+    health = HealthChecker(
+        bus,
+        settings.health,
+        ensemble.slots,
+        liveness=watchdog.verdict,
+        loading=lambda: not ensemble.loading_done.is_set(),
+    )
+    ensemble.health_gate = health.view.can_serve
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -40,6 +51,8 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
         )
         async with anyio.create_task_group() as tasks:
             ensemble.attach(tasks)
+            health.tasks = tasks
+            tasks.start_soon(watchdog.run)
             tasks.start_soon(ensemble.load_all)
             try:
                 yield
@@ -47,10 +60,11 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
                 with anyio.CancelScope(shield=True):
                     await ensemble.close(settings.server.shutdown_timeout_s)
                 tasks.cancel_scope.cancel()
+                health.gpu.close()
         _log.info("ensemble.stopped")
 
     app = Starlette(
-        routes=api.routes,
+        routes=[*api.routes, *health_routes.routes],
         middleware=[
             Middleware(RequestContextMiddleware),
             Middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes),
@@ -61,4 +75,6 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
     app.state.settings = settings
     app.state.ensemble = ensemble
     app.state.bus = bus
+    app.state.health = health
+    app.state.watchdog = watchdog
     return app

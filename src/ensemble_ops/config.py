@@ -36,6 +36,7 @@ from .errors import ConfigError
 
 __all__ = [
     "CacheSettings",
+    "HealthSettings",
     "LoggingSettings",
     "ModeName",
     "ModeSpec",
@@ -79,6 +80,28 @@ class CacheSettings(_Section):
     enabled: bool = True
     max_entries: Annotated[int, Field(gt=0)] = 1024
     ttl_s: Annotated[float, Field(gt=0)] = 300.0
+
+
+class HealthSettings(_Section):
+    """Thresholds of the tri-state model health and of the liveness watchdog."""
+
+    memory_limit_bytes: Annotated[int, Field(gt=0)] = 30 * 10**9
+    """A member whose llama.cpp memory (weights + context) exceeds this is degraded."""
+    latency_limit_s: Annotated[float, Field(gt=0)] = 5.0
+    """A member whose last inference took longer than this is degraded."""
+    failure_threshold: Annotated[int, Field(gt=0)] = 3
+    """This many engine failures in a row make a member unhealthy."""
+    probe_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    probe_cache_ttl_s: Annotated[float, Field(ge=0)] = 5.0
+    probe_prompt: str = "Health check."
+    loop_lag_limit_s: Annotated[float, Field(gt=0)] = 5.0
+    """Liveness fails while the event loop lagged more than this in the last window."""
+    loop_lag_window_s: Annotated[float, Field(gt=0)] = 30.0
+    inference_hard_limit_s: Annotated[float, Field(gt=0)] = 600.0
+    """An inference running longer than this means a stuck worker: liveness fails."""
+    lease_hard_limit_s: Annotated[float, Field(gt=0)] = 900.0
+    """A request holding a member longer than this means a deadlock: liveness fails."""
+    watchdog_interval_s: Annotated[float, Field(gt=0)] = 0.5
 
 
 class ModeSpec(_Section):
@@ -127,6 +150,7 @@ class Settings(_Section):
     server: ServerSettings = ServerSettings()
     logging: LoggingSettings = LoggingSettings()
     cache: CacheSettings = CacheSettings()
+    health: HealthSettings = HealthSettings()
     modes: dict[ModeName, ModeSpec] = Field(default_factory=lambda: dict(_DEFAULT_MODES))
     default_mode: ModeName = "balanced"
     models: Annotated[tuple[ModelSpec, ...], Field(min_length=1, strict=False)]

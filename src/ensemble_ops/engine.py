@@ -66,6 +66,8 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    engine_s: float = 0.0
+    """Time the engine spent on it (set by the caller that timed it)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class EngineInfo:
     context_bytes: int
     architecture: str
     gpu_offload: bool
+    gpu_bytes: int = 0
+    """The share of weights and context on the GPU (by offloaded layers); 0 on CPU."""
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -141,7 +145,7 @@ class LlamaEngine:
         """Check and load ``spec``'s GGUF file (slow: run it in a worker thread)."""
         import llama_cpp
 
-        gguf_info = inspect_gguf(spec.path)
+        inspect_gguf(spec.path)
         route_llama_logs()
         # verbose=False would redirect file descriptors 1 and 2 to /dev/null for the whole
         # process while loading (llama-cpp-python #1874), losing every other thread's logs.
@@ -160,6 +164,13 @@ class LlamaEngine:
             except Exception as err:  # llama-cpp-python raises ValueError on a failed load
                 raise EngineError(spec.name, f"cannot load {spec.path}: {err}") from err
         llm.verbose = False  # no per-request prints on stderr from here on
+        return cls.from_llama(spec.name, llm)
+
+    @classmethod
+    def from_llama(cls, name: str, llm: Any) -> LlamaEngine:
+        """Wrap an already loaded ``llama_cpp.Llama``."""
+        import llama_cpp
+
         model = llm.model
         n_layer = llama_cpp.llama_model_n_layer(model)
         n_head = max(llama_cpp.llama_model_n_head(model), 1)
@@ -168,15 +179,20 @@ class LlamaEngine:
         # K and V caches in f16 (llama.cpp's default type): 2 bytes per value.
         kv_bytes = 2 * 2 * llm.n_ctx() * n_layer * (n_embd // n_head) * n_head_kv
         metadata = {str(k): str(v) for k, v in llm.metadata.items()}
+        weights = int(llama_cpp.llama_model_size(model))
+        n_gpu_layers = int(llm.model_params.n_gpu_layers)
+        offload = bool(llama_cpp.llama_supports_gpu_offload()) and n_gpu_layers != 0
+        on_gpu = n_layer if n_gpu_layers < 0 else min(n_gpu_layers, n_layer)
         info = EngineInfo(
             n_ctx=llm.n_ctx(),
-            weights_bytes=int(llama_cpp.llama_model_size(model)),
+            weights_bytes=weights,
             context_bytes=kv_bytes,
-            architecture=gguf_info.architecture,
-            gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()) and spec.n_gpu_layers != 0,
+            architecture=metadata.get("general.architecture", "unknown"),
+            gpu_offload=offload,
+            gpu_bytes=(weights + kv_bytes) * on_gpu // max(n_layer, 1) if offload else 0,
             metadata=metadata,
         )
-        return cls(spec.name, llm, info, metadata.get("tokenizer.chat_template"))
+        return cls(name, llm, info, metadata.get("tokenizer.chat_template"))
 
     @property
     def info(self) -> EngineInfo:

@@ -6,6 +6,7 @@ member that can serve, and the next one answers when that one is overloaded or f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -88,7 +89,9 @@ def _generate(
     n_ctx = engine.info.n_ctx
     if len(tokens) + params.max_tokens > n_ctx:
         raise ContextLengthExceededError(request.model, len(tokens), params.max_tokens, n_ctx)
-    return engine.complete(tokens, params, on_text)
+    started = time.perf_counter()
+    completion = engine.complete(tokens, params, on_text)
+    return dataclasses.replace(completion, engine_s=time.perf_counter() - started)
 
 
 class TextStream:
@@ -156,6 +159,8 @@ class Ensemble:
         self.loading_done = anyio.Event()
         self._tasks: anyio.abc.TaskGroup | None = None
         self._closing = False
+        self.health_gate: Callable[[str], bool] = lambda name: True
+        """Routing asks it whether a member is fit to serve (the app wires health in)."""
         # Loads are memory-heavy: one at a time.
         self._load_limiter = anyio.CapacityLimiter(1)
 
@@ -192,6 +197,7 @@ class Ensemble:
                 info.weights_bytes,
                 info.context_bytes,
                 time.perf_counter() - started,
+                gpu_bytes=info.gpu_bytes,
             )
         )
         return loaded
@@ -223,7 +229,14 @@ class Ensemble:
             return [slot]
         preferred = self.settings.modes[mode].prefer
         order = [*preferred, *(name for name in self.slots if name not in preferred)]
+        # Unhealthy members go last, not away: when all are unhealthy one must still be
+        # tried, and a success is how a member recovers.
+        order.sort(key=lambda name: not self.health_gate(name))
         return [self.slots[name] for name in order]
+
+    def instances(self) -> list[Loaded]:
+        """Every loaded instance (for the watchdog)."""
+        return [slot.active for slot in self.slots.values() if slot.active is not None]
 
     def _acquire_first(self, request: InferenceRequest) -> tuple[ModelSlot, Lease]:
         """Lease the first candidate that is loaded and not overloaded."""
@@ -351,6 +364,7 @@ class Ensemble:
                 cached=cached,
                 stream=stream,
                 time_to_first_token_s=ttft,
+                engine_s=0.0 if cached else completion.engine_s,
             )
         )
 

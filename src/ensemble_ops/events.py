@@ -15,11 +15,14 @@ from typing import Any, Literal, TypeVar
 
 __all__ = [
     "EventBus",
+    "HealthChanged",
     "InferenceFailed",
     "InferenceFinished",
+    "LoopLagMeasured",
     "ModelLoadFailed",
     "ModelLoaded",
     "ModelUnloaded",
+    "ProbeFinished",
 ]
 
 E = TypeVar("E")
@@ -54,6 +57,7 @@ class ModelLoaded:
     weights_bytes: int
     context_bytes: int
     load_s: float
+    gpu_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class InferenceFinished:
     stream: bool
     outcome: Literal["success", "cancelled"] = "success"
     time_to_first_token_s: float | None = None
+    engine_s: float = 0.0
+    """Time in the engine (0 for a cache hit); latency_s adds queueing and overhead."""
 
 
 @dataclass(frozen=True)
@@ -90,3 +96,30 @@ class InferenceFailed:
     error_type: str
     message: str
     latency_s: float
+
+
+@dataclass(frozen=True)
+class ProbeFinished:
+    """A health probe's one-token inference ended (``ok`` False: failed or timed out)."""
+
+    model: str
+    ok: bool
+    latency_s: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class LoopLagMeasured:
+    """The watchdog's latest event-loop lag sample."""
+
+    lag_s: float
+
+
+@dataclass(frozen=True)
+class HealthChanged:
+    """A member's health status changed."""
+
+    model: str
+    old: str
+    new: str
+    reason: str

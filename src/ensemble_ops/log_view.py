@@ -6,6 +6,7 @@ import structlog
 
 from .events import (
     EventBus,
+    HealthChanged,
     InferenceFailed,
     InferenceFinished,
     ModelLoaded,
@@ -69,7 +70,13 @@ def _failed(event: InferenceFailed) -> None:
     )
 
 
+def _health_changed(event: HealthChanged) -> None:
+    log = _log.warning if event.new == "unhealthy" else _log.info
+    log("health.changed", model=event.model, old=event.old, new=event.new, reason=event.reason)
+
+
 def subscribe_log(bus: EventBus) -> None:
+    bus.subscribe(HealthChanged, _health_changed)
     bus.subscribe(ModelLoaded, _loaded)
     bus.subscribe(ModelLoadFailed, _load_failed)
     bus.subscribe(ModelUnloaded, _unloaded)

@@ -21,9 +21,16 @@ _log = structlog.get_logger("ensemble_ops.request")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+_FIELDS = "ensemble_ops.log_fields"
+
+
 def log_fields(scope: Scope) -> dict[str, Any]:
-    """The dict a route fills with fields for this request's log line (model, tokens...)."""
-    fields: dict[str, Any] = scope.setdefault("state", {}).setdefault("log_fields", {})
+    """The dict a route fills with fields for this request's log line (model, tokens...).
+
+    It lives in the request's own scope, not in ``scope["state"]``: servers may share that
+    one (it starts as a shallow copy of the lifespan state).
+    """
+    fields: dict[str, Any] = scope.setdefault(_FIELDS, {})
     return fields
 
 
@@ -40,7 +47,7 @@ class RequestContextMiddleware:
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        fields = log_fields(scope)
+        fields = scope[_FIELDS] = {}
         started = time.perf_counter()
         status = 500
 
@@ -48,7 +55,11 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+                headers = MutableHeaders(scope=message)
+                headers.append("X-Request-ID", request_id)
+                # Time spent in the app until the answer starts (W3C Server-Timing).
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                headers.append("Server-Timing", f"app;dur={elapsed_ms:.2f}")
             await send(message)
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):

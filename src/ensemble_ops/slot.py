@@ -40,23 +40,38 @@ class Loaded:
         # One at a time: a llama.cpp context is not thread-safe. Waiting happens on the
         # event loop (anyio parks the task), so a queued request holds no thread.
         self.limiter = anyio.CapacityLimiter(1)
-        self.in_flight = 0
+        self.running_since: float | None = None
+        """monotonic() when the running inference started; None when idle (watchdog)."""
+        self._leases: set[Lease] = set()
         self._idle: anyio.Event | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding this instance: the one running plus those queued for it."""
+        return len(self._leases)
+
+    def oldest_lease_s(self, now: float) -> float:
+        """How long the longest-held lease has been held (0 when none)."""
+        return max((now - lease.acquired_at for lease in self._leases), default=0.0)
 
     async def run(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``func`` in a worker thread once this instance is free."""
 
         def call() -> T:
-            return func(*args, **kwargs)
+            self.running_since = time.monotonic()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.running_since = None
 
         return await anyio.to_thread.run_sync(call, limiter=self.limiter)
 
-    def _enter(self) -> None:
-        self.in_flight += 1
+    def _enter(self, lease: Lease) -> None:
+        self._leases.add(lease)
 
-    def _leave(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0 and self._idle is not None:
+    def _leave(self, lease: Lease) -> None:
+        self._leases.discard(lease)
+        if not self._leases and self._idle is not None:
             self._idle.set()
 
     async def wait_idle(self, timeout_s: float) -> bool:
@@ -78,13 +93,14 @@ class Lease:
 
     def __init__(self, loaded: Loaded) -> None:
         self.loaded = loaded
+        self.acquired_at = time.monotonic()
         self._released = False
-        loaded._enter()
+        loaded._enter(self)
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.loaded._leave()
+            self.loaded._leave(self)
 
 
 class ModelSlot:
