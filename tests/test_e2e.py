@@ -278,3 +278,93 @@ class TestProcess:
         events = [json.loads(line)["event"] for line in log_file.read_text().splitlines()]
         assert "ensemble.starting" in events
         assert "server.stopped" in events
+
+
+class TestReload:
+    def test_cli_reload_with_progress(self, server: Server, server_env: dict[str, str]) -> None:
+        """`ensemble-ops reload --wait` follows the reload to completed and exits 0."""
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ensemble_ops",
+                "reload",
+                "demo-tiny",
+                "--url",
+                server.url,
+                "--wait",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=server_env,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "100.0% completed" in done.stderr
+        assert "reload of demo-tiny completed" in done.stderr
+        refused = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ensemble_ops",
+                "reload",
+                "demo-tiny",
+                "--url",
+                server.url,
+                "--path",
+                "/etc/hostname",
+                "--wait",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=server_env,
+        )
+        assert refused.returncode == 1
+        assert "outside the model directory" in refused.stderr
+
+    def test_sighup_reloads_changed_members(
+        self, tmp_path: Path, server_env: dict[str, str], demo_dir: Path
+    ) -> None:
+        """SIGHUP re-reads the config: a changed member reloads; a broken file changes nothing."""
+        config = tmp_path / "ensemble.toml"
+
+        def write(n_ctx: int, extra: str = "") -> None:
+            config.write_text(
+                "".join(
+                    f'[[models]]\nname = "{name}"\npath = "{demo_dir / (name + ".gguf")}"\n'
+                    f"n_ctx = {n_ctx if name == 'demo-tiny' else 512}\n"
+                    for name in ("demo-tiny", "demo-small")
+                )
+                + extra
+            )
+
+        write(512)
+        server = launch(tmp_path, server_env, "--config", str(config))
+        try:
+            write(1024)
+            server.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 60
+            status: dict[str, Any] = {}
+            while time.monotonic() < deadline and status.get("state") != "completed":
+                status = httpx.get(f"{server.url}/health/llm/reload/demo-tiny").json()
+                time.sleep(0.1)
+            assert status["state"] == "completed"
+            models = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
+            assert models["demo-tiny"]["meta"]["n_ctx"] == 1024
+            small = httpx.get(f"{server.url}/health/llm/reload/demo-small").json()
+            assert small["state"] == "idle"  # unchanged: not reloaded
+
+            write(2048, extra="[server]\nbogus = 1\n")
+            server.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            failed: list[dict[str, Any]] = []
+            while time.monotonic() < deadline and not failed:
+                failed = [e for e in server.log_lines() if e["event"] == "config.reread_failed"]
+                time.sleep(0.1)
+            assert failed
+            assert "server.bogus: unknown key" in failed[0]["error"]
+            models = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
+            assert models["demo-tiny"]["meta"]["n_ctx"] == 1024
+        finally:
+            assert server.stop() == 0

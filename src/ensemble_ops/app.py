@@ -10,7 +10,7 @@ import structlog
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from . import api, health_routes
+from . import api, health_routes, reload_routes
 from .config import Settings
 from .engine import LlamaEngine
 from .ensemble import EngineLoader, Ensemble
@@ -19,6 +19,7 @@ from .events import EventBus
 from .health import HealthChecker
 from .log_view import subscribe_log
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware
+from .reload import ReloadManager
 from .watchdog import Watchdog
 
 __all__ = ["create_app"]
@@ -41,6 +42,15 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
         loading=lambda: not ensemble.loading_done.is_set(),
     )
     ensemble.health_gate = health.view.can_serve
+    model_dir = settings.reload.model_dir
+    reload = ReloadManager(
+        bus,
+        ensemble.slots,
+        settings.reload,
+        loader=loader,
+        load_limiter=ensemble.load_limiter,
+        allowed_dirs=[model_dir] if model_dir is not None else None,
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -52,6 +62,7 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
         async with anyio.create_task_group() as tasks:
             ensemble.attach(tasks)
             health.tasks = tasks
+            reload.tasks = tasks
             tasks.start_soon(watchdog.run)
             tasks.start_soon(ensemble.load_all)
             try:
@@ -64,7 +75,7 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
         _log.info("ensemble.stopped")
 
     app = Starlette(
-        routes=[*api.routes, *health_routes.routes],
+        routes=[*api.routes, *health_routes.routes, *reload_routes.routes],
         middleware=[
             Middleware(RequestContextMiddleware),
             Middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes),
@@ -77,4 +88,5 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
     app.state.bus = bus
     app.state.health = health
     app.state.watchdog = watchdog
+    app.state.reload = reload
     return app

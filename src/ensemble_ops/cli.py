@@ -75,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-file", type=Path, help="write logs to this file, not stdout")
 
+    reload = commands.add_parser(
+        "reload", help="reload a member of a running server without downtime"
+    )
+    reload.add_argument("model", help="the member to reload")
+    reload.add_argument("--path", help="a new GGUF file (inside the server's model directory)")
+    reload.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
+    reload.add_argument("--token", help="admin token (default: $ENSEMBLE_OPS_SERVER__ADMIN_TOKEN)")
+    reload.add_argument("--wait", action="store_true", help="show progress until it ends")
+
     demo = commands.add_parser("demo-models", help="write the demo GGUF models into DIR")
     demo.add_argument("directory", type=Path)
     return parser
@@ -99,6 +108,12 @@ def _load_settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "reload":
+        from .reload_cli import run_reload
+
+        return run_reload(
+            args.model, url=args.url, path=args.path, token=args.token, wait=args.wait
+        )
     if args.command == "demo-models":
         for member in DEMO_MEMBERS:
             path = write_model(member, args.directory / member.filename)
@@ -114,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     log = settings.logging
     configure_logging(log.format, log.level, log.file)
-    return asyncio.run(serve(settings))
+    return asyncio.run(serve(settings, args.config))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ __all__ = [
     "ModeName",
     "ModeSpec",
     "ModelSpec",
+    "ReloadSettings",
     "ServerSettings",
     "Settings",
 ]
@@ -104,6 +105,23 @@ class HealthSettings(_Section):
     watchdog_interval_s: Annotated[float, Field(gt=0)] = 0.5
 
 
+class ReloadSettings(_Section):
+    """Zero-downtime reload: warm-up, drain and safety limits."""
+
+    model_dir: Annotated[Path, Field(strict=False)] | None = None
+    """Reload paths must resolve inside it; unset: the folders of the configured models."""
+    warmup_iterations: Annotated[int, Field(ge=1, le=100)] = 3
+    warmup_prompt: str = "Hello, how are you?"
+    warmup_max_tokens: Annotated[int, Field(gt=0)] = 8
+    warmup_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    """One warm-up inference that takes longer fails the reload."""
+    drain_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    """Past it a slow drain is reported; the old copy still closes only when idle."""
+    max_concurrent_loads: Annotated[int, Field(ge=1)] = 1
+    memory_headroom: Annotated[float, Field(ge=1.0)] = 1.1
+    """A second copy needs its size times this in free RAM (or VRAM)."""
+
+
 class ModeSpec(_Section):
     """A request preset; explicit request fields override it."""
 
@@ -135,6 +153,12 @@ class ModelSpec(_Section):
     queue_size: Annotated[int, Field(ge=0)] = 16
     """Requests that may wait for this member beyond the one it runs; past it: 503."""
     description: str = ""
+    reload_strategy: Literal["side_by_side", "replace"] = "side_by_side"
+    """side_by_side loads the new copy next to the old one and fails the reload when memory
+    for two is short; replace then unloads the old copy first (the others serve meanwhile)."""
+    warmup_prompt: str | None = None
+    """Overrides reload.warmup_prompt for this member."""
+    warmup_iterations: Annotated[int, Field(ge=1, le=100)] | None = None
 
     @field_validator("path")
     @classmethod
@@ -151,6 +175,7 @@ class Settings(_Section):
     logging: LoggingSettings = LoggingSettings()
     cache: CacheSettings = CacheSettings()
     health: HealthSettings = HealthSettings()
+    reload: ReloadSettings = ReloadSettings()
     modes: dict[ModeName, ModeSpec] = Field(default_factory=lambda: dict(_DEFAULT_MODES))
     default_mode: ModeName = "balanced"
     models: Annotated[tuple[ModelSpec, ...], Field(min_length=1, strict=False)]

@@ -161,8 +161,8 @@ class Ensemble:
         self._closing = False
         self.health_gate: Callable[[str], bool] = lambda name: True
         """Routing asks it whether a member is fit to serve (the app wires health in)."""
-        # Loads are memory-heavy: one at a time.
-        self._load_limiter = anyio.CapacityLimiter(1)
+        # Loads are memory-heavy: few at a time, shared with reloads.
+        self.load_limiter = anyio.CapacityLimiter(settings.reload.max_concurrent_loads)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -178,7 +178,7 @@ class Ensemble:
         started = time.perf_counter()
         try:
             engine = await anyio.to_thread.run_sync(
-                self._loader, slot.spec, limiter=self._load_limiter
+                self._loader, slot.spec, limiter=self.load_limiter
             )
         except Exception as err:
             slot.mark_failed(str(err))

@@ -22,6 +22,7 @@ from .errors import (
     NoMemberAvailableError,
     OverloadedError,
 )
+from .reload import ReloadConflictError
 
 __all__ = ["EXCEPTION_HANDLERS", "error_response"]
 
@@ -91,14 +92,26 @@ async def _on_core_error(request: Request, exc: Exception) -> Response:
     return response
 
 
+async def _on_reload_conflict(request: Request, exc: Exception) -> Response:
+    from .reload import ReloadConflictError
+
+    assert isinstance(exc, ReloadConflictError)
+    error = {
+        "message": str(exc),
+        "type": "conflict_error",
+        "param": None,
+        "code": "reload_in_progress",
+    }
+    body = {"error": error, "status": exc.status.to_dict()}
+    return JSONResponse(body, status_code=409, headers={"Retry-After": "5"})
+
+
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    if exc.status_code == 405:
-        error_type, code = "invalid_request_error", "method_not_allowed"
-    elif exc.status_code == 404:
-        error_type, code = "invalid_request_error", "not_found"
-    else:
-        error_type, code = "invalid_request_error", None
+    codes = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+    auth = exc.status_code in (401, 403)
+    error_type = "authentication_error" if auth else "invalid_request_error"
+    code = codes.get(exc.status_code)
     response = error_response(exc.status_code, exc.detail, error_type=error_type, code=code)
     if exc.headers:
         response.headers.update(exc.headers)
@@ -116,6 +129,7 @@ EXCEPTION_HANDLERS: Mapping[
     type[Exception] | int, Callable[[Request, Exception], Awaitable[Response]]
 ] = {
     EnsembleOpsError: _on_core_error,
+    ReloadConflictError: _on_reload_conflict,
     HTTPException: _on_http_error,
     Exception: _on_unexpected,
 }

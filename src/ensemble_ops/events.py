@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 __all__ = [
+    "DrainTimedOut",
     "EventBus",
     "HealthChanged",
     "InferenceFailed",
@@ -23,6 +24,9 @@ __all__ = [
     "ModelLoaded",
     "ModelUnloaded",
     "ProbeFinished",
+    "ReloadFinished",
+    "ReloadProgressed",
+    "ReloadStateChanged",
 ]
 
 E = TypeVar("E")
@@ -106,6 +110,45 @@ class ProbeFinished:
     ok: bool
     latency_s: float
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class ReloadStateChanged:
+    """A member's reload machine moved from one state to another."""
+
+    model: str
+    from_state: str
+    to_state: str
+    progress_percent: float
+    message: str
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class ReloadProgressed:
+    """Progress within a reload state (load done, warm-up iteration i of n)."""
+
+    model: str
+    state: str
+    progress_percent: float
+    message: str
+
+
+@dataclass(frozen=True)
+class ReloadFinished:
+    model: str
+    outcome: Literal["completed", "failed"]
+    duration_s: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DrainTimedOut:
+    """An old copy still had requests in flight after reload.drain_timeout_s."""
+
+    model: str
+    generation: int
+    in_flight: int
 
 
 @dataclass(frozen=True)

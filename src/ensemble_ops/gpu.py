@@ -71,6 +71,15 @@ class GpuMonitor:
             return GpuReading(own, "process")
         return GpuReading(device_used, "device")
 
+    def free_memory(self) -> int | None:
+        """Free memory on the device with the most of it (None without NVML)."""
+        if not self._handles:
+            return None
+        try:
+            return max(int(self._nvml.nvmlDeviceGetMemoryInfo(h).free) for h in self._handles)
+        except Exception:
+            return None
+
     def close(self) -> None:
         if self._handles:
             with contextlib.suppress(Exception):

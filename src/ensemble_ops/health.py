@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +41,8 @@ from .events import (
     ModelLoadFailed,
     ModelUnloaded,
     ProbeFinished,
+    ReloadProgressed,
+    ReloadStateChanged,
 )
 from .gpu import GpuMonitor
 from .slot import Loaded, ModelSlot
@@ -99,6 +101,7 @@ class ModelHealth:
     checked_at: str
     uptime_seconds: float | None
     probe: Probe | None = None
+    reload: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -113,6 +116,8 @@ class ModelHealth:
             "checked_at": self.checked_at,
             "uptime_seconds": self.uptime_seconds,
         }
+        if self.reload is not None:
+            body["reload"] = self.reload
         if self.probe is not None:
             body["probe"] = {
                 "outcome": self.probe.outcome,
@@ -144,6 +149,7 @@ class _Record:
     probe_error: str | None = None
     status: HealthStatus = HealthStatus.UNKNOWN
     reason: str = "loading"
+    reload: dict[str, Any] | None = None
 
 
 class HealthView:
@@ -159,6 +165,8 @@ class HealthView:
         bus.subscribe(InferenceFinished, self._on_finished)
         bus.subscribe(InferenceFailed, self._on_failed)
         bus.subscribe(ProbeFinished, self._on_probe)
+        bus.subscribe(ReloadStateChanged, self._on_reload)
+        bus.subscribe(ReloadProgressed, self._on_reload)
 
     def add(self, name: str) -> None:
         self._records.setdefault(name, _Record())
@@ -250,6 +258,12 @@ class HealthView:
         r.last_error = event.message
         self.refresh(event.model)
 
+    def _on_reload(self, event: ReloadStateChanged | ReloadProgressed) -> None:
+        r = self._records.get(event.model)
+        if r is not None:
+            state = event.to_state if isinstance(event, ReloadStateChanged) else event.state
+            r.reload = {"state": state, "progress_percent": event.progress_percent}
+
     def _on_probe(self, event: ProbeFinished) -> None:
         r = self._records.get(event.model)
         if r is None:
@@ -273,7 +287,7 @@ class HealthChecker:
         self,
         bus: EventBus,
         settings: HealthSettings,
-        slots: Mapping[str, ModelSlot] | None = None,
+        slots: dict[str, ModelSlot] | None = None,
         *,
         gpu: GpuMonitor | None = None,
         liveness: Callable[[], str | None] | None = None,
@@ -281,7 +295,8 @@ class HealthChecker:
     ) -> None:
         self.bus = bus
         self.settings = settings
-        self.slots: dict[str, ModelSlot] = dict(slots or {})
+        # The mapping itself, not a copy: members registered later are seen.
+        self.slots: dict[str, ModelSlot] = slots if slots is not None else {}
         self.view = HealthView(bus, settings, list(self.slots))
         self.gpu = gpu if gpu is not None else GpuMonitor()
         self._liveness = liveness or (lambda: None)
@@ -372,6 +387,7 @@ class HealthChecker:
                 else None
             ),
             probe=probe,
+            reload=record.reload,
         )
 
     def process_memory_mb(self) -> float:
@@ -491,7 +507,9 @@ def get_health_checker() -> HealthChecker:
     """
     global _default
     if _default is None:
-        _default = HealthChecker(EventBus(), HealthSettings())
+        from .embedded import default_bus, default_slots
+
+        _default = HealthChecker(default_bus(), HealthSettings(), default_slots())
     return _default
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import structlog
 
 from .events import (
+    DrainTimedOut,
     EventBus,
     HealthChanged,
     InferenceFailed,
@@ -12,6 +13,7 @@ from .events import (
     ModelLoaded,
     ModelLoadFailed,
     ModelUnloaded,
+    ReloadStateChanged,
 )
 
 __all__ = ["subscribe_log"]
@@ -75,7 +77,30 @@ def _health_changed(event: HealthChanged) -> None:
     log("health.changed", model=event.model, old=event.old, new=event.new, reason=event.reason)
 
 
+def _reload_state(event: ReloadStateChanged) -> None:
+    log = _log.warning if event.to_state == "failed" else _log.info
+    log(
+        "reload.state_changed",
+        model=event.model,
+        **{"from": event.from_state, "to": event.to_state},
+        progress=event.progress_percent,
+        message=event.message,
+        elapsed=round(event.elapsed_s, 3),
+    )
+
+
+def _drain_timeout(event: DrainTimedOut) -> None:
+    _log.warning(
+        "reload.drain_timeout",
+        model=event.model,
+        generation=event.generation,
+        in_flight=event.in_flight,
+    )
+
+
 def subscribe_log(bus: EventBus) -> None:
+    bus.subscribe(ReloadStateChanged, _reload_state)
+    bus.subscribe(DrainTimedOut, _drain_timeout)
     bus.subscribe(HealthChanged, _health_changed)
     bus.subscribe(ModelLoaded, _loaded)
     bus.subscribe(ModelLoadFailed, _load_failed)

@@ -2,6 +2,7 @@
 
 SIGTERM or SIGINT stops accepting connections, lets in-flight requests finish (bounded by
 ``server.shutdown_timeout_s``), then the lifespan closes the models and the process exits 0.
+SIGHUP re-reads the config file and reloads the members whose spec changed.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 import structlog
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -17,6 +19,8 @@ from hypercorn.config import Config
 from .app import create_app
 from .config import Settings
 from .ensemble import Ensemble
+from .errors import ConfigError
+from .reload import ReloadManager
 
 __all__ = ["serve"]
 
@@ -37,8 +41,23 @@ def _hypercorn_config(settings: Settings) -> Config:
     return config
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; return the process exit status."""
+async def _reread_config(config_path: Path | None, reload: ReloadManager) -> None:
+    """SIGHUP: re-read the config and reload the members whose spec changed."""
+    if config_path is None:
+        _log.warning("config.reread_skipped", reason="serving the demo ensemble: no config file")
+        return
+    try:
+        new = Settings.from_toml(config_path)
+    except ConfigError as err:  # a bad edit changes nothing
+        _log.error("config.reread_failed", path=str(config_path), error=str(err))
+        return
+    outcome = reload.apply_settings(new)
+    _log.info("config.reread", path=str(config_path), members=outcome)
+
+
+async def serve(settings: Settings, config_path: Path | None = None) -> int:
+    """Run until SIGTERM/SIGINT; return the process exit status. SIGHUP re-reads
+    ``config_path`` and reloads the members whose spec changed."""
     app = create_app(settings)
     ensemble: Ensemble = app.state.ensemble
     stop = asyncio.Event()
@@ -46,6 +65,14 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    rereads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:  # a signal handler is no task: start one for the async work
+        task = loop.create_task(_reread_config(config_path, app.state.reload))
+        rereads.add(task)
+        task.add_done_callback(rereads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
     async def stop_when_nothing_loads() -> None:
         nonlocal exit_code
@@ -63,7 +90,7 @@ async def serve(settings: Settings) -> int:
         await hypercorn_serve(app, _hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     finally:
         watcher.cancel()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     _log.info("server.stopped", exit_code=exit_code)
     return exit_code

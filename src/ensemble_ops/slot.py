@@ -24,7 +24,7 @@ __all__ = ["Lease", "Loaded", "ModelSlot", "SlotState"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-SlotState = Literal["loading", "ready", "failed", "stopped"]
+SlotState = Literal["loading", "ready", "reloading", "failed", "stopped"]
 
 _generations = itertools.count(1)
 
@@ -42,6 +42,7 @@ class Loaded:
         self.limiter = anyio.CapacityLimiter(1)
         self.running_since: float | None = None
         """monotonic() when the running inference started; None when idle (watchdog)."""
+        self.closed = False
         self._leases: set[Lease] = set()
         self._idle: anyio.Event | None = None
 
@@ -84,8 +85,14 @@ class Loaded:
         return False
 
     async def close(self) -> None:
-        """Free the engine (in a thread: freeing a large model takes a while)."""
-        await anyio.to_thread.run_sync(self.engine.close)
+        """Free the engine once no inference runs on it (in a thread: freeing takes a while).
+
+        Taking the limiter means a close waits for a running (or abandoned) inference.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        await anyio.to_thread.run_sync(self.engine.close, limiter=self.limiter)
 
 
 class Lease:
@@ -128,6 +135,8 @@ class ModelSlot:
             return "the model is still loading"
         if self.state == "failed":
             return f"the model failed to load ({self.error})"
+        if self.state == "reloading":
+            return "the model is being reloaded (its old copy was unloaded first)"
         return "the model is not loaded"
 
     def is_overloaded(self) -> bool:
