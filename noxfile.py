@@ -26,6 +26,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Serving benchmarks against direct llama_cpp calls, reported as ratios."""
+    """Serving (against direct llama_cpp calls and the peer) and reload benchmarks."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks.serving", *session.posargs)
+    session.run("python", "-m", "benchmarks.reload")
