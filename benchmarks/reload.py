@@ -68,8 +68,10 @@ async def run(url: str, pid: int, reloads: int, baseline_s: float) -> dict[str, 
     async def user(client: httpx.AsyncClient) -> None:
         while not stop.is_set():
             started = time.perf_counter()
-            response = await client.post(f"{url}/v1/completions", json={
-                "model": MEMBER, "prompt": "Reload me", "max_tokens": 16, "temperature": 0.8})
+            response = await client.post(
+                f"{url}/v1/completions",
+                json={"model": MEMBER, "prompt": "Reload me", "max_tokens": 16, "temperature": 0.8},
+            )
             records.append((started, time.perf_counter() - started, response.status_code))
 
     async def reload_once(client: httpx.AsyncClient) -> tuple[float, float, str]:
@@ -146,16 +148,24 @@ def main() -> None:
     bound = result["steady_rss_mb"] + copy_mb * 1.1
     result |= {"copy_mb": copy_mb, "peak_bound_mb": bound}
     print(f"\n{args.reloads} reloads of {MEMBER} under 4 concurrent clients:")
-    print(f"  requests {result['requests']} ({result['requests_during_reloads']} during "
-          f"reloads), failed {result['failed_requests']}, outcomes {result['reload_outcomes']}")
-    print(f"  p99 before {result['p99_before_ms']:.1f} ms, during {result['p99_during_ms']:.1f}"
-          f" ms: ratio {result['p99_ratio']:.2f}; longest request before "
-          f"{result['max_before_ms']:.1f} ms, during {result['max_during_ms']:.1f} ms")
-    print(f"  RSS steady {result['steady_rss_mb']:.0f} MiB, peak during reloads "
-          f"{result['peak_rss_mb']:.0f} MiB (bound: steady + 1.1 x {copy_mb:.0f} MiB copy = "
-          f"{bound:.0f} MiB)")
-    print(f"  RSS after 1 reload {result['rss_after_1_mb']:.0f} MiB, after {args.reloads}: "
-          f"{result['rss_after_last_mb']:.0f} MiB (ratio {result['rss_last_vs_first']:.3f})")
+    print(
+        f"  requests {result['requests']} ({result['requests_during_reloads']} during "
+        f"reloads), failed {result['failed_requests']}, outcomes {result['reload_outcomes']}"
+    )
+    print(
+        f"  p99 before {result['p99_before_ms']:.1f} ms, during {result['p99_during_ms']:.1f}"
+        f" ms: ratio {result['p99_ratio']:.2f}; longest request before "
+        f"{result['max_before_ms']:.1f} ms, during {result['max_during_ms']:.1f} ms"
+    )
+    print(
+        f"  RSS steady {result['steady_rss_mb']:.0f} MiB, peak during reloads "
+        f"{result['peak_rss_mb']:.0f} MiB (bound: steady + 1.1 x {copy_mb:.0f} MiB copy = "
+        f"{bound:.0f} MiB)"
+    )
+    print(
+        f"  RSS after 1 reload {result['rss_after_1_mb']:.0f} MiB, after {args.reloads}: "
+        f"{result['rss_after_last_mb']:.0f} MiB (ratio {result['rss_last_vs_first']:.3f})"
+    )
     result["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

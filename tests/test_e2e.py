@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,53 +17,9 @@ import httpx
 import openai
 import pytest
 
-from .conftest import free_port
+from .processes import Server, launch
 
 pytestmark = pytest.mark.e2e
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    url: str
-    stdout: Path
-    stderr: Path
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        """Every stdout line, parsed: a line that is not JSON fails the test."""
-        return [json.loads(line) for line in self.stdout.read_text().splitlines()]
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
-
-
-def launch(tmp_path: Path, env: dict[str, str], *args: str) -> Server:
-    """Start the CLI as a new user would; wait until every member has loaded."""
-    port = free_port()
-    stdout, stderr = tmp_path / "stdout.log", tmp_path / "stderr.log"
-    with stdout.open("wb") as out, stderr.open("wb") as err:  # the child keeps its copies
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ensemble_ops", "serve", "--port", str(port), *args],
-            stdout=out,
-            stderr=err,
-            env=env,
-        )
-    server = Server(process, f"http://127.0.0.1:{port}", stdout, stderr)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited: {stderr.read_text()}{stdout.read_text()}")
-        try:
-            models = httpx.get(f"{server.url}/v1/models", timeout=1).json()["data"][1:]
-            if all(m["meta"]["state"] == "ready" for m in models):
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise AssertionError("server did not become ready")
 
 
 @pytest.fixture(name="server_env", scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,7 +11,7 @@ import structlog
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from . import api, health_routes, reload_routes
+from . import api, health_routes, metrics_routes, reload_routes
 from .config import Settings
 from .engine import LlamaEngine
 from .ensemble import EngineLoader, Ensemble
@@ -18,6 +19,7 @@ from .errors_http import EXCEPTION_HANDLERS
 from .events import EventBus
 from .health import HealthChecker
 from .log_view import subscribe_log
+from .metrics import Metrics, set_default_metrics
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware
 from .reload import ReloadManager
 from .watchdog import Watchdog
@@ -33,6 +35,14 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
     bus = EventBus()
     subscribe_log(bus)
     ensemble = Ensemble(settings, bus, loader)
+    metrics = Metrics(
+        enabled=settings.metrics.enabled,
+        members=list(ensemble.slots),
+        default_mode=settings.default_mode,
+    )
+    metrics.subscribe(bus)
+    metrics.on_collect(lambda m: _collect_slots(m, ensemble))
+    set_default_metrics(metrics)  # the module-level helpers feed this app's registry
     watchdog = Watchdog(settings.health, ensemble.instances, bus)
     health = HealthChecker(
         bus,
@@ -59,6 +69,7 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
             models=[spec.name for spec in settings.models],
             default_mode=settings.default_mode,
         )
+        metrics.bind_loop(asyncio.get_running_loop())
         async with anyio.create_task_group() as tasks:
             ensemble.attach(tasks)
             health.tasks = tasks
@@ -75,7 +86,12 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
         _log.info("ensemble.stopped")
 
     app = Starlette(
-        routes=[*api.routes, *health_routes.routes, *reload_routes.routes],
+        routes=[
+            *api.routes,
+            *health_routes.routes,
+            *reload_routes.routes,
+            *(metrics_routes.routes if settings.metrics.enabled else []),
+        ],
         middleware=[
             Middleware(RequestContextMiddleware),
             Middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes),
@@ -89,4 +105,13 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
     app.state.health = health
     app.state.watchdog = watchdog
     app.state.reload = reload
+    app.state.metrics = metrics
     return app
+
+
+def _collect_slots(metrics: Metrics, ensemble: Ensemble) -> None:
+    """Gauges read from the members at scrape time: requests holding each, and waiting."""
+    for name, slot in ensemble.slots.items():
+        in_flight = slot.active.in_flight if slot.active is not None else 0
+        metrics.active.set({"model": name}, in_flight)
+        metrics.queue_depth.set({"model": name}, max(in_flight - 1, 0))

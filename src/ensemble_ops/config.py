@@ -38,6 +38,7 @@ __all__ = [
     "CacheSettings",
     "HealthSettings",
     "LoggingSettings",
+    "MetricsSettings",
     "ModeName",
     "ModeSpec",
     "ModelSpec",
@@ -103,6 +104,12 @@ class HealthSettings(_Section):
     lease_hard_limit_s: Annotated[float, Field(gt=0)] = 900.0
     """A request holding a member longer than this means a deadlock: liveness fails."""
     watchdog_interval_s: Annotated[float, Field(gt=0)] = 0.5
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics; disabled: /metrics and /health/metrics answer 404."""
+
+    enabled: bool = True
 
 
 class ReloadSettings(_Section):
@@ -176,6 +183,7 @@ class Settings(_Section):
     cache: CacheSettings = CacheSettings()
     health: HealthSettings = HealthSettings()
     reload: ReloadSettings = ReloadSettings()
+    metrics: MetricsSettings = MetricsSettings()
     modes: dict[ModeName, ModeSpec] = Field(default_factory=lambda: dict(_DEFAULT_MODES))
     default_mode: ModeName = "balanced"
     models: Annotated[tuple[ModelSpec, ...], Field(min_length=1, strict=False)]

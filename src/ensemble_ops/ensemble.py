@@ -31,6 +31,7 @@ from .errors import (
     OverloadedError,
 )
 from .events import (
+    CacheLookedUp,
     EventBus,
     InferenceFailed,
     InferenceFinished,
@@ -257,34 +258,42 @@ class Ensemble:
         """Answer ``request``, falling back to the next member for ``model: ensemble``."""
         slots = self.candidates(request.model, request.mode)
         if len(slots) == 1:
-            return await self._complete_on(slots[0], request)
+            return await self._complete_on(slots[0], request, fallback=False)
+        started = time.perf_counter()
         reasons: dict[str, str] = {}
         for slot in slots:
             try:
-                return await self._complete_on(slot, request)
-            except (ModelUnavailableError, OverloadedError, EngineError) as err:
+                return await self._complete_on(slot, request, fallback=True)
+            except _FALLBACK_ERRORS as err:
                 reasons[slot.name] = _short(err)
-        raise NoMemberAvailableError(reasons)
+        failure = NoMemberAvailableError(reasons)
+        self._failed(ENSEMBLE, request, failure, started, final=True)
+        raise failure
 
     def _cache_key(self, slot: ModelSlot, loaded: Loaded, request: InferenceRequest) -> object:
         prompt = request.prompt if request.prompt is not None else request.messages
         return ResponseCache.key(slot.name, loaded.generation, prompt, request.params)
 
-    async def _complete_on(self, slot: ModelSlot, request: InferenceRequest) -> InferenceResult:
+    async def _complete_on(
+        self, slot: ModelSlot, request: InferenceRequest, *, fallback: bool
+    ) -> InferenceResult:
         started = time.perf_counter()
         cache = self.cache if is_deterministic(request.params) else None
         active = slot.active
         if cache is not None and active is not None:
             hit = cache.get(self._cache_key(slot, active, request))
+            self.bus.publish(CacheLookedUp(slot.name, hit is not None))
             if hit is not None:
                 self._finished(slot.name, request, hit, started, cached=True, stream=False)
                 return InferenceResult(slot.name, hit, cached=True)
-        async with slot.lease() as loaded:
-            try:
+        try:
+            async with slot.lease() as loaded:
                 completion = await loaded.run(_generate, loaded.engine, request)
-            except Exception as err:
-                self._failed(slot.name, request, err, started)
-                raise
+        except Exception as err:
+            # A failure another member will retry does not end the request.
+            final = not (fallback and isinstance(err, _FALLBACK_ERRORS))
+            self._failed(slot.name, request, err, started, final=final)
+            raise
         if cache is not None:
             cache.put(self._cache_key(slot, loaded, request), completion)
         self._finished(slot.name, request, completion, started, cached=False, stream=False)
@@ -298,7 +307,11 @@ class Ensemble:
         """
         if self._tasks is None:
             raise RuntimeError("the ensemble is not running (attach() was not called)")
-        slot, lease = self._acquire_first(request)
+        try:
+            slot, lease = self._acquire_first(request)
+        except (ModelUnavailableError, OverloadedError, NoMemberAvailableError) as err:
+            self._failed(request.model, request, err, time.perf_counter(), final=True)
+            raise
         stream = TextStream(slot.name, request)
         self._tasks.start_soon(self._run_stream, slot, lease, stream)
         return stream
@@ -369,22 +382,46 @@ class Ensemble:
         )
 
     def _failed(
-        self, member: str, request: InferenceRequest, err: Exception, started: float
+        self,
+        member: str,
+        request: InferenceRequest,
+        err: Exception,
+        started: float,
+        *,
+        final: bool = True,
     ) -> None:
-        if isinstance(err, ContextLengthExceededError):
-            error_type = "context_length_exceeded"
-        elif isinstance(err, EngineError):
-            error_type = "engine_error"
-        else:
-            error_type = type(err).__name__
         self.bus.publish(
             InferenceFailed(
-                member, request.mode, error_type, str(err), time.perf_counter() - started
+                member,
+                request.mode,
+                error_type(err),
+                str(err),
+                time.perf_counter() - started,
+                final=final,
             )
         )
 
     def member_names(self) -> Sequence[str]:
         return list(self.slots)
+
+
+_FALLBACK_ERRORS = (ModelUnavailableError, OverloadedError, EngineError)
+
+
+def error_type(err: Exception) -> str:
+    """The ``error_type`` label of an inference error (events, metrics, logs)."""
+    match err:
+        case ContextLengthExceededError():
+            return "context_length_exceeded"
+        case EngineError():
+            return "engine_error"
+        case OverloadedError():
+            return "overloaded"
+        case ModelUnavailableError():
+            return "model_unavailable"
+        case NoMemberAvailableError():
+            return "no_member_available"
+    return type(err).__name__
 
 
 def _short(err: Exception) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 __all__ = [
+    "CacheLookedUp",
     "DrainTimedOut",
     "EventBus",
     "HealthChanged",
@@ -95,11 +96,26 @@ class InferenceFinished:
 
 @dataclass(frozen=True)
 class InferenceFailed:
+    """An attempt failed on ``model`` (or routing found none: model "ensemble").
+
+    ``final`` is False when another member then answered the request (a fallback), so each
+    request ends in exactly one ``InferenceFinished`` or one final ``InferenceFailed``.
+    """
+
     model: str
     mode: str
     error_type: str
     message: str
     latency_s: float
+    final: bool = True
+
+
+@dataclass(frozen=True)
+class CacheLookedUp:
+    """A deterministic request looked up the response cache."""
+
+    model: str
+    hit: bool
 
 
 @dataclass(frozen=True)

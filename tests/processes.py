@@ -1,0 +1,140 @@
+"""Real processes for end-to-end tests: ``ensemble-ops serve`` and a real Prometheus."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import free_port
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    stdout: Path
+    stderr: Path
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """Every stdout line, parsed: a line that is not JSON fails the test."""
+        return [json.loads(line) for line in self.stdout.read_text().splitlines()]
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+def launch(tmp_path: Path, env: dict[str, str], *args: str) -> Server:
+    """Start the CLI as a new user would; wait until every member has loaded (or failed)."""
+    port = free_port()
+    stdout, stderr = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with stdout.open("wb") as out, stderr.open("wb") as err:  # the child keeps its copies
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ensemble_ops", "serve", "--port", str(port), *args],
+            stdout=out,
+            stderr=err,
+            env=env,
+        )
+    server = Server(process, f"http://127.0.0.1:{port}", stdout, stderr)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited: {stderr.read_text()}{stdout.read_text()}")
+        try:
+            models = httpx.get(f"{server.url}/v1/models", timeout=1).json()["data"][1:]
+            if all(m["meta"]["state"] in ("ready", "failed") for m in models):
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise AssertionError("server did not become ready")
+
+
+@dataclass
+class Prometheus:
+    url: str
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query's result vector; raises on a PromQL error."""
+        answer = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        body = answer.json()
+        if body.get("status") != "success":
+            raise AssertionError(f"{expr}: {body.get('error')}")
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def value(self, expr: str) -> float:
+        """The single value of ``expr`` (0 samples or several fail the test)."""
+        result = self.query(expr)
+        assert len(result) == 1, f"{expr}: {result}"
+        return float(result[0]["value"][1])
+
+
+def prometheus_binary() -> str:
+    """The prometheus binary; skips the test when absent, except in CI where it fails."""
+    found = shutil.which("prometheus")
+    if found is None:
+        import os
+
+        if os.environ.get("CI"):
+            pytest.fail("prometheus is not installed (CI installs Debian's prometheus package)")
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    return found
+
+
+@contextmanager
+def prometheus(
+    tmp_path: Path, target: str, metrics_path: str = "/health/metrics"
+) -> Iterator[Prometheus]:
+    """A real Prometheus on loopback scraping ``target`` every second into a temp dir."""
+    binary = prometheus_binary()
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: ensemble-ops\n"
+        f"    metrics_path: {metrics_path}\n"
+        f"    static_configs:\n      - targets: ['{target}']\n"
+    )
+    with (tmp_path / "prometheus.log").open("wb") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise AssertionError((tmp_path / "prometheus.log").read_text())
+            time.sleep(0.2)
+        yield Prometheus(url)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
