@@ -30,3 +30,4 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks.serving", *session.posargs)
     session.run("python", "-m", "benchmarks.reload")
+    session.run("python", "-m", "benchmarks.metrics")

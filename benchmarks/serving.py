@@ -203,11 +203,16 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def start_server(
-    models: dict[str, Path], threads: int | None, workdir: Path
+    models: dict[str, Path], threads: int | None, workdir: Path, *, metrics: bool = True
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     # The production defaults (info level, one JSON line per request), to a file.
-    lines = ["[logging]", f'file = "{workdir / "server.log"}"']
+    lines = [
+        "[logging]",
+        f'file = "{workdir / "server.log"}"',
+        "[metrics]",
+        f"enabled = {str(metrics).lower()}",
+    ]
     for name, path in models.items():
         lines += ["[[models]]", f'name = "{name}"', f'path = "{path}"', f"n_ctx = {N_CTX}"]
         if threads:
