@@ -31,3 +31,10 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks.serving", *session.posargs)
     session.run("python", "-m", "benchmarks.reload")
     session.run("python", "-m", "benchmarks.metrics")
+
+
+@nox.session
+def dashboard(session: nox.Session) -> None:
+    """Regenerate grafana/llm_dashboard.json from grafana/dashboard.py."""
+    session.install("grafana-foundation-sdk")
+    session.run("python", "grafana/dashboard.py")

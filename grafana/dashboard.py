@@ -1,0 +1,340 @@
+"""The Grafana dashboard, as code (grafana-foundation-sdk): ``nox -s dashboard`` writes
+``grafana/llm_dashboard.json`` from it, and a test fails when the committed JSON differs.
+
+Every PromQL expression here reads only the metric names of docs/metrics.md; a test runs
+each one against a real Prometheus that scraped a real server, so no panel shows "No data".
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grafana_foundation_sdk.builders import (
+    bargauge,
+    common,
+    dashboard,
+    gauge,
+    piechart,
+    prometheus,
+    stat,
+    statetimeline,
+    timeseries,
+)
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.common import StackingMode
+from grafana_foundation_sdk.models.dashboard import (
+    DataSourceRef,
+    GridPos,
+    ValueMap,
+    ValueMappingResult,
+    VariableRefresh,
+)
+
+OUTPUT = Path(__file__).parent / "llm_dashboard.json"
+DATASOURCE = DataSourceRef(type_val="prometheus", uid="ensemble-ops-prometheus")
+"""The uid provisioning/datasources/prometheus.yml gives the Prometheus datasource."""
+M = 'model=~"$model"'
+RATE = "$__rate_interval"
+
+
+@dataclass(frozen=True)
+class PanelSpec:
+    """One panel: its kind, title, what it shows, and its queries (expr, legend)."""
+
+    kind: str
+    title: str
+    description: str
+    queries: list[tuple[str, str]]
+    unit: str = "short"
+    width: int = 8
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+PANELS: list[PanelSpec] = [
+    PanelSpec(
+        "timeseries",
+        "Request rate (RPS)",
+        "Requests per second by member, mode and outcome.",
+        [
+            (
+                f"sum by (model, mode, status) (rate(llm_requests_total{{{M}}}[{RATE}]))",
+                "{{model}} {{mode}} {{status}}",
+            )
+        ],
+        "reqps",
+    ),
+    PanelSpec(
+        "timeseries",
+        "Active requests",
+        "Requests holding each member: running plus queued.",
+        [(f"sum by (model) (llm_active_requests{{{M}}})", "{{model}}")],
+    ),
+    PanelSpec(
+        "timeseries",
+        "Inference latency p50 / p95 / p99",
+        "Request latency through the engine, queue included.",
+        [
+            (
+                f"histogram_quantile({q}, sum by (le) (rate("
+                f"llm_inference_duration_seconds_bucket{{{M}}}[{RATE}])))",
+                f"p{p}",
+            )
+            for q, p in (("0.5", "50"), ("0.95", "95"), ("0.99", "99"))
+        ],
+        "s",
+    ),
+    PanelSpec(
+        "timeseries",
+        "Error rate",
+        "Share of requests that ended in an error.",
+        [
+            (
+                f'sum(rate(llm_requests_total{{status="error",{M}}}[{RATE}])) / '
+                f"clamp_min(sum(rate(llm_requests_total{{{M}}}[{RATE}])), 1e-9)",
+                "error rate",
+            )
+        ],
+        "percentunit",
+    ),
+    PanelSpec(
+        "stat",
+        "Cache hit rate",
+        "Hits among deterministic requests (temperature 0 or a seed).",
+        [
+            (
+                f"100 * sum(rate(llm_cache_hits_total[{RATE}])) / clamp_min("
+                f"sum(rate(llm_cache_hits_total[{RATE}])) + "
+                f"sum(rate(llm_cache_misses_total[{RATE}])), 1e-9)",
+                "hit rate",
+            )
+        ],
+        "percent",
+        4,
+    ),
+    PanelSpec(
+        "stat",
+        "Total requests: success vs failure",
+        "Requests in the dashboard's time range by outcome.",
+        [(f"sum by (status) (increase(llm_requests_total{{{M}}}[$__range]))", "{{status}}")],
+        "short",
+        4,
+    ),
+    PanelSpec(
+        "stat",
+        "Model status (loaded)",
+        "1 while the member is loaded.",
+        [(f"llm_model_loaded{{{M}}}", "{{model}}")],
+        "short",
+        8,
+        {"loaded_mapping": True},
+    ),
+    PanelSpec(
+        "timeseries",
+        "RAM usage",
+        "Members by llama.cpp's sizes (weights + KV cache) and the whole process (RSS).",
+        [
+            (f'llm_model_memory_bytes{{memory_type="ram",{M}}}', "{{model}}"),
+            ("process_resident_memory_bytes", "process RSS"),
+        ],
+        "bytes",
+    ),
+    PanelSpec(
+        "piechart",
+        "Request distribution by model",
+        "Requests in the time range per answering member.",
+        [(f"sum by (model) (increase(llm_requests_total{{{M}}}[$__range]))", "{{model}}")],
+    ),
+    PanelSpec(
+        "timeseries",
+        "Cache hits / misses",
+        "Response cache lookups per second.",
+        [
+            (f"sum(rate(llm_cache_hits_total[{RATE}]))", "hits"),
+            (f"sum(rate(llm_cache_misses_total[{RATE}]))", "misses"),
+        ],
+        "ops",
+    ),
+    PanelSpec(
+        "bargauge",
+        "Average latency by mode",
+        "Mean request latency per mode.",
+        [
+            (
+                f"sum by (mode) (rate(llm_inference_duration_seconds_sum{{{M}}}[{RATE}])) / "
+                f"sum by (mode) (rate(llm_inference_duration_seconds_count{{{M}}}[{RATE}]))",
+                "{{mode}}",
+            )
+        ],
+        "s",
+    ),
+    PanelSpec(
+        "timeseries",
+        "Error types",
+        "Failed attempts per second by type (fallbacks included), stacked.",
+        [(f"sum by (error_type) (rate(llm_errors_total{{{M}}}[{RATE}]))", "{{error_type}}")],
+        "ops",
+        8,
+        {"stacked": True},
+    ),
+]
+"""The twelve panels operators asked for, in order."""
+
+BEYOND: list[PanelSpec] = [
+    PanelSpec(
+        "statetimeline",
+        "Health status",
+        "Each member's tri-state health over time.",
+        [(f"max by (model, status) (llm_health_status{{{M}}}) == 1", "{{model}} {{status}}")],
+        "short",
+        12,
+    ),
+    PanelSpec(
+        "statetimeline",
+        "Reload state",
+        "Each member's reload machine state.",
+        [(f"max by (model, state) (llm_reload_state{{{M}}}) == 1", "{{model}} {{state}}")],
+        "short",
+        12,
+    ),
+    PanelSpec(
+        "gauge",
+        "Reload progress",
+        "Progress of the latest reload per member.",
+        [(f"llm_reload_progress_percent{{{M}}}", "{{model}}")],
+        "percent",
+        6,
+    ),
+    PanelSpec(
+        "stat",
+        "Reload outcomes",
+        "Reloads in the time range by outcome.",
+        [(f"sum by (outcome) (increase(llm_reload_total{{{M}}}[$__range]))", "{{outcome}}")],
+        "short",
+        6,
+    ),
+    PanelSpec(
+        "timeseries",
+        "Time to first token p95",
+        "Streams: request start to first token.",
+        [
+            (
+                f"histogram_quantile(0.95, sum by (le, model) (rate("
+                f"llm_time_to_first_token_seconds_bucket{{{M}}}[{RATE}])))",
+                "{{model}}",
+            )
+        ],
+        "s",
+        6,
+    ),
+    PanelSpec(
+        "timeseries",
+        "Queue depth",
+        "Requests waiting per member (503 past queue_size).",
+        [(f"llm_queue_depth{{{M}}}", "{{model}}")],
+        "short",
+        6,
+    ),
+]
+"""The row beyond them: health, reloads, time to first token, queue depth."""
+
+
+def _panel(spec: PanelSpec, grid: GridPos, panel_id: int) -> Any:
+    builders: dict[str, Any] = {
+        "timeseries": timeseries.Panel,
+        "stat": stat.Panel,
+        "piechart": piechart.Panel,
+        "bargauge": bargauge.Panel,
+        "gauge": gauge.Panel,
+        "statetimeline": statetimeline.Panel,
+    }
+    panel = (
+        builders[spec.kind]()
+        .id(panel_id)
+        .title(spec.title)
+        .description(spec.description)
+        .datasource(DATASOURCE)
+        .unit(spec.unit)
+        .grid_pos(grid)
+    )
+    for ref, (expr, legend) in zip("ABCDEFGH", spec.queries, strict=False):
+        panel = panel.with_target(
+            prometheus.Dataquery()
+            .ref_id(ref)
+            .expr(expr)
+            .legend_format(legend)
+            .datasource(DATASOURCE)
+        )
+    if spec.options.get("stacked"):
+        panel = panel.stacking(common.StackingConfig().mode(StackingMode.NORMAL))
+    if spec.options.get("loaded_mapping"):
+        panel = panel.mappings(
+            [
+                ValueMap(
+                    options={
+                        "0": ValueMappingResult(text="not loaded", color="red", index=0),
+                        "1": ValueMappingResult(text="loaded", color="green", index=1),
+                    }
+                )
+            ]
+        )
+    return panel
+
+
+def build() -> dict[str, Any]:
+    """The dashboard as Grafana's JSON model."""
+    board = (
+        dashboard.Dashboard("ensemble-ops: LLM ensemble")
+        .uid("ensemble-ops-llm")
+        .tags(["ensemble-ops", "llm", "generated"])
+        .description(
+            "Requests, latency, errors, cache, memory, health and reloads of an "
+            "ensemble-ops service. Generated by grafana/dashboard.py."
+        )
+        .refresh("10s")
+        .time("now-1h", "now")
+        .with_variable(
+            dashboard.QueryVariable("model")
+            .label("Model")
+            .datasource(DATASOURCE)
+            .query("label_values(llm_model_loaded, model)")
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .multi(True)
+            .include_all(True)
+            .all_value(".*")
+        )
+    )
+    x = y = 0
+    for panel_id, spec in enumerate(PANELS, start=1):
+        if x + spec.width > 24:
+            x, y = 0, y + 8
+        board = board.with_panel(_panel(spec, GridPos(h=8, w=spec.width, x=x, y=y), panel_id))
+        x += spec.width
+    y += 8
+    board = board.with_row(
+        dashboard.Row("Health, reloads, streaming and queues")
+        .id(100)
+        .grid_pos(GridPos(h=1, w=24, x=0, y=y))
+    )
+    x, y = 0, y + 1
+    for panel_id, spec in enumerate(BEYOND, start=101):
+        if x + spec.width > 24:
+            x, y = 0, y + 8
+        board = board.with_panel(_panel(spec, GridPos(h=8, w=spec.width, x=x, y=y), panel_id))
+        x += spec.width
+    model: dict[str, Any] = json.loads(JSONEncoder(sort_keys=True, indent=2).encode(board.build()))
+    return model
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    if "--check" in sys.argv:
+        sys.exit(0 if OUTPUT.read_text() == render() else 1)
+    OUTPUT.write_text(render())
+    print(f"wrote {OUTPUT}")
