@@ -38,3 +38,10 @@ def dashboard(session: nox.Session) -> None:
     """Regenerate grafana/llm_dashboard.json from grafana/dashboard.py."""
     session.install("grafana-foundation-sdk")
     session.run("python", "grafana/dashboard.py")
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """schemathesis against a live server with at least 5,000 generated requests."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/test_fuzz.py", env={"ENSEMBLE_OPS_FUZZ_EXAMPLES": "400"})

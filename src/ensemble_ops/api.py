@@ -24,7 +24,7 @@ from .errors import InvalidRequestError
 from .middleware import log_fields
 from .schemas import ChatCompletionBody, CompletionBody, parse_body
 
-__all__ = ["routes"]
+__all__ = ["read_json", "routes"]
 
 
 def _ensemble(request: Request) -> Ensemble:
@@ -32,11 +32,14 @@ def _ensemble(request: Request) -> Ensemble:
     return ensemble
 
 
-async def _json(request: Request) -> Any:
+async def read_json(request: Request, *, empty: Any = None) -> Any:
+    """The request body as JSON (``empty`` when there is none); 400 when it is not JSON."""
     raw = await request.body()
+    if empty is not None and not raw.strip():
+        return empty
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except ValueError as err:  # JSONDecodeError, and UnicodeDecodeError for non-UTF-8 bytes
         raise InvalidRequestError(f"The request body is not valid JSON: {err}") from err
 
 
@@ -63,7 +66,7 @@ def _note_result(request: Request, result: InferenceResult) -> None:
 
 async def completions(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    body = parse_body(CompletionBody, await _json(request))
+    body = parse_body(CompletionBody, await read_json(request))
     inference = body.to_request(settings)
     _note(request, inference, stream=body.stream)
     if body.stream:
@@ -94,7 +97,7 @@ async def completions(request: Request) -> Response:
 
 async def chat_completions(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    body = parse_body(ChatCompletionBody, await _json(request))
+    body = parse_body(ChatCompletionBody, await read_json(request))
     inference = body.to_request(settings)
     _note(request, inference, stream=body.stream)
     if body.stream:

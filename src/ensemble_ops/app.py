@@ -10,6 +10,9 @@ import anyio
 import structlog
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from . import api, health_routes, metrics_routes, reload_routes
 from .config import Settings
@@ -21,6 +24,7 @@ from .health import HealthChecker
 from .log_view import subscribe_log
 from .metrics import Metrics, set_default_metrics
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware
+from .openapi import build_openapi
 from .reload import ReloadManager
 from .watchdog import Watchdog
 
@@ -85,8 +89,14 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
                 health.gpu.close()
         _log.info("ensemble.stopped")
 
+    document = build_openapi(members=list(ensemble.slots), metrics=settings.metrics.enabled)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
     app = Starlette(
         routes=[
+            Route("/openapi.json", openapi, methods=["GET"]),
             *api.routes,
             *health_routes.routes,
             *reload_routes.routes,

@@ -15,7 +15,7 @@ from .health import HealthChecker, HealthStatus, utc_now
 
 __all__ = ["routes"]
 
-_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+_TRUE, _FALSE = "true", "false"
 
 
 def _checker(request: Request) -> HealthChecker:
@@ -24,11 +24,9 @@ def _checker(request: Request) -> HealthChecker:
 
 
 def _run_inference(request: Request) -> bool:
-    raw = request.query_params.get("run_inference", "false").lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
+    raw = request.query_params.get("run_inference", _FALSE)
+    if raw in (_TRUE, _FALSE):
+        return raw == _TRUE
     raise InvalidRequestError(
         f"run_inference must be true or false, not {raw!r}.", param="run_inference"
     )

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
-from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .api import read_json
 from .config import Settings
 from .errors import InvalidRequestError, ModelNotFoundError
 from .reload import ReloadManager
@@ -67,13 +66,7 @@ async def start_reload(request: Request) -> Response:
     manager = _manager(request)
     model = request.path_params["model"]
     _known(manager, model)
-    raw = await request.body()
-    options: Any = {}
-    if raw.strip():
-        try:
-            options = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise InvalidRequestError(f"The request body is not valid JSON: {err}") from err
+    options = await read_json(request, empty={})
     if not isinstance(options, dict) or set(options) - {"path", "warmup_iterations"}:
         raise InvalidRequestError(
             'The body may hold only "path" (a GGUF file inside the model directory) and '
@@ -81,9 +74,9 @@ async def start_reload(request: Request) -> Response:
         )
     path = options.get("path")
     iterations = options.get("warmup_iterations")
-    if path is not None and (not isinstance(path, str) or not path):
+    if "path" in options and (not isinstance(path, str) or not path):
         raise InvalidRequestError("path must be a non-empty string.", param="path")
-    if iterations is not None and (
+    if "warmup_iterations" in options and (
         not isinstance(iterations, int)
         or isinstance(iterations, bool)
         or not 1 <= iterations <= 100
