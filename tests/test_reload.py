@@ -438,3 +438,32 @@ class TestEmbeddedApi:
             slot = default_slots().pop("embedded-tiny")
             if slot.active is not None:
                 await slot.active.close()
+
+
+class TestRecovery:
+    async def test_reload_fixes_a_member_whose_decodes_fail(self, settings: Settings) -> None:
+        """Decodes fail: the member goes unhealthy, routing avoids it, a reload heals it."""
+        flaky: dict[str, FlakyEngine] = {}
+
+        def loader(spec: Any) -> Engine:
+            engine = LlamaEngine.load(spec)
+            if spec.name == "demo-small" and "demo-small" not in flaky:
+                flaky["demo-small"] = FlakyEngine(engine)
+                return flaky["demo-small"]
+            return engine
+
+        async with serving(app := create_app(settings, loader=loader)) as client:
+            named = {"model": "demo-small", "prompt": "x", "max_tokens": 2}
+            for _ in range(3):
+                assert (await client.post("/v1/completions", json=named)).status_code == 500
+            sick = await client.get("/health/llm", params={"model": "demo-small"})
+            assert sick.json()["status"] == "unhealthy"
+            routed = await client.post(
+                "/v1/completions", json={"mode": "balanced", "prompt": "x", "max_tokens": 2}
+            )
+            assert routed.json()["model"] == "demo-base"
+            status = await app.state.reload.reload_model("demo-small")
+            assert status.state == "completed"
+            healed = await client.get("/health/llm", params={"model": "demo-small"})
+            assert healed.json()["status"] == "healthy"
+            assert (await client.post("/v1/completions", json=named)).status_code == 200

@@ -28,6 +28,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -150,6 +151,10 @@ class ModelSpec(_Section):
     """One ensemble member: a GGUF file and how llama.cpp runs it."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    optional: bool = False
+    """An optional member whose file is missing at start-up is reported unhealthy (and can
+    be reloaded later) instead of stopping start-up. Declared before ``path``: its check
+    reads it."""
     path: Annotated[Path, Field(strict=False)]
     n_ctx: Annotated[int, Field(ge=16)] = 4096
     n_gpu_layers: Annotated[int, Field(ge=-1)] = 0
@@ -169,9 +174,11 @@ class ModelSpec(_Section):
 
     @field_validator("path")
     @classmethod
-    def _file_exists(cls, path: Path) -> Path:
-        if not path.is_file():
-            raise ValueError(f"GGUF file not found: {path}")
+    def _file_exists(cls, path: Path, info: ValidationInfo) -> Path:
+        if not path.is_file() and not info.data.get("optional", False):
+            raise ValueError(
+                f"GGUF file not found: {path} (optional = true would start without it)"
+            )
         return path
 
 
