@@ -81,7 +81,8 @@ class TestMissingFileAtStartup:
             named = httpx.post(
                 f"{server.url}/v1/completions", json={"model": "late", "prompt": "x"}, timeout=30
             )
-            assert named.status_code == 503 and "retry-after" in named.headers
+            assert named.status_code == 503
+            assert "retry-after" in named.headers
 
             shutil.copy(model_dir / "demo-tiny.gguf", late)
             assert httpx.post(f"{server.url}/admin/models/late/reload").status_code == 202
