@@ -35,11 +35,10 @@ from .events import (
     EventBus,
     InferenceFailed,
     InferenceFinished,
-    ModelLoaded,
     ModelLoadFailed,
     ModelUnloaded,
 )
-from .slot import Lease, Loaded, ModelSlot
+from .slot import Lease, Loaded, ModelSlot, loaded_event
 
 __all__ = ["EngineLoader", "Ensemble", "InferenceRequest", "InferenceResult", "TextStream"]
 
@@ -188,19 +187,8 @@ class Ensemble:
         if self._closing:  # shut down while this member was loading
             await anyio.to_thread.run_sync(engine.close)
             return None
-        loaded = Loaded(slot.name, engine)
-        slot.swap(loaded)
-        info = engine.info
-        self.bus.publish(
-            ModelLoaded(
-                slot.name,
-                loaded.generation,
-                info.weights_bytes,
-                info.context_bytes,
-                time.perf_counter() - started,
-                gpu_bytes=info.gpu_bytes,
-            )
-        )
+        loaded = slot.install(engine)
+        self.bus.publish(loaded_event(loaded, time.perf_counter() - started))
         return loaded
 
     async def close(self, drain_timeout_s: float) -> None:

@@ -45,7 +45,7 @@ from .events import (
     ReloadStateChanged,
 )
 from .gpu import GpuMonitor
-from .slot import Loaded, ModelSlot
+from .slot import Loaded, ModelSlot, loaded_event
 
 __all__ = [
     "HealthChecker",
@@ -321,21 +321,10 @@ class HealthChecker:
         # model_construct: the model is already loaded, so there is no file to check.
         spec = ModelSpec.model_construct(name=name, path=path, queue_size=queue_size)
         slot = ModelSlot(spec)
-        loaded = Loaded(name, engine)
-        slot.swap(loaded)
+        loaded = slot.install(engine)
         self.slots[name] = slot
         self.view.add(name)
-        info = engine.info
-        self.bus.publish(
-            ModelLoaded(
-                name,
-                loaded.generation,
-                info.weights_bytes,
-                info.context_bytes,
-                0.0,
-                gpu_bytes=info.gpu_bytes,
-            )
-        )
+        self.bus.publish(loaded_event(loaded, 0.0))
 
     # -- checks --------------------------------------------------------------------------------
 

@@ -43,7 +43,6 @@ from .errors import EnsembleOpsError, InvalidModelFileError, InvalidRequestError
 from .events import (
     DrainTimedOut,
     EventBus,
-    ModelLoaded,
     ModelUnloaded,
     ReloadFinished,
     ReloadProgressed,
@@ -51,7 +50,7 @@ from .events import (
 )
 from .gguf_file import inspect_gguf
 from .gpu import GpuMonitor
-from .slot import Loaded, ModelSlot
+from .slot import Loaded, ModelSlot, loaded_event
 
 __all__ = [
     "STATES",
@@ -317,17 +316,7 @@ class _Job:
         old = self.slot.swap(new)  # one assignment: from here new requests use the new copy
         self.slot.spec = plan.spec
         self.new, self.replaced = None, None
-        info = new.engine.info
-        self.manager.bus.publish(
-            ModelLoaded(
-                self.name,
-                new.generation,
-                info.weights_bytes,
-                info.context_bytes,
-                self.load_s,
-                gpu_bytes=info.gpu_bytes,
-            )
-        )
+        self.manager.bus.publish(loaded_event(new, self.load_s))
         if old is None:
             self._progress(100.0, f"Serving generation {new.generation}")
             return
@@ -567,19 +556,7 @@ class ReloadManager:
             slot.mark_failed(f"reload failed and the previous copy did not load again: {err}")
             _log.error("reload.restore_failed", model=slot.name, error=str(err))
             return
-        loaded = Loaded(slot.name, engine)
-        slot.swap(loaded)
-        info = engine.info
-        self.bus.publish(
-            ModelLoaded(
-                slot.name,
-                loaded.generation,
-                info.weights_bytes,
-                info.context_bytes,
-                0.0,
-                gpu_bytes=info.gpu_bytes,
-            )
-        )
+        self.bus.publish(loaded_event(slot.install(engine), 0.0))
 
     def _job(self, name: str) -> _Job:
         job = self._jobs.get(name)

@@ -19,8 +19,9 @@ import anyio.to_thread
 from .config import ModelSpec
 from .engine import Engine
 from .errors import ModelUnavailableError, OverloadedError
+from .events import ModelLoaded
 
-__all__ = ["Lease", "Loaded", "ModelSlot", "SlotState"]
+__all__ = ["Lease", "Loaded", "ModelSlot", "SlotState", "loaded_event"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -95,6 +96,19 @@ class Loaded:
         await anyio.to_thread.run_sync(self.engine.close, limiter=self.limiter)
 
 
+def loaded_event(loaded: Loaded, load_s: float) -> ModelLoaded:
+    """The event announcing ``loaded`` as its member's active instance."""
+    info = loaded.engine.info
+    return ModelLoaded(
+        loaded.name,
+        loaded.generation,
+        info.weights_bytes,
+        info.context_bytes,
+        load_s,
+        gpu_bytes=info.gpu_bytes,
+    )
+
+
 class Lease:
     """A request's hold on one instance; ``release`` is idempotent."""
 
@@ -166,6 +180,12 @@ class ModelSlot:
         old, self._active = self._active, new
         self.state = "ready" if new is not None else self.state
         return old
+
+    def install(self, engine: Engine) -> Loaded:
+        """Make a freshly loaded ``engine`` the active instance (nothing was active)."""
+        loaded = Loaded(self.name, engine)
+        self.swap(loaded)
+        return loaded
 
     def mark_failed(self, error: str) -> None:
         self.state = "failed"
