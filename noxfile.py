@@ -31,6 +31,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks.serving", *session.posargs)
     session.run("python", "-m", "benchmarks.reload")
     session.run("python", "-m", "benchmarks.metrics")
+    session.run("python", "-m", "benchmarks.report", "--markdown")
 
 
 @nox.session
@@ -45,3 +46,10 @@ def fuzz(session: nox.Session) -> None:
     """schemathesis against a live server with at least 5,000 generated requests."""
     session.install("-e", ".[test]")
     session.run("pytest", "tests/test_fuzz.py", env={"ENSEMBLE_OPS_FUZZ_EXAMPLES": "400"})
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """Minutes of mixed traffic, injected faults and reloads against one server (not CI)."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "benchmarks.soak", "--minutes", "5", *session.posargs)

@@ -8,9 +8,12 @@ Measures, on whatever machine runs it:
    ``llama-cpp-python[server]``) serving the same file with the same n_ctx and threads;
 2. latency of ``GET /v1/models`` and of the health probes (``/health/live``,
    ``/health/ready``, ``/health/llm/all``) while every member is saturated, next to the
-   peer's ``/v1/models`` while its model is saturated.
+   peer's ``/v1/models`` while its model is saturated;
+3. the response cache on demo-base: the app's own time (``Server-Timing``) for a hit against
+   a miss, and the hit rate (``X-Cache``) of a workload that repeats 50 prompts.
 
-Prints tables and writes ``benchmarks/results/latest.json``. Run with ``nox -s bench``.
+Prints tables and writes ``benchmarks/results/serving.json`` (``benchmarks/report.py`` merges
+it with the other results into ``latest.json``). Run with ``nox -s bench``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import signal
 import socket
 import subprocess
@@ -33,7 +37,7 @@ import httpx
 
 from ensemble_ops.demo import DEMO_MEMBERS, ensure_demo_models
 
-RESULTS = Path(__file__).parent / "results" / "latest.json"
+RESULTS = Path(__file__).parent / "results" / "serving.json"
 PROMPTS = [f"Request number {i} asks the ensemble about the weather" for i in range(64)]
 N_CTX = 2048
 MAX_TOKENS = 16
@@ -50,6 +54,17 @@ def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))
     return ordered[index]
+
+
+def server_ms(response: httpx.Response) -> float | None:
+    """The app's own time for ``response`` from ``Server-Timing: app;dur=<ms>``, if given."""
+    for metric in response.headers.get("server-timing", "").split(","):
+        name, _, params = metric.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if name == "app" and key == "dur":
+                return float(value)
+    return None
 
 
 def direct_throughput(path: Path, requests: int, threads: int | None) -> float:
@@ -125,9 +140,9 @@ async def probe_latency_under_load(
                     latencies.append((time.perf_counter() - started) * 1000)
                     if response.status_code != 200:
                         raise RuntimeError(f"{path} answered {response.status_code}")
-                    timing = response.headers.get("server-timing", "")
-                    if "dur=" in timing:  # ensemble-ops reports its own handling time
-                        inside.append(float(timing.split("dur=")[1].split(";")[0]))
+                    app_ms = server_ms(response)
+                    if app_ms is not None:  # ensemble-ops reports its own handling time
+                        inside.append(app_ms)
                     time.sleep(0.01)
                 results[path] = {
                     "p50_ms": _percentile(latencies, 50),
@@ -149,6 +164,98 @@ async def probe_latency_under_load(
         finally:
             stop.set()
             await asyncio.gather(*tasks)
+
+
+CACHE_MEMBER = "demo-base"
+CACHE_DISTINCT = 50  # prompts of the repeated workload
+
+
+def cache_scenario(
+    url: str, *, hits: int, misses: int, workload: int, distinct: int, seed: int
+) -> dict[str, Any]:
+    """Server time of a cache hit against a miss, and the hit rate of a repeated workload.
+
+    One client, one request at a time on an otherwise idle server: each figure is the
+    cache's, not a queue's. Identical requests sent at the same moment would all miss (the
+    cache does not coalesce them), so sequential requests also make the hit rate exact.
+    """
+
+    def body(prompt: str) -> dict[str, Any]:
+        return {
+            "model": CACHE_MEMBER,
+            "prompt": prompt,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+        }
+
+    def send(client: httpx.Client, prompt: str) -> tuple[str, float, float]:
+        """X-Cache, the app's own time and the client's time (ms) of one request."""
+        started = time.perf_counter()
+        response = client.post(f"{url}/v1/completions", json=body(prompt))
+        client_ms = (time.perf_counter() - started) * 1000
+        if response.status_code != 200:
+            raise RuntimeError(f"cache request answered {response.status_code}")
+        app_ms = server_ms(response)
+        if app_ms is None:
+            raise RuntimeError("no Server-Timing: app;dur=<ms> header in the response")
+        return response.headers.get("x-cache", ""), app_ms, client_ms
+
+    with httpx.Client(timeout=60) as client:
+        # (a) one warm-up request fills the cache, then the same request again and again.
+        hot = "The cache benchmark asks the same question every time"
+        warm_state, _, _ = send(client, hot)
+        hit_server, hit_client, not_hit = [], [], 0
+        for _ in range(hits):
+            state, app_ms, client_ms = send(client, hot)
+            not_hit += state != "HIT"
+            hit_server.append(app_ms)
+            hit_client.append(client_ms)
+        # Misses: deterministic requests the server has never seen, one prompt each.
+        miss_server, not_miss = [], 0
+        for i in range(misses):
+            state, app_ms, _ = send(client, f"Cold cache request {i} asks something new")
+            not_miss += state != "MISS"
+            miss_server.append(app_ms)
+        # (b) a workload that repeats: ``workload`` requests over ``distinct`` prompts.
+        rng = random.Random(seed)
+        pool = [f"Repeated question {i} about the ensemble's cache" for i in range(distinct)]
+        drawn = [rng.choice(pool) for _ in range(workload)]
+        states = [send(client, prompt)[0] for prompt in drawn]
+    hit_p50, hit_p99 = _percentile(hit_server, 50), _percentile(hit_server, 99)
+    miss_p50 = _percentile(miss_server, 50)
+    workload_hits = states.count("HIT")
+    return {
+        "model": CACHE_MEMBER,
+        "max_tokens": MAX_TOKENS,
+        "warmup_x_cache": warm_state,
+        "hit": {
+            "requests": hits,
+            "not_hit": not_hit,
+            "server_p50_ms": hit_p50,
+            "server_p99_ms": hit_p99,
+            "server_max_ms": max(hit_server),
+            "client_p50_ms": _percentile(hit_client, 50),
+            "client_p99_ms": _percentile(hit_client, 99),
+        },
+        "miss": {
+            "requests": misses,
+            "not_miss": not_miss,
+            "server_p50_ms": miss_p50,
+            "server_p99_ms": _percentile(miss_server, 99),
+        },
+        "miss_vs_hit_p50": miss_p50 / hit_p50 if hit_p50 > 0 else None,
+        "workload": {
+            "requests": workload,
+            "distinct_prompts": distinct,
+            "distinct_drawn": len(set(drawn)),
+            "seed": seed,
+            "hits": workload_hits,
+            "misses": states.count("MISS"),
+            "hit_rate": workload_hits / workload,
+            # Every first sight of a prompt misses; every repeat should hit.
+            "expected_hit_rate": 1 - len(set(drawn)) / workload,
+        },
+    }
 
 
 def _wait_until_up(process: subprocess.Popen[bytes], url: str, ready: Any) -> None:
@@ -250,6 +357,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
     parser.add_argument("--samples", type=int, default=300, help="probe samples per path")
     parser.add_argument("--no-peer", action="store_true", help="skip llama_cpp.server")
+    parser.add_argument("--cache-hits", type=int, default=300, help="identical cached requests")
+    parser.add_argument("--cache-misses", type=int, default=30, help="cold cached requests")
+    parser.add_argument(
+        "--cache-workload",
+        type=int,
+        default=500,
+        help=f"requests over {CACHE_DISTINCT} repeated prompts",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="of the repeated workload")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="results JSON file")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -267,6 +384,14 @@ def main() -> None:
                 for c in (1, 4)
             }
             probes = asyncio.run(probe_latency_under_load(url, list(models), PROBES, args.samples))
+            cache = cache_scenario(
+                url,
+                hits=args.cache_hits,
+                misses=args.cache_misses,
+                workload=args.cache_workload,
+                distinct=CACHE_DISTINCT,
+                seed=args.seed,
+            )
         finally:
             _stop(process)
         peer: dict[tuple[str, int], float] = {}
@@ -331,6 +456,24 @@ def main() -> None:
                 f"{label + ' ' + route:<28}{f['p50_ms']:>8.1f}{f['p99_ms']:>8.1f}"
                 f"{f['max_ms']:>8.1f}{inner}"
             )
+    hit, miss, repeated = cache["hit"], cache["miss"], cache["workload"]
+    print(f"\nResponse cache on {CACHE_MEMBER} (ms of app time, from Server-Timing):")
+    print(
+        f"  hit  p50 {hit['server_p50_ms']:.2f}  p99 {hit['server_p99_ms']:.2f}  "
+        f"({hit['requests']} identical requests, {hit['not_hit']} not HIT; client p50 "
+        f"{hit['client_p50_ms']:.2f}, p99 {hit['client_p99_ms']:.2f})"
+    )
+    ratio = cache["miss_vs_hit_p50"]
+    print(
+        f"  miss p50 {miss['server_p50_ms']:.2f}  p99 {miss['server_p99_ms']:.2f}  "
+        f"({miss['requests']} cold requests, {miss['not_miss']} not MISS): miss/hit p50 "
+        + (f"{ratio:.0f}x" if ratio is not None else "-")
+    )
+    print(
+        f"  hit rate {repeated['hit_rate']:.3f} over {repeated['requests']} requests drawn "
+        f"from {repeated['distinct_prompts']} prompts (expected "
+        f"{repeated['expected_hit_rate']:.3f})"
+    )
     result = {
         "machine": {
             "platform": platform.platform(),
@@ -343,15 +486,20 @@ def main() -> None:
             "threads": args.threads,
             "n_ctx": N_CTX,
             "probe_samples": args.samples,
+            "cache_hits": args.cache_hits,
+            "cache_misses": args.cache_misses,
+            "cache_workload": args.cache_workload,
+            "seed": args.seed,
         },
         "throughput": rows,
         "latency_under_load": probes,
         "peer_latency_under_load": peer_probe,
+        "cache": cache,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten to {RESULTS}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwritten to {args.output}")
 
 
 if __name__ == "__main__":
