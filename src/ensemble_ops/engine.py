@@ -232,8 +232,9 @@ class LlamaEngine:
 
         budget = _TokenBudget(params.max_tokens)
         kwargs: dict[str, Any] = {
-            # One more than asked, so the budget (exact) stops generation, not the library.
-            "max_tokens": params.max_tokens + 1,
+            # The library stops at max_tokens without decoding the last token; the budget
+            # only steps in when the library's check is skipped (multi-byte output).
+            "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
             "seed": params.seed,

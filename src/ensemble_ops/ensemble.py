@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +20,7 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .cache import ResponseCache, is_deterministic
-from .config import ModeName, Settings
+from .config import ModelSpec, ModeName, Settings
 from .engine import ChatMessage, Completion, Engine, GenerationParams, OnText
 from .errors import (
     ContextLengthExceededError,
@@ -43,7 +43,7 @@ from .slot import Lease, Loaded, ModelSlot, loaded_event
 __all__ = ["EngineLoader", "Ensemble", "InferenceRequest", "InferenceResult", "TextStream"]
 
 ENSEMBLE = "ensemble"
-EngineLoader = Callable[..., Engine]
+EngineLoader = Callable[[ModelSpec], Engine]
 """Loads a member's engine from its ModelSpec (blocking; run in a worker thread)."""
 
 
@@ -388,9 +388,6 @@ class Ensemble:
                 final=final,
             )
         )
-
-    def member_names(self) -> Sequence[str]:
-        return list(self.slots)
 
 
 _FALLBACK_ERRORS = (ModelUnavailableError, OverloadedError, EngineError)
