@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 import httpx
 import psutil
 
-from benchmarks.serving import N_CTX, PROMPTS, _free_port, _stop, _wait_until_up
+from benchmarks.serving import N_CTX, PROMPTS, _stop, start_server
 from ensemble_ops.demo import DemoModel, _vocabulary, ensure_demo_models, write_model
 
 RESULTS = Path(__file__).parent / "results" / "gpu_check.json"
@@ -332,50 +332,7 @@ def start_gpu_server(
     models: dict[str, Path], n_gpu_layers: int, workdir: Path
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``ensemble-ops serve`` on ``models``, every one with ``n_gpu_layers``, until ready."""
-    port = _free_port()
-    log = workdir / "server.log"
-    lines = ["[logging]", f'file = "{log}"']
-    for name, path in models.items():
-        lines += [
-            "[[models]]",
-            f'name = "{name}"',
-            f'path = "{path}"',
-            f"n_ctx = {N_CTX}",
-            f"n_gpu_layers = {n_gpu_layers}",
-        ]
-    config = workdir / "gpu_check.toml"
-    config.write_text("\n".join(lines) + "\n")
-    with (workdir / "server.stderr").open("wb") as stderr:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ensemble_ops",
-                "serve",
-                "--config",
-                str(config),
-                "--port",
-                str(port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(
-            process,
-            url,
-            lambda r: all(m["meta"]["state"] == "ready" for m in r.json()["data"][1:]),
-        )
-    except Exception:
-        if process.poll() is None:
-            process.kill()
-        for path in (log, workdir / "server.stderr"):
-            if path.is_file():
-                tail = path.read_text(errors="replace").splitlines()[-30:]
-                print(f"--- last lines of {path.name}:", *tail, sep="\n")
-        raise
-    return process, url
+    return start_server(models, None, workdir, model_fields={"n_gpu_layers": n_gpu_layers})
 
 
 def memory_snapshot(url: str, pid: int, members: list[str]) -> dict[str, Any]:

@@ -310,41 +310,56 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def start_server(
-    models: dict[str, Path], threads: int | None, workdir: Path, *, metrics: bool = True
+    models: dict[str, Path],
+    threads: int | None,
+    workdir: Path,
+    *,
+    metrics: bool = True,
+    model_fields: dict[str, int] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
+    """``ensemble-ops serve`` on ``models`` (each with ``model_fields``), once all are ready.
+
+    The server logs to workdir/server.log and workdir/server.stderr; their last lines are
+    printed when it fails to come up.
+    """
     port = _free_port()
+    log = workdir / "server.log"
     # The production defaults (info level, one JSON line per request), to a file.
-    lines = [
-        "[logging]",
-        f'file = "{workdir / "server.log"}"',
-        "[metrics]",
-        f"enabled = {str(metrics).lower()}",
-    ]
+    lines = ["[logging]", f'file = "{log}"', "[metrics]", f"enabled = {str(metrics).lower()}"]
     for name, path in models.items():
         lines += ["[[models]]", f'name = "{name}"', f'path = "{path}"', f"n_ctx = {N_CTX}"]
         if threads:
             lines.append(f"n_threads = {threads}")
+        lines += [f"{key} = {value}" for key, value in (model_fields or {}).items()]
     config = workdir / "bench.toml"
     config.write_text("\n".join(lines) + "\n")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ensemble_ops",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    command = [
+        sys.executable,
+        "-m",
+        "ensemble_ops",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+    ]
+    with (workdir / "server.stderr").open("wb") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
-    _wait_until_up(
-        process,
-        url,
-        lambda r: all(m["meta"]["state"] == "ready" for m in r.json()["data"][1:]),
-    )
+    try:
+        _wait_until_up(
+            process,
+            url,
+            lambda r: all(m["meta"]["state"] == "ready" for m in r.json()["data"][1:]),
+        )
+    except Exception:
+        if process.poll() is None:
+            process.kill()
+        for path in (log, workdir / "server.stderr"):
+            if path.is_file():
+                tail = path.read_text(errors="replace").splitlines()[-30:]
+                print(f"--- last lines of {path.name}:", *tail, sep="\n")
+        raise
     return process, url
 
 
