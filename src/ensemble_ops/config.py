@@ -49,7 +49,6 @@ __all__ = [
 ]
 
 ModeName = Literal["fast", "balanced", "creative"]
-MODE_NAMES: tuple[ModeName, ...] = ("fast", "balanced", "creative")
 ENV_PREFIX = "ENSEMBLE_OPS_"
 
 

@@ -153,10 +153,6 @@ class ModelSlot:
             return "the model is being reloaded (its old copy was unloaded first)"
         return "the model is not loaded"
 
-    def is_overloaded(self) -> bool:
-        active = self._active
-        return active is not None and active.in_flight > self.spec.queue_size
-
     def acquire(self) -> Lease:
         """Lease the active instance, or raise if there is none or its queue is full."""
         active = self._active
