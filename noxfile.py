@@ -26,9 +26,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Serving (against direct llama_cpp calls and the peer) and reload benchmarks."""
+    """Serving and real-model throughput (against direct llama_cpp calls and the peers),
+    reload and metrics benchmarks."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks.serving", *session.posargs)
+    session.run("python", "-m", "benchmarks.real_models")
     session.run("python", "-m", "benchmarks.reload")
     session.run("python", "-m", "benchmarks.metrics")
     session.run("python", "-m", "benchmarks.report", "--markdown")

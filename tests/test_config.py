@@ -64,6 +64,23 @@ class TestDefaults:
         assert settings.modes["fast"].max_tokens == 8
         assert settings.modes["creative"].temperature == 1.0
 
+    def test_one_key_of_a_mode_keeps_its_other_defaults(self, tmp_path: Path) -> None:
+        """[modes.fast] with only prefer keeps fast's max_tokens, temperature and top_p."""
+        text = MINIMAL + '[modes.fast]\nprefer = ["a"]\n[modes.creative]\ntemperature = 1.3\n'
+        settings = Settings.from_toml(_write(tmp_path, text), environ={})
+        defaults = Settings.from_toml(_write(tmp_path, MINIMAL), environ={}).modes
+        assert settings.modes["fast"] == defaults["fast"].model_copy(update={"prefer": ("a",)})
+        assert settings.modes["creative"].temperature == 1.3
+        assert settings.modes["creative"].max_tokens == defaults["creative"].max_tokens
+        assert settings.modes["balanced"] == defaults["balanced"]
+
+    def test_one_key_of_a_mode_from_the_environment(self, tmp_path: Path) -> None:
+        """ENSEMBLE_OPS_MODES__FAST__MAX_TOKENS alone changes that key only."""
+        environ = {"ENSEMBLE_OPS_MODES__FAST__MAX_TOKENS": "12"}
+        settings = Settings.from_toml(_write(tmp_path, MINIMAL), environ=environ)
+        assert settings.modes["fast"].max_tokens == 12
+        assert settings.modes["fast"].temperature == 0.2
+
 
 class TestErrors:
     @pytest.mark.parametrize(
@@ -84,6 +101,11 @@ class TestErrors:
                 r"^modes\.fast\.prefer: unknown model 'zz'$",
             ),
             ("", r"^models: Field required$"),
+            (MINIMAL + "[modes.fast]\nmax_tokns = 8\n", r"^modes\.fast\.max_tokns: unknown key$"),
+            (
+                MINIMAL + "[modes.turbo]\nmax_tokens = 8\n",
+                r"^modes\.turbo\.\[key\]: Input should be 'fast', 'balanced' or 'creative'",
+            ),
             (MINIMAL + "[server]\nport = 70000\n", r"^server\.port: Input should be less"),
         ],
     )

@@ -33,8 +33,8 @@ def _server_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def _server(
     tmp_path_factory: pytest.TempPathFactory, server_env: dict[str, str]
 ) -> Iterator[Server]:
-    """The zero-config demo ensemble, as ``ensemble-ops serve`` starts it."""
-    server = launch(tmp_path_factory.mktemp("server"), server_env)
+    """The generated demo ensemble, as ``ensemble-ops serve --demo`` starts it."""
+    server = launch(tmp_path_factory.mktemp("server"), server_env, "--demo")
     yield server
     assert server.stop() == 0
 
@@ -198,7 +198,7 @@ class TestProcess:
         self, tmp_path: Path, server_env: dict[str, str]
     ) -> None:
         """SIGTERM: in-flight requests complete, new connections are refused, exit 0."""
-        server = launch(tmp_path, server_env)
+        server = launch(tmp_path, server_env, "--demo")
         results: dict[str, Any] = {}
 
         def long_request() -> None:
@@ -227,7 +227,7 @@ class TestProcess:
     def test_log_file_and_console_format(self, tmp_path: Path, server_env: dict[str, str]) -> None:
         """--log-file writes the JSON lines to a file instead of stdout."""
         log_file = tmp_path / "ops.log"
-        server = launch(tmp_path, server_env, "--log-file", str(log_file))
+        server = launch(tmp_path, server_env, "--demo", "--log-file", str(log_file))
         assert server.stop() == 0
         assert server.stdout.read_text() == ""
         events = [json.loads(line)["event"] for line in log_file.read_text().splitlines()]

@@ -13,10 +13,20 @@ import llama_cpp
 import pytest
 
 from ensemble_ops.config import ModelSpec
-from ensemble_ops.engine import ChatMessage, GenerationParams, LlamaEngine
-from ensemble_ops.errors import EngineError, InvalidModelFileError
+from ensemble_ops.demo import DemoModel, write_model
+from ensemble_ops.engine import ChatMessage, GenerationParams, LlamaEngine, plain_transcript
+from ensemble_ops.errors import EngineError, InvalidModelFileError, InvalidRequestError
 
 from .conftest import BYTE_SAMPLER, NO_BYTE_TOKENS
+
+_NO_SYSTEM_TEMPLATE = (  # Mistral-style: alternating turns, no system role
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+    "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+)
 
 
 def _spec(path: Path, **fields: object) -> ModelSpec:
@@ -100,6 +110,40 @@ class TestGeneration:
         prompt = tiny.render_chat([ChatMessage("user", "hello")])
         text = tiny._llm.detokenize(prompt.tokens).decode()
         assert text.endswith("user: hello\nassistant:")
+
+    def test_model_without_a_template_gets_the_plain_transcript(self, tmp_path: Path) -> None:
+        """A GGUF with no chat template chats in the documented ``role: content`` transcript."""
+        model = DemoModel("untemplated", 64, 2, 192, 4, seed=1, chat_template="")
+        engine = LlamaEngine.load(_spec(write_model(model, tmp_path / model.filename)))
+        try:
+            messages = [ChatMessage("system", "Be brief."), ChatMessage("user", "hello")]
+            prompt = engine.render_chat(messages)
+            text = engine._llm.detokenize(prompt.tokens).decode()
+            assert text == plain_transcript(messages)
+            assert prompt.stop == ("\nuser:", "\nsystem:")
+            result = engine.complete(prompt.tokens, GenerationParams(4, 0.0, 1.0))
+            assert result.completion_tokens == 4
+        finally:
+            engine.close()
+
+    def test_template_without_system_role_gets_it_in_the_first_user_turn(
+        self, tmp_path: Path
+    ) -> None:
+        """A template that raises on system messages (as Gemma's and Mistral's do) still
+        serves them, folded into the first user message."""
+        model = DemoModel("no-system", 64, 2, 192, 4, seed=1, chat_template=_NO_SYSTEM_TEMPLATE)
+        engine = LlamaEngine.load(_spec(write_model(model, tmp_path / model.filename)))
+        try:
+            prompt = engine.render_chat(
+                [ChatMessage("system", "Be brief."), ChatMessage("user", "hello")]
+            )
+            text = engine._llm.detokenize(prompt.tokens).decode()
+            assert text.endswith("[INST] Be brief.\n\nhello [/INST]")
+            with pytest.raises(InvalidRequestError, match="refuses these messages") as refused:
+                engine.render_chat([ChatMessage("assistant", "hi"), ChatMessage("user", "x")])
+            assert refused.value.param == "messages"
+        finally:
+            engine.close()
 
     def test_info(self, tiny: LlamaEngine) -> None:
         """llama.cpp's own sizes are reported."""

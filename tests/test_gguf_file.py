@@ -43,7 +43,9 @@ class TestInspect:
 
     def test_vocabulary_without_byte_tokens_is_refused(self, demo_dir: Path) -> None:
         """llama.cpp would abort the process on such a vocabulary, so it never loads."""
-        with pytest.raises(InvalidModelFileError, match=r"lacks \d+ of the 256 byte tokens"):
+        with pytest.raises(
+            InvalidModelFileError, match=r"SentencePiece vocabulary lacks \d+ of the 256 byte"
+        ):
             inspect_gguf(demo_dir / NO_BYTE_TOKENS.filename)
 
     def test_unknown_architecture(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""Command line: ``ensemble-ops serve`` and ``ensemble-ops demo-models DIR``.
+"""Command line: ``serve``, ``reload``, ``models`` and ``demo-models``.
 
 The CLI only builds Settings and calls the server; everything else is wired in ``app``.
 """
@@ -11,20 +11,33 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TextIO
 
+from . import real_models
 from ._version import __version__
 from .config import ENV_PREFIX, Settings
 from .demo import DEMO_MEMBERS, ensure_demo_models, write_model
 from .errors import ConfigError
+from .real_models import (
+    GEMMA3_270M,
+    REAL_MEMBERS,
+    SMOLLM2_135M,
+    ModelFetchError,
+    cached_path,
+    ensure_real_models,
+    model_cache_dir,
+)
 
-__all__ = ["demo_settings", "main"]
+__all__ = ["default_settings", "demo_settings", "main", "real_settings"]
 
 
 def demo_settings(
     directory: Path | None = None, *, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    """The built-in demo ensemble: three generated models, smallest first."""
+    """The generated demo ensemble: three random-weight models, smallest first.
+
+    No download and no language: what the test suite and ``serve --demo`` run on.
+    """
     paths = ensure_demo_models(directory)
     names = [m.name for m in DEMO_MEMBERS]
     models = [
@@ -37,25 +50,62 @@ def demo_settings(
         for name in names
     ]
     tiny, small, base = names
-    data: dict[str, Any] = {
-        "models": models,
-        "modes": {
-            "fast": {"max_tokens": 64, "temperature": 0.2, "top_p": 0.9, "prefer": [tiny, small]},
-            "balanced": {
-                "max_tokens": 128,
-                "temperature": 0.7,
-                "top_p": 0.95,
-                "prefer": [small, base],
-            },
-            "creative": {
-                "max_tokens": 256,
-                "temperature": 1.0,
-                "top_p": 1.0,
-                "prefer": [base, small],
-            },
-        },
+    modes = {
+        "fast": {"prefer": [tiny, small]},
+        "balanced": {"prefer": [small, base]},
+        "creative": {"prefer": [base, small]},
     }
-    return Settings.from_mapping(data, environ=environ)
+    return Settings.from_mapping({"models": models, "modes": modes}, environ=environ)
+
+
+def real_settings(
+    paths: Mapping[str, Path],
+    *,
+    environ: Mapping[str, str] | None = None,
+    require_files: bool = True,
+) -> Settings:
+    """The default ensemble of real models (``paths`` from :func:`ensure_real_models`).
+
+    The instruct model serves ``fast`` and ``balanced``; the base model continues text and
+    comes first for ``creative``. ``require_files=False`` validates the rest (flags and
+    ``ENSEMBLE_OPS_*`` overrides) before the files exist.
+    """
+    models = [
+        {
+            "name": model.name,
+            "path": str(paths[model.name]),
+            "n_ctx": model.n_ctx,
+            "description": f"{model.description}; licence: {model.licence}",
+            "optional": not require_files,
+        }
+        for model in REAL_MEMBERS
+    ]
+    instruct, base = SMOLLM2_135M.name, GEMMA3_270M.name
+    modes = {
+        "fast": {"prefer": [instruct, base]},
+        "balanced": {"prefer": [instruct, base]},
+        "creative": {"prefer": [base, instruct]},
+    }
+    return Settings.from_mapping({"models": models, "modes": modes}, environ=environ)
+
+
+def default_settings(*, environ: Mapping[str, str] | None = None) -> tuple[Settings, str | None]:
+    """The zero-config ensemble: the real models, or the demo ones when they cannot be had.
+
+    Returns the settings and, when it fell back to the demo models, why.
+    """
+    directory = model_cache_dir()
+    # A bad flag or override fails now, not after a download of hundreds of megabytes.
+    real_settings(
+        {m.name: directory / m.filename for m in REAL_MEMBERS},
+        environ=environ,
+        require_files=False,
+    )
+    try:
+        paths = ensure_real_models(directory)
+    except ModelFetchError as err:
+        return demo_settings(environ=environ), str(err)
+    return real_settings(paths, environ=environ), None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
         "serve", help="serve the ensemble (the demo ensemble when no --config is given)"
     )
     serve.add_argument("--config", type=Path, help="TOML config file")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="serve the generated demo models (no download) instead of the real ones",
+    )
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", help="port (default 8000)")
     serve.add_argument("--log-format", choices=["json", "console"], help="default json")
@@ -86,10 +141,17 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo-models", help="write the demo GGUF models into DIR")
     demo.add_argument("directory", type=Path)
+
+    models = commands.add_parser(
+        "models", help="list the real models of the default ensemble and what is cached"
+    )
+    models.add_argument(
+        "--fetch", action="store_true", help="download (pip) and verify those not cached yet"
+    )
     return parser
 
 
-def _load_settings(args: argparse.Namespace) -> Settings:
+def _load_settings(args: argparse.Namespace) -> tuple[Settings, str | None]:
     # Command-line flags are the strongest overrides: they travel the same validated path
     # as ENSEMBLE_OPS_* variables, so a bad --port fails like a bad config value.
     environ = dict(os.environ)
@@ -102,8 +164,32 @@ def _load_settings(args: argparse.Namespace) -> Settings:
     }
     environ |= {f"{ENV_PREFIX}{key}": str(value) for key, value in flags.items() if value}
     if args.config:
-        return Settings.from_toml(args.config, environ=environ)
-    return demo_settings(environ=environ)
+        return Settings.from_toml(args.config, environ=environ), None
+    if args.demo:
+        return demo_settings(environ=environ), None
+    return default_settings(environ=environ)
+
+
+def _list_models(fetch: bool, out: TextIO) -> int:
+    """Print the real members: cached or not, size, licence and provenance."""
+    failed = False
+    for model in REAL_MEMBERS:
+        path = cached_path(model)
+        if path is None and fetch:
+            print(f"fetching {model.name} ({model.size_bytes / 1e6:.0f} MB) ...", file=out)
+            try:
+                path = real_models.fetch(model)
+            except ModelFetchError as err:
+                print(f"  failed: {err}", file=out)
+                failed = True
+        status = str(path) if path is not None else "not cached (ensemble-ops models --fetch)"
+        print(
+            f"{model.name}\n  {model.description}\n  size:    {model.size_bytes / 1e6:.1f} MB"
+            f"\n  licence: {model.licence}\n  source:  {model.source}"
+            f"\n  sha256:  {model.sha256}\n  file:    {status}",
+            file=out,
+        )
+    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,16 +205,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = write_model(member, args.directory / member.filename)
             print(path)
         return 0
+    if args.command == "models":
+        return _list_models(args.fetch, sys.stdout)
+    import structlog
+
     from .logs import configure_logging
     from .server import serve
 
     try:
-        settings = _load_settings(args)
+        settings, fallback = _load_settings(args)
     except ConfigError as err:
         print(f"ensemble-ops: config error: {err}", file=sys.stderr)
         return 2
     log = settings.logging
     configure_logging(log.format, log.level, log.file)
+    if fallback is not None:
+        structlog.get_logger("ensemble_ops.cli").warning(
+            "ensemble.demo_fallback",
+            reason=fallback,
+            message="the real models could not be had; serving the generated demo models",
+        )
     return asyncio.run(serve(settings, args.config))
 
 

@@ -236,8 +236,10 @@ class Settings(_Section):
                     entry["path"] = base / Path(entry["path"]).expanduser()
         modes = merged.get("modes")
         if isinstance(modes, dict):
-            # A config that tunes one mode keeps the defaults of the others.
-            merged["modes"] = {**_DEFAULT_MODES, **modes}
+            # A config that tunes one key of one mode keeps every other default.
+            merged["modes"] = {
+                name: _merge_mode(name, modes.get(name)) for name in {**_DEFAULT_MODES, **modes}
+            }
         try:
             return cls.model_validate(merged)
         except ValidationError as err:
@@ -253,6 +255,16 @@ class Settings(_Section):
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: invalid TOML: {err}") from err
         return cls.from_mapping(data, base_dir=path.resolve().parent, environ=environ)
+
+
+def _merge_mode(name: str, override: Any) -> Any:
+    """A mode's preset with ``override``'s keys on top (unknown names are left to fail)."""
+    default = next((spec for mode, spec in _DEFAULT_MODES.items() if mode == name), None)
+    if default is None or override is None:
+        return override if default is None else default
+    if not isinstance(override, dict):
+        return override
+    return {**default.model_dump(), **override}
 
 
 def _to_plain(value: Any) -> Any:

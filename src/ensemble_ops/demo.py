@@ -77,6 +77,8 @@ class DemoModel:
     seed: int
     printable: bool = True
     byte_tokens: bool = True
+    chat_template: str | None = None
+    """None: the demo template (role-prefixed lines); "" writes a file without a template."""
 
     @property
     def filename(self) -> str:
@@ -171,7 +173,9 @@ def write_model(model: DemoModel, path: Path) -> Path:
         writer.add_bos_token_id(1)
         writer.add_eos_token_id(2)
         writer.add_add_bos_token(True)
-        writer.add_chat_template(_CHAT_TEMPLATE)
+        template = _CHAT_TEMPLATE if model.chat_template is None else model.chat_template
+        if template:
+            writer.add_chat_template(template)
         for name, tensor in _tensors(model, types).items():
             writer.add_tensor(name, tensor)
         writer.write_header_to_file()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
-from .errors import EngineError
+from .errors import EngineError, InvalidRequestError
 from .gguf_file import inspect_gguf
 from .llama_log import route_llama_logs
 
@@ -27,6 +27,7 @@ __all__ = [
     "GenerationParams",
     "LlamaEngine",
     "OnText",
+    "plain_transcript",
 ]
 
 OnText: TypeAlias = Callable[[str], None]
@@ -128,7 +129,28 @@ class _TokenBudget:
         return self.exhausted
 
 
-_FALLBACK_TEMPLATE_STOP = ("\nuser:", "\nsystem:")
+PLAIN_TRANSCRIPT_STOP = ("\nuser:", "\nsystem:")
+"""Where a model without a chat template stops: when it starts writing the next turn."""
+
+
+def plain_transcript(messages: Sequence[ChatMessage]) -> str:
+    """The chat format of a model whose GGUF has no template: one ``role: content`` line per
+    message, then ``assistant:`` for the model to continue. A base model continues such a
+    transcript naturally, and nothing model-specific is assumed."""
+    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+
+
+def _fold_system_messages(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """System messages moved into the first user turn, for templates without a system role."""
+    system = [m.content for m in messages if m.role == "system"]
+    rest = [m for m in messages if m.role != "system"]
+    if not system:
+        return list(messages)
+    for i, message in enumerate(rest):
+        if message.role == "user":
+            rest[i] = ChatMessage("user", "\n\n".join([*system, message.content]))
+            return rest
+    return [ChatMessage("user", "\n\n".join(system)), *rest]
 
 
 class LlamaEngine:
@@ -139,6 +161,7 @@ class LlamaEngine:
         self._llm = llm
         self._info = info
         self._chat_template = chat_template
+        self._formatter: Any = None
 
     @classmethod
     def load(cls, spec: ModelSpec) -> LlamaEngine:
@@ -203,20 +226,40 @@ class LlamaEngine:
         return tokens
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
-        plain: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
-        if self._chat_template is None:
-            # No template in the file: a neutral role-prefixed transcript.
-            text = "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
-            return ChatPrompt(self.tokenize(text), _FALLBACK_TEMPLATE_STOP)
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        """Render ``messages`` with the model's own template, adding nothing of ours.
 
+        A model without a template gets the plain transcript (``plain_transcript``). A
+        template that refuses system messages (Gemma's, Mistral's) gets them folded into the
+        first user turn; a conversation the template still refuses is the client's to fix.
+        """
+        template = self._chat_template
+        if template is None:
+            return ChatPrompt(self.tokenize(plain_transcript(messages)), PLAIN_TRANSCRIPT_STOP)
+        try:
+            return self._render_template(template, messages)
+        except Exception as err:  # jinja2's errors, or the template's own raise_exception
+            folded = _fold_system_messages(messages)
+            if folded != list(messages):
+                with contextlib.suppress(Exception):
+                    return self._render_template(template, folded)
+            raise InvalidRequestError(
+                f"The chat template of model {self._name!r} refuses these messages: {err}",
+                param="messages",
+            ) from err
+
+    def _render_template(self, template: str, messages: Sequence[ChatMessage]) -> ChatPrompt:
         llm = self._llm
-        formatter = Jinja2ChatFormatter(
-            template=self._chat_template,
-            eos_token=llm.detokenize([llm.token_eos()]).decode("utf-8", errors="ignore"),
-            bos_token=llm.detokenize([llm.token_bos()]).decode("utf-8", errors="ignore"),
+        if self._formatter is None:  # compiled once: Jinja parsing costs more than rendering
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            self._formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=llm.detokenize([llm.token_eos()]).decode("utf-8", errors="ignore"),
+                bos_token=llm.detokenize([llm.token_bos()]).decode("utf-8", errors="ignore"),
+            )
+        rendered = self._formatter(
+            messages=[{"role": m.role, "content": m.content} for m in messages]
         )
-        rendered = formatter(messages=plain)
         tokens: list[int] = llm.tokenize(
             rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
         )

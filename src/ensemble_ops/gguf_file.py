@@ -1,7 +1,7 @@
 """Checks on a GGUF file before llama.cpp sees it.
 
-llama.cpp trusts its input: a file with a bad header fails to load (fine), but an SPM or BPE
-vocabulary without byte tokens loads and then *aborts the process* (an uncaught C++
+llama.cpp trusts its input: a file with a bad header fails to load (fine), but a SentencePiece
+(SPM) vocabulary without byte tokens loads and then *aborts the process* (an uncaught C++
 ``std::out_of_range`` in ``llama_vocab::byte_to_token``) on the first prompt that holds a
 character outside the vocabulary. One user's bad file must not kill every member, so such a
 file is refused here, from its metadata, before it is loaded.
@@ -33,26 +33,17 @@ class GGUFInfo:
     size_bytes: int
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-to-character table, which byte-level BPE vocabularies are written in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def _missing_byte_tokens(tokenizer_model: str, tokens: list[str]) -> int:
-    """How many of the 256 bytes llama.cpp could not map to a token (0 = safe)."""
+    """How many of the 256 bytes an SPM vocabulary could not fall back to (0 = safe).
+
+    Only the SentencePiece tokenizer ("llama") calls ``byte_to_token``, when a character is
+    not in the vocabulary (its byte fallback). Byte-level BPE ("gpt2") skips bytes it has no
+    token for, and the others never look bytes up, so they are safe whatever they hold.
+    """
+    if tokenizer_model != "llama":
+        return 0
     vocab = set(tokens)
-    if tokenizer_model == "llama":  # SentencePiece: <0xNN> tokens, or the raw byte as text
-        return sum(1 for b in range(256) if f"<0x{b:02X}>" not in vocab and chr(b) not in vocab)
-    if tokenizer_model == "gpt2":  # byte-level BPE
-        return sum(1 for char in _bytes_to_unicode().values() if char not in vocab)
-    return 0  # other tokenizers do not go through byte_to_token's unchecked lookup
+    return sum(1 for b in range(256) if f"<0x{b:02X}>" not in vocab and chr(b) not in vocab)
 
 
 def inspect_gguf(path: Path) -> GGUFInfo:
@@ -85,7 +76,7 @@ def inspect_gguf(path: Path) -> GGUFInfo:
     if missing:
         raise InvalidModelFileError(
             path,
-            f"the {tokenizer_model!r} vocabulary lacks {missing} of the 256 byte tokens; "
+            f"the SentencePiece vocabulary lacks {missing} of the 256 byte tokens (<0xNN>); "
             "llama.cpp would abort the process on text outside the vocabulary",
         )
     context_length = field(f"{architecture}.context_length")

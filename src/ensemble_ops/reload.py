@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import gc
 import time
@@ -38,7 +39,7 @@ import structlog
 from transitions.extensions.asyncio import AsyncMachine
 
 from .config import ModelSpec, ReloadSettings, Settings
-from .engine import Completion, Engine, GenerationParams
+from .engine import ChatMessage, Completion, Engine, GenerationParams
 from .errors import EnsembleOpsError, InvalidModelFileError, InvalidRequestError
 from .events import (
     DrainTimedOut,
@@ -567,12 +568,17 @@ class ReloadManager:
 
     def _default_warmup(self, spec: ModelSpec) -> WarmupFunc:
         prompt = spec.warmup_prompt or self.settings.warmup_prompt
+        # Temperature 0: a copy either answers or it does not, never by chance (an instruct
+        # model may end a sampled reply at once, which would fail a good copy now and then).
         params = GenerationParams(
-            max_tokens=self.settings.warmup_max_tokens, temperature=0.7, top_p=0.95
+            max_tokens=self.settings.warmup_max_tokens, temperature=0.0, top_p=1.0
         )
 
         def warm(engine: Engine) -> Completion:
-            return engine.complete(engine.tokenize(prompt), params)
+            # Through the chat template, as users reach it: an instruct model given the bare
+            # text may rightly answer with end-of-sequence only.
+            chat = engine.render_chat([ChatMessage("user", prompt)])
+            return engine.complete(chat.tokens, dataclasses.replace(params, stop=chat.stop))
 
         return warm
 

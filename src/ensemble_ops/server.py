@@ -44,7 +44,10 @@ def _hypercorn_config(settings: Settings) -> Config:
 async def _reread_config(config_path: Path | None, reload: ReloadManager) -> None:
     """SIGHUP: re-read the config and reload the members whose spec changed."""
     if config_path is None:
-        _log.warning("config.reread_skipped", reason="serving the demo ensemble: no config file")
+        _log.warning(
+            "config.reread_skipped",
+            reason="no config file: the built-in ensemble has nothing to re-read",
+        )
         return
     try:
         new = Settings.from_toml(config_path)
