@@ -17,11 +17,12 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (lint and format) and mypy --strict over src, tests and benchmarks."""
+    """ruff (lint and format), mypy --strict, and the import-linter contracts (pyproject)."""
     session.install("-e", ".[test,lint,bench]")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")
+    session.run("lint-imports")
 
 
 @nox.session

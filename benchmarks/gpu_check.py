@@ -54,7 +54,7 @@ import httpx
 import psutil
 
 from benchmarks.serving import N_CTX, PROMPTS, _stop, start_server
-from ensemble_ops.demo import DemoModel, _vocabulary, ensure_demo_models, write_model
+from ensemble_ops.serving.demo import DemoModel, _vocabulary, ensure_demo_models, write_model
 
 RESULTS = Path(__file__).parent / "results" / "gpu_check.json"
 MEMBER = "gpu-large"

@@ -23,9 +23,9 @@ from pathlib import Path
 import httpx
 
 from benchmarks.serving import _percentile, _stop, http_throughput, start_server
-from ensemble_ops.demo import ensure_demo_models
 from ensemble_ops.events import EventBus, InferenceFinished
-from ensemble_ops.metrics import Metrics
+from ensemble_ops.observability.metrics import Metrics
+from ensemble_ops.serving.demo import ensure_demo_models
 
 RESULTS = Path(__file__).parent / "results" / "metrics.json"
 MEMBERS = ["demo-tiny", "demo-small", "demo-base"]

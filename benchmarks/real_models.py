@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from ensemble_ops.real_models import REAL_MEMBERS, RealModel, ensure_real_models
+from ensemble_ops.serving.real_models import REAL_MEMBERS, RealModel, ensure_real_models
 
 from .serving import N_CTX, _free_port, _stop, _wait_until_up, start_peer, start_server
 

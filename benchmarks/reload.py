@@ -28,7 +28,7 @@ import httpx
 import psutil
 
 from benchmarks.serving import _percentile, _stop, start_server
-from ensemble_ops.demo import ensure_demo_models
+from ensemble_ops.serving.demo import ensure_demo_models
 
 RESULTS = Path(__file__).parent / "results" / "reload.json"
 MEMBER = "demo-base"

@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from ensemble_ops.demo import DEMO_MEMBERS, ensure_demo_models
+from ensemble_ops.serving.demo import DEMO_MEMBERS, ensure_demo_models
 
 RESULTS = Path(__file__).parent / "results" / "serving.json"
 PROMPTS = [f"Request number {i} asks the ensemble about the weather" for i in range(64)]

@@ -13,11 +13,12 @@ import pytest
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
-from ensemble_ops.app import create_app
-from ensemble_ops.cli import demo_settings
 from ensemble_ops.config import Settings
-from ensemble_ops.demo import DemoModel, ensure_demo_models, write_model
-from ensemble_ops.engine import (
+from ensemble_ops.errors import EngineError
+from ensemble_ops.http.app import create_app
+from ensemble_ops.serving.builtin import demo_settings
+from ensemble_ops.serving.demo import DemoModel, ensure_demo_models, write_model
+from ensemble_ops.serving.engine import (
     ChatMessage,
     ChatPrompt,
     Completion,
@@ -26,9 +27,8 @@ from ensemble_ops.engine import (
     LlamaEngine,
     OnText,
 )
-from ensemble_ops.ensemble import Ensemble
-from ensemble_ops.errors import EngineError
-from ensemble_ops.real_models import ensure_real_models
+from ensemble_ops.serving.ensemble import Ensemble
+from ensemble_ops.serving.real_models import ensure_real_models
 
 BYTE_SAMPLER = DemoModel(
     "byte-sampler", n_embd=64, n_layer=2, n_ff=192, n_head=4, seed=11, printable=False
@@ -130,6 +130,7 @@ class FlakyEngine:
         self.real = real
         self.failing = failing
         self.calls = 0
+        self.closed = False
 
     @property
     def info(self) -> EngineInfo:
@@ -150,4 +151,5 @@ class FlakyEngine:
         return self.real.complete(tokens, params, on_text)
 
     def close(self) -> None:
+        self.closed = True
         self.real.close()

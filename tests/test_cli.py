@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from ensemble_ops import __version__
-from ensemble_ops.real_models import REAL_MEMBERS
+from ensemble_ops.serving.real_models import REAL_MEMBERS
 
 from .processes import launch
 

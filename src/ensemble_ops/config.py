@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from ensemble_ops.errors import ConfigError
 
 __all__ = [
     "CacheSettings",

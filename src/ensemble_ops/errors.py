@@ -1,8 +1,15 @@
-"""Errors of the core. Each builds its message in ``__init__``; HTTP codes live in the app."""
+"""Errors of the core, each carrying how it is reported: one table for HTTP and metrics.
+
+Each class builds its message in ``__init__`` and declares its HTTP ``status``, its OpenAI
+error ``error_type``, its ``code`` (also the ``error_type`` label of ``llm_errors_total``
+and of the events), the ``param`` it concerns and, for 503s, ``retry_after_s``. The HTTP
+layer renders them in one place and adds nothing of its own.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 __all__ = [
     "ConfigError",
@@ -15,19 +22,33 @@ __all__ = [
     "ModelUnavailableError",
     "NoMemberAvailableError",
     "OverloadedError",
+    "ReloadConflictError",
+    "error_code",
 ]
 
 
 class EnsembleOpsError(Exception):
     """Base of every error this package raises on purpose."""
 
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    code: ClassVar[str] = "internal_error"
+    retry_after_s: ClassVar[int | None] = None
+    param: str | None = None
+
 
 class ConfigError(EnsembleOpsError):
     """The configuration is invalid; the message is one line naming the key."""
 
+    code = "config_error"
+
 
 class InvalidRequestError(EnsembleOpsError):
     """A request body or parameter is malformed or out of range."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_value"
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         self.param = param
@@ -36,6 +57,8 @@ class InvalidRequestError(EnsembleOpsError):
 
 class ContextLengthExceededError(InvalidRequestError):
     """The prompt plus ``max_tokens`` does not fit the member's context window."""
+
+    code = "context_length_exceeded"
 
     def __init__(self, model: str, prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
         self.model = model
@@ -50,6 +73,11 @@ class ContextLengthExceededError(InvalidRequestError):
 class ModelNotFoundError(EnsembleOpsError):
     """No member has this name."""
 
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+    param = "model"
+
     def __init__(self, name: str, known: list[str]) -> None:
         self.name = name
         choices = ", ".join(["ensemble", *known])
@@ -59,6 +87,9 @@ class ModelNotFoundError(EnsembleOpsError):
 class ModelUnavailableError(EnsembleOpsError):
     """The member exists but cannot serve now (loading, failed to load, shutting down)."""
 
+    status = 503
+    error_type = "service_unavailable_error"
+    code = "model_unavailable"
     retry_after_s = 5
 
     def __init__(self, name: str, reason: str) -> None:
@@ -70,6 +101,9 @@ class ModelUnavailableError(EnsembleOpsError):
 class OverloadedError(EnsembleOpsError):
     """The member's queue is full; the client should retry later."""
 
+    status = 503
+    error_type = "service_unavailable_error"
+    code = "overloaded"
     retry_after_s = 1
 
     def __init__(self, name: str, queue_size: int) -> None:
@@ -83,6 +117,9 @@ class OverloadedError(EnsembleOpsError):
 class NoMemberAvailableError(EnsembleOpsError):
     """Routing found no member that could serve: each was busy, loading or failed."""
 
+    status = 503
+    error_type = "service_unavailable_error"
+    code = "no_member_available"
     retry_after_s = 1
 
     def __init__(self, reasons: dict[str, str]) -> None:
@@ -94,6 +131,8 @@ class NoMemberAvailableError(EnsembleOpsError):
 class EngineError(EnsembleOpsError):
     """The inference engine failed while generating."""
 
+    code = "engine_error"
+
     def __init__(self, model: str, message: str) -> None:
         self.model = model
         super().__init__(f"Inference failed on model {model!r}: {message}")
@@ -102,7 +141,29 @@ class EngineError(EnsembleOpsError):
 class InvalidModelFileError(EnsembleOpsError):
     """A GGUF file is missing, unreadable, or one llama.cpp cannot safely run."""
 
+    code = "invalid_model_file"
+
     def __init__(self, path: Path, reason: str) -> None:
         self.path = path
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+class ReloadConflictError(EnsembleOpsError):
+    """A reload of this member is already running; one at a time (HTTP 409)."""
+
+    status = 409
+    error_type = "conflict_error"
+    code = "reload_in_progress"
+    retry_after_s = 5
+
+    def __init__(self, model: str, state: str, progress_percent: float) -> None:
+        self.model = model
+        super().__init__(
+            f"A reload of {model!r} is already running ({state}, {progress_percent:.0f}%)."
+        )
+
+
+def error_code(err: BaseException) -> str:
+    """The ``error_type`` label of any failure: the error's code, or ``internal_error``."""
+    return err.code if isinstance(err, EnsembleOpsError) else EnsembleOpsError.code

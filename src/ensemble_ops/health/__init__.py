@@ -1,0 +1,1 @@
+"""Health: tri-state member health from events, probes, readiness and liveness."""

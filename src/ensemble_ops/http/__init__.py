@@ -1,0 +1,1 @@
+"""HTTP: the Starlette app (composition root), server, middleware, errors and routes."""

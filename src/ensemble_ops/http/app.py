@@ -1,0 +1,122 @@
+"""The composition root: builds the ensemble, the views and the Starlette app."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import structlog
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from ensemble_ops.config import Settings
+from ensemble_ops.events import EventBus
+from ensemble_ops.health.checker import HealthChecker
+from ensemble_ops.health.probe import Prober
+from ensemble_ops.health.resources import ProcessResources
+from ensemble_ops.health.view import HealthView
+from ensemble_ops.health.watchdog import Watchdog
+from ensemble_ops.http.errors import EXCEPTION_HANDLERS
+from ensemble_ops.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from ensemble_ops.http.openapi import openapi_route
+from ensemble_ops.http.routes import admin as reload_routes
+from ensemble_ops.http.routes import health as health_routes
+from ensemble_ops.http.routes import metrics as metrics_routes
+from ensemble_ops.http.routes import openai as api
+from ensemble_ops.observability.log_view import subscribe_log
+from ensemble_ops.observability.metrics import Metrics
+from ensemble_ops.reload.manager import ReloadManager
+from ensemble_ops.serving.engine import LlamaEngine
+from ensemble_ops.serving.ensemble import EngineLoader, Ensemble
+from ensemble_ops.serving.gpu import GpuMonitor
+from ensemble_ops.tasks import TaskRunner
+
+__all__ = ["create_app"]
+
+_log = structlog.get_logger("ensemble_ops.app")
+
+
+def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -> Starlette:
+    """Build the app. Models load in the background once the lifespan starts, so the
+    server answers (readiness 503) while they load; ``loader`` is the engine factory."""
+    bus = EventBus()
+    runner = TaskRunner()
+    subscribe_log(bus)
+    members = [spec.name for spec in settings.models]
+    view = HealthView(bus, settings.health, members)
+    ensemble = Ensemble(settings, bus, loader, runner, can_serve=view.can_serve)
+    metrics = Metrics(
+        enabled=settings.metrics.enabled, members=members, default_mode=settings.default_mode
+    )
+    metrics.subscribe(bus)
+    metrics.on_collect(lambda m: _collect_slots(m, ensemble))
+    watchdog = Watchdog(settings.health, ensemble.instances, bus)
+    gpu = GpuMonitor()
+    health = HealthChecker(
+        ensemble.slots,
+        view,
+        Prober(bus, settings.health, runner, lambda name: view.record(name).last_inference_s),
+        ProcessResources(gpu),
+        liveness=watchdog.verdict,
+        loading=lambda: not ensemble.loading_done.is_set(),
+    )
+    model_dir = settings.reload.model_dir
+    reload = ReloadManager(
+        bus,
+        ensemble.slots,
+        settings.reload,
+        runner,
+        loader=loader,
+        gpu=gpu,
+        load_limiter=ensemble.load_limiter,
+        allowed_dirs=[model_dir] if model_dir is not None else None,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        _log.info("ensemble.starting", models=members, default_mode=settings.default_mode)
+        metrics.bind_loop(asyncio.get_running_loop())
+        runner.spawn(watchdog.run)
+        runner.spawn(ensemble.load_all)
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await ensemble.close(settings.server.shutdown_timeout_s)
+                await runner.aclose()
+            gpu.close()
+        _log.info("ensemble.stopped")
+
+    app = Starlette(
+        routes=[
+            openapi_route(members=list(ensemble.slots)),
+            *api.routes,
+            *health_routes.routes,
+            *reload_routes.routes,
+            *(metrics_routes.routes if settings.metrics.enabled else []),
+        ],
+        middleware=[
+            Middleware(RequestContextMiddleware),
+            Middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes),
+        ],
+        exception_handlers=dict(EXCEPTION_HANDLERS),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.ensemble = ensemble
+    app.state.bus = bus
+    app.state.health = health
+    app.state.watchdog = watchdog
+    app.state.reload = reload
+    app.state.metrics = metrics
+    return app
+
+
+def _collect_slots(metrics: Metrics, ensemble: Ensemble) -> None:
+    """Gauges read from the members at scrape time: requests holding each, and waiting."""
+    for name, slot in ensemble.slots.items():
+        in_flight = slot.active.in_flight if slot.active is not None else 0
+        metrics.active.set({"model": name}, in_flight)
+        metrics.queue_depth.set({"model": name}, max(in_flight - 1, 0))

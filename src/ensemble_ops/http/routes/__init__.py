@@ -1,0 +1,1 @@
+"""The routes, one module per surface: OpenAI API, health, admin, metrics."""

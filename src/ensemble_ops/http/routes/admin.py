@@ -1,0 +1,140 @@
+"""Admin and reload routes.
+
+``POST /admin/models/{model}/reload`` and ``GET /admin/models`` need the admin token as a
+bearer token when one is configured; without one they answer loopback clients only.
+``GET /health/llm/reload/{model}`` is read-only and open like the other health routes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ensemble_ops.config import Settings
+from ensemble_ops.errors import ModelNotFoundError
+from ensemble_ops.http.openapi import Answer, ApiRoute, errors
+from ensemble_ops.http.protocol import Member, MemberList, ReloadBody, dump_reload_status
+from ensemble_ops.http.routes.openai import read_json
+from ensemble_ops.reload.manager import ReloadManager
+from ensemble_ops.reload.status import ReloadStatus
+
+__all__ = ["routes"]
+
+
+def _manager(request: Request) -> ReloadManager:
+    manager: ReloadManager = request.app.state.reload
+    return manager
+
+
+def require_admin(request: Request) -> None:
+    """Bearer token when configured (compared in constant time), else loopback only."""
+    settings: Settings = request.app.state.settings
+    token = settings.server.admin_token
+    if token is not None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.get_secret_value().encode()
+        ):
+            raise HTTPException(
+                401,
+                "A valid admin token is required (Authorization: Bearer <token>).",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return
+    host = request.client.host if request.client else ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise HTTPException(
+            403,
+            "Admin routes answer loopback clients only when no admin token is set "
+            "(set server.admin_token to allow remote admins).",
+        )
+
+
+def _known(manager: ReloadManager, model: str) -> None:
+    if model not in manager.slots:
+        raise ModelNotFoundError(model, list(manager.slots))
+
+
+async def start_reload(request: Request) -> Response:
+    require_admin(request)
+    manager = _manager(request)
+    model = request.path_params["model"]
+    _known(manager, model)
+    options = ReloadBody.parse(await read_json(request, empty={}))
+    status = manager.start_reload(
+        model, warmup_iterations=options.warmup_iterations, path=options.path
+    )
+    return JSONResponse(
+        dump_reload_status(status),
+        status_code=202,
+        headers={"Location": f"/health/llm/reload/{model}"},
+    )
+
+
+async def reload_status(request: Request) -> Response:
+    manager = _manager(request)
+    model = request.path_params["model"]
+    _known(manager, model)
+    return JSONResponse(dump_reload_status(manager.get_reload_status(model)))
+
+
+async def list_members(request: Request) -> Response:
+    require_admin(request)
+    manager = _manager(request)
+    members = []
+    for name, slot in manager.slots.items():
+        active = slot.active
+        members.append(
+            Member(
+                name=name,
+                state=slot.state,
+                path=str(slot.spec.path),
+                n_ctx=slot.spec.n_ctx,
+                n_gpu_layers=slot.spec.n_gpu_layers,
+                reload_strategy=slot.spec.reload_strategy,
+                generation=active.generation if active is not None else None,
+                in_flight=active.in_flight if active is not None else 0,
+                reload=manager.get_reload_status(name),
+            )
+        )
+    return JSONResponse(MemberList(models=members).model_dump(mode="json"))
+
+
+routes = [
+    ApiRoute(
+        "/admin/models/{model}/reload",
+        start_reload,
+        method="POST",
+        summary="Reload a member without downtime",
+        body=ReloadBody,
+        body_required=False,
+        admin=True,
+        responses={
+            202: Answer("Started; poll Location.", ReloadStatus),
+            **errors(400, 401, 403, 404, 409, 413),
+        },
+    ),
+    ApiRoute(
+        "/admin/models",
+        list_members,
+        method="GET",
+        summary="Members, files and reload states",
+        admin=True,
+        responses={200: Answer("The members.", MemberList), **errors(401, 403)},
+    ),
+    ApiRoute(
+        "/health/llm/reload/{model}",
+        reload_status,
+        method="GET",
+        summary="A member's reload status",
+        responses={200: Answer("The status.", ReloadStatus), **errors(404)},
+    ),
+]

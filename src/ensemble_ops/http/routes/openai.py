@@ -1,0 +1,228 @@
+"""OpenAI-compatible routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``.
+
+Handlers validate, hand a core request to the ensemble and shape the answer; errors are
+raised and rendered in ``http/errors.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ensemble_ops.config import Settings
+from ensemble_ops.errors import InvalidRequestError
+from ensemble_ops.http.middleware import log_fields
+from ensemble_ops.http.openapi import Answer, ApiRoute, errors
+from ensemble_ops.http.protocol import (
+    ChatCompletion,
+    ChatCompletionBody,
+    ChatCompletionChunk,
+    Chunk,
+    Completion,
+    CompletionBody,
+    CompletionChunk,
+    EnsembleMeta,
+    InferenceBody,
+    MemberMeta,
+    ModelCard,
+    ModelList,
+    Reply,
+    StreamError,
+    StreamErrorDetail,
+    Usage,
+    parse_body,
+)
+from ensemble_ops.serving.ensemble import ENSEMBLE, Ensemble, InferenceRequest, InferenceResult
+
+__all__ = ["read_json", "routes"]
+
+
+def _ensemble(request: Request) -> Ensemble:
+    ensemble: Ensemble = request.app.state.ensemble
+    return ensemble
+
+
+async def read_json(request: Request, *, empty: Any = None) -> Any:
+    """The request body as JSON (``empty`` when there is none); 400 when it is not JSON."""
+    raw = await request.body()
+    if empty is not None and not raw.strip():
+        return empty
+    try:
+        return json.loads(raw)
+    except ValueError as err:  # JSONDecodeError, and UnicodeDecodeError for non-UTF-8 bytes
+        raise InvalidRequestError(f"The request body is not valid JSON: {err}") from err
+
+
+def _note(request: Request, inference: InferenceRequest, **fields: Any) -> None:
+    log_fields(request.scope).update(model=inference.model, mode=inference.mode, **fields)
+
+
+def _note_result(request: Request, result: InferenceResult) -> None:
+    log_fields(request.scope).update(
+        member=result.member,
+        cached=result.cached,
+        prompt_tokens=result.completion.prompt_tokens,
+        completion_tokens=result.completion.completion_tokens,
+    )
+
+
+def _inference_route(
+    path: str,
+    summary: str,
+    body: type[InferenceBody],
+    reply: type[Reply[Any]],
+    chunk: type[Chunk[Any]],
+) -> ApiRoute:
+    """An inference route: ``body`` in, ``reply`` out, or ``chunk`` events with ``stream``."""
+
+    async def answer(request: Request) -> Response:
+        settings: Settings = request.app.state.settings
+        parsed = parse_body(body, await read_json(request))
+        inference = parsed.to_request(settings)
+        _note(request, inference, stream=parsed.stream)
+        if parsed.stream:
+            return await _stream(request, inference, chunk, parsed.include_usage)
+        result = await _ensemble(request).complete(inference)
+        _note_result(request, result)
+        return JSONResponse(
+            reply.of(result.member, result.completion).model_dump(mode="json"),
+            headers={"X-Ensemble-Member": result.member, "X-Cache": _cache_header(result)},
+        )
+
+    return ApiRoute(
+        path,
+        answer,
+        method="POST",
+        summary=summary,
+        body=body,
+        responses={
+            200: Answer("The answer; server-sent events with stream: true.", reply, chunk),
+            **errors(400, 404, 413, 500, 503),
+        },
+    )
+
+
+def _cache_header(result: InferenceResult) -> str:
+    return "HIT" if result.cached else "MISS"
+
+
+def _event(body: BaseModel) -> str:
+    return f"data: {json.dumps(body.model_dump(mode='json'), ensure_ascii=False)}\n\n"
+
+
+async def _stream(
+    request: Request, inference: InferenceRequest, chunk: type[Chunk[Any]], include_usage: bool
+) -> Response:
+    stream = _ensemble(request).start_stream(inference)
+    try:
+        # Wait for the first piece: an error found before any text is still a real 4xx/5xx.
+        await stream.first()
+    except BaseException:
+        stream.close()
+        raise
+    fields = log_fields(request.scope)
+    fields["member"] = stream.member
+    chunk_id, created = chunk.new_id(), int(time.time())
+
+    def event(choices: list[Any], usage: Usage | None = None) -> str:
+        body = chunk(
+            id=chunk_id, created=created, model=stream.member, choices=choices, usage=usage
+        )
+        return _event(body)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            for opening in chunk.opening():
+                yield event([opening])
+            async for piece in stream.pieces():
+                yield event([chunk.piece(piece)])
+        except Exception as err:  # the engine failed mid-stream: say so in the stream
+            fields["error"] = str(err)
+            yield _event(StreamError(error=StreamErrorDetail(message=str(err))))
+            return
+        finally:
+            stream.close()
+        result = stream.result
+        if result is not None:
+            fields.update(
+                prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens
+            )
+            yield event([chunk.piece(None, result.finish_reason)])
+            if include_usage:
+                yield event([], Usage.of(result))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Ensemble-Member": stream.member},
+        # Runs after the response ends, also when the client went away before the body
+        # started: the generation must be told to stop either way.
+        background=BackgroundTask(stream.close),
+    )
+
+
+def _model_card(request: Request, name: str) -> ModelCard:
+    slot = _ensemble(request).slots[name]
+    active = slot.active
+    loaded: dict[str, Any] = {}
+    if active is not None:
+        info = active.engine.info
+        loaded = {
+            "generation": active.generation,
+            "architecture": info.architecture,
+            "weights_bytes": info.weights_bytes,
+            "gpu_offload": info.gpu_offload,
+        }
+    meta = MemberMeta(
+        state=slot.state,
+        description=slot.spec.description,
+        n_ctx=slot.spec.n_ctx,
+        n_gpu_layers=slot.spec.n_gpu_layers,
+        **loaded,
+    )
+    created = int(active.loaded_at) if active is not None else 0
+    return ModelCard(id=name, created=created, meta=meta)
+
+
+async def list_models(request: Request) -> Response:
+    ensemble = _ensemble(request)
+    routing = ModelCard(
+        id=ENSEMBLE,
+        created=0,
+        meta=EnsembleMeta(
+            description="Routes each request to a member by the request's mode, "
+            "falling back to the next member when one is busy or failing.",
+            members=list(ensemble.slots),
+        ),
+    )
+    cards = [routing, *(_model_card(request, name) for name in ensemble.slots)]
+    return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+
+
+routes = [
+    _inference_route(
+        "/v1/completions", "OpenAI completions", CompletionBody, Completion, CompletionChunk
+    ),
+    _inference_route(
+        "/v1/chat/completions",
+        "OpenAI chat completions",
+        ChatCompletionBody,
+        ChatCompletion,
+        ChatCompletionChunk,
+    ),
+    ApiRoute(
+        "/v1/models",
+        list_models,
+        method="GET",
+        summary="The routing entry and the members",
+        responses={200: Answer("Models.", ModelList)},
+    ),
+]

@@ -1,0 +1,99 @@
+"""Serving the app with hypercorn's programmatic API, with graceful shutdown.
+
+SIGTERM or SIGINT stops accepting connections, lets in-flight requests finish (bounded by
+``server.shutdown_timeout_s``), then the lifespan closes the models and the process exits 0.
+SIGHUP re-reads the config file and reloads the members whose spec changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import structlog
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config
+
+from ensemble_ops.config import Settings
+from ensemble_ops.errors import ConfigError
+from ensemble_ops.http.app import create_app
+from ensemble_ops.reload.manager import ReloadManager
+from ensemble_ops.serving.ensemble import Ensemble
+
+__all__ = ["serve"]
+
+_log = structlog.get_logger("ensemble_ops.server")
+
+
+def _hypercorn_config(settings: Settings) -> Config:
+    server = settings.server
+    config = Config()
+    host = f"[{server.host}]" if ":" in server.host else server.host
+    config.bind = [f"{host}:{server.port}"]
+    # Logger objects, not "-": hypercorn's lines then go through the structlog formatter.
+    config.accesslog = logging.getLogger("hypercorn.access") if server.access_log else None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = server.shutdown_timeout_s
+    # Loading happens after start-up (readiness says when), so start-up itself is quick.
+    config.startup_timeout = 60.0
+    return config
+
+
+async def _reread_config(config_path: Path | None, reload: ReloadManager) -> None:
+    """SIGHUP: re-read the config and reload the members whose spec changed."""
+    if config_path is None:
+        _log.warning(
+            "config.reread_skipped",
+            reason="no config file: the built-in ensemble has nothing to re-read",
+        )
+        return
+    try:
+        new = Settings.from_toml(config_path)
+    except ConfigError as err:  # a bad edit changes nothing
+        _log.error("config.reread_failed", path=str(config_path), error=str(err))
+        return
+    outcome = reload.apply_settings(new)
+    _log.info("config.reread", path=str(config_path), members=outcome)
+
+
+async def serve(settings: Settings, config_path: Path | None = None) -> int:
+    """Run until SIGTERM/SIGINT; return the process exit status. SIGHUP re-reads
+    ``config_path`` and reloads the members whose spec changed."""
+    app = create_app(settings)
+    ensemble: Ensemble = app.state.ensemble
+    stop = asyncio.Event()
+    exit_code = 0
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    rereads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:  # a signal handler is no task: start one for the async work
+        task = loop.create_task(_reread_config(config_path, app.state.reload))
+        rereads.add(task)
+        task.add_done_callback(rereads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+
+    async def stop_when_nothing_loads() -> None:
+        nonlocal exit_code
+        await ensemble.loading_done.wait()
+        if not any(slot.active for slot in ensemble.slots.values()):
+            _log.error(
+                "ensemble.no_model_loaded",
+                reasons={name: slot.error for name, slot in ensemble.slots.items()},
+            )
+            exit_code = 1
+            stop.set()
+
+    watcher = asyncio.create_task(stop_when_nothing_loads())
+    try:
+        await hypercorn_serve(app, _hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    finally:
+        watcher.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+    _log.info("server.stopped", exit_code=exit_code)
+    return exit_code

@@ -1,0 +1,1 @@
+"""Observability: metrics and logs, both views of the event stream."""

@@ -1,0 +1,109 @@
+"""The log as a view: turns ensemble events into structured log lines."""
+
+from __future__ import annotations
+
+import structlog
+
+from ensemble_ops.events import (
+    DrainTimedOut,
+    EventBus,
+    HealthChanged,
+    InferenceFailed,
+    InferenceFinished,
+    ModelLoaded,
+    ModelLoadFailed,
+    ModelUnloaded,
+    ReloadStateChanged,
+)
+
+__all__ = ["subscribe_log"]
+
+_log = structlog.get_logger("ensemble_ops.events")
+
+
+def _loaded(event: ModelLoaded) -> None:
+    _log.info(
+        "model.loaded",
+        model=event.model,
+        generation=event.generation,
+        weights_mb=round(event.weights_bytes / 2**20, 1),
+        context_mb=round(event.context_bytes / 2**20, 1),
+        load_s=round(event.load_s, 3),
+    )
+
+
+def _load_failed(event: ModelLoadFailed) -> None:
+    _log.error("model.load_failed", model=event.model, error=event.error)
+
+
+def _unloaded(event: ModelUnloaded) -> None:
+    _log.info("model.unloaded", model=event.model, generation=event.generation)
+
+
+def _finished(event: InferenceFinished) -> None:
+    if event.outcome == "cancelled":
+        _log.info(
+            "inference.cancelled",
+            model=event.model,
+            mode=event.mode,
+            completion_tokens=event.completion_tokens,
+            latency_ms=round(event.latency_s * 1000, 2),
+        )
+        return
+    _log.debug(
+        "inference.finished",
+        model=event.model,
+        mode=event.mode,
+        outcome=event.outcome,
+        cached=event.cached,
+        stream=event.stream,
+        latency_ms=round(event.latency_s * 1000, 2),
+        completion_tokens=event.completion_tokens,
+    )
+
+
+def _failed(event: InferenceFailed) -> None:
+    _log.warning(
+        "inference.failed",
+        model=event.model,
+        mode=event.mode,
+        error_type=event.error_type,
+        error=event.message,
+    )
+
+
+def _health_changed(event: HealthChanged) -> None:
+    log = _log.warning if event.new == "unhealthy" else _log.info
+    log("health.changed", model=event.model, old=event.old, new=event.new, reason=event.reason)
+
+
+def _reload_state(event: ReloadStateChanged) -> None:
+    log = _log.warning if event.to_state == "failed" else _log.info
+    log(
+        "reload.state_changed",
+        model=event.model,
+        **{"from": event.from_state, "to": event.to_state},
+        progress=event.progress_percent,
+        message=event.message,
+        elapsed=round(event.elapsed_s, 3),
+    )
+
+
+def _drain_timeout(event: DrainTimedOut) -> None:
+    _log.warning(
+        "reload.drain_timeout",
+        model=event.model,
+        generation=event.generation,
+        in_flight=event.in_flight,
+    )
+
+
+def subscribe_log(bus: EventBus) -> None:
+    bus.subscribe(ReloadStateChanged, _reload_state)
+    bus.subscribe(DrainTimedOut, _drain_timeout)
+    bus.subscribe(HealthChanged, _health_changed)
+    bus.subscribe(ModelLoaded, _loaded)
+    bus.subscribe(ModelLoadFailed, _load_failed)
+    bus.subscribe(ModelUnloaded, _unloaded)
+    bus.subscribe(InferenceFinished, _finished)
+    bus.subscribe(InferenceFailed, _failed)

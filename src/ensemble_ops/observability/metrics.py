@@ -1,0 +1,436 @@
+"""Prometheus metrics (aioprometheus) as a view of the event stream.
+
+Names, types and labels are a contract: the Grafana dashboard and the alert rules read them.
+Every update happens on the event loop (aioprometheus has no locks): events arrive there,
+and the recording methods for users who call models themselves hop onto the loop when called
+from a worker thread. Each ``Metrics`` has its own ``Registry`` and nothing here is
+process-wide, so several apps in one process never clash (the embedded API's process-wide
+instance lives in ``ensemble_ops.embedded``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, ParamSpec, TypeVar, cast
+
+import psutil
+from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
+from aioprometheus.renderer import render
+
+from ensemble_ops._version import __version__
+from ensemble_ops.events import (
+    CacheLookedUp,
+    DrainTimedOut,
+    EventBus,
+    HealthChanged,
+    InferenceFailed,
+    InferenceFinished,
+    LoopLagMeasured,
+    ModelLoaded,
+    ModelLoadFailed,
+    ModelUnloaded,
+    ReloadFinished,
+    ReloadProgressed,
+    ReloadStateChanged,
+)
+
+__all__ = ["INFERENCE_BUCKETS", "Metrics"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+INFERENCE_BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # +Inf is added by aioprometheus
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+RELOAD_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+RELOAD_STATES = ("idle", "warming_up", "ready", "switching", "completed", "failed")
+HEALTH_STATES = ("healthy", "degraded", "unhealthy", "unknown")
+RPS_WINDOW_S = 60.0
+"""llm_requests_per_second is the count of finished requests in the last minute / 60."""
+
+
+class Metrics:
+    """The service's metrics.
+
+    ``enabled=False`` records nothing: ``subscribe`` subscribes to no event and every
+    recording method (``record_*``, ``observe_inference``, ``update_model_status``, the
+    ``track_*`` helpers) returns without a change; the app then serves no metrics routes.
+    """
+
+    def __init__(
+        self,
+        *,
+        enabled: bool = True,
+        members: list[str] | None = None,
+        default_mode: str = "balanced",
+    ) -> None:
+        self.enabled = enabled
+        self.registry = Registry()
+        self._collect_hooks: list[Callable[[Metrics], None]] = []
+        self._rates: dict[tuple[str, str], deque[float]] = {}
+        self._generations: dict[str, int] = {}
+        self._loop: Any = None
+        self._loop_thread: int | None = None
+        self._process = psutil.Process()
+        r = self.registry
+
+        self.requests = Counter(
+            "llm_requests_total",
+            "Requests answered, by member, mode and outcome (success, error, cancelled).",
+            registry=r,
+        )
+        self.errors = Counter(
+            "llm_errors_total",
+            "Errors by member and type (each failed attempt, fallbacks included).",
+            registry=r,
+        )
+        self.cache_hits = Counter("llm_cache_hits_total", "Response cache hits.", registry=r)
+        self.cache_misses = Counter(
+            "llm_cache_misses_total",
+            "Response cache misses (deterministic requests only).",
+            registry=r,
+        )
+        self.inference = Histogram(
+            "llm_inference_duration_seconds",
+            "Request latency through the engine (queue included, cache hits excluded).",
+            buckets=INFERENCE_BUCKETS,
+            registry=r,
+        )
+        self.loaded = Gauge("llm_model_loaded", "1 while the member is loaded.", registry=r)
+        self.memory = Gauge(
+            "llm_model_memory_bytes",
+            "Member memory by llama.cpp's sizes (weights + KV cache), split into ram and gpu.",
+            registry=r,
+        )
+        self.active = Gauge(
+            "llm_active_requests", "Requests holding the member (running + queued).", registry=r
+        )
+        self.rps = Gauge(
+            "llm_requests_per_second",
+            f"Finished requests per second over the last {RPS_WINDOW_S:g} s.",
+            registry=r,
+        )
+        self.info = Gauge(
+            "llm_ensemble_info", "Constant 1, labelled with the build and the members.", registry=r
+        )
+        self.reloads = Counter("llm_reload_total", "Reloads by outcome.", registry=r)
+        self.reload_duration = Histogram(
+            "llm_reload_duration_seconds",
+            "Reload duration, start to completed or failed.",
+            buckets=RELOAD_BUCKETS,
+            registry=r,
+        )
+        self.reload_state = Gauge(
+            "llm_reload_state", "1 on the member's current reload state.", registry=r
+        )
+        self.reload_progress = Gauge(
+            "llm_reload_progress_percent", "Progress of the member's reload.", registry=r
+        )
+        self.drain_timeouts = Counter(
+            "llm_reload_drain_timeouts_total",
+            "Old copies still busy after reload.drain_timeout_s.",
+            registry=r,
+        )
+        self.health = Gauge(
+            "llm_health_status", "1 on the member's current health status.", registry=r
+        )
+        self.tokens = Counter(
+            "llm_tokens_total", "Tokens processed, by kind (prompt, completion).", registry=r
+        )
+        self.ttft = Histogram(
+            "llm_time_to_first_token_seconds",
+            "Time to the first streamed token.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("llm_queue_depth", "Requests waiting for the member.", registry=r)
+        self.loop_lag = Gauge(
+            "llm_event_loop_lag_seconds", "Latest event-loop lag seen by the watchdog.", registry=r
+        )
+        self.rss = Gauge(
+            "process_resident_memory_bytes", "Resident memory size in bytes.", registry=r
+        )
+        self.vms = Gauge(
+            "process_virtual_memory_bytes", "Virtual memory size in bytes.", registry=r
+        )
+        self.cpu = Counter(
+            "process_cpu_seconds_total",
+            "Total user and system CPU time spent in seconds.",
+            registry=r,
+        )
+        self.fds = Gauge("process_open_fds", "Number of open file descriptors.", registry=r)
+        self.threads = Gauge("process_threads", "Number of OS threads.", registry=r)
+        self.start_time = Gauge(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            registry=r,
+        )
+
+        if enabled:
+            self.info.set(
+                {
+                    "version": __version__,
+                    "models": ",".join(members or []),
+                    "default_mode": default_mode,
+                },
+                1,
+            )
+            for member in members or []:
+                self.loaded.set({"model": member}, 0)
+                _one_hot(self.reload_state, member, "state", "idle", RELOAD_STATES)
+                _one_hot(self.health, member, "status", "unknown", HEALTH_STATES)
+                self.reload_progress.set({"model": member}, 0)
+            self.cache_hits.set({}, 0)
+            self.cache_misses.set({}, 0)
+            self.start_time.set({}, self._process.create_time())
+
+    # -- wiring --------------------------------------------------------------------------------
+
+    def subscribe(self, bus: EventBus) -> None:
+        if not self.enabled:
+            return
+        bus.subscribe(InferenceFinished, self._on_finished)
+        bus.subscribe(InferenceFailed, self._on_failed)
+        bus.subscribe(CacheLookedUp, self._on_cache)
+        bus.subscribe(ModelLoaded, self._on_loaded)
+        bus.subscribe(ModelUnloaded, self._on_unloaded)
+        bus.subscribe(ModelLoadFailed, self._on_load_failed)
+        bus.subscribe(ReloadStateChanged, self._on_reload_state)
+        bus.subscribe(ReloadProgressed, self._on_reload_progress)
+        bus.subscribe(ReloadFinished, self._on_reload_finished)
+        bus.subscribe(DrainTimedOut, self._on_drain_timeout)
+        bus.subscribe(HealthChanged, self._on_health)
+        bus.subscribe(LoopLagMeasured, self._on_lag)
+
+    def bind_loop(self, loop: Any) -> None:
+        """Remember the event loop, so helpers called from other threads hop onto it."""
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
+    def on_collect(self, hook: Callable[[Metrics], None]) -> None:
+        """Run ``hook`` before each render (gauges read from live state: in-flight counts)."""
+        self._collect_hooks.append(hook)
+
+    def _call(self, func: Callable[..., None], *args: Any) -> None:
+        if not self.enabled:
+            return
+        if self._loop is not None and threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(func, *args)
+        else:
+            func(*args)
+
+    # -- helpers (the public recording API) ----------------------------------------------
+
+    def record_request(self, model: str, mode: str, status: str) -> None:
+        self._call(self._record_request, model, mode, status)
+
+    def record_error(self, model: str, error_type: str) -> None:
+        self._call(self.errors.inc, {"model": model, "error_type": error_type})
+
+    def record_cache_hit(self) -> None:
+        self._call(self.cache_hits.inc, {})
+
+    def record_cache_miss(self) -> None:
+        self._call(self.cache_misses.inc, {})
+
+    def observe_inference(self, model: str, mode: str, seconds: float) -> None:
+        self._call(self.inference.observe, {"model": model, "mode": mode}, seconds)
+
+    def update_model_status(
+        self,
+        model: str,
+        loaded: bool,
+        memory_bytes: int | None = None,
+        gpu_memory_bytes: int | None = None,
+    ) -> None:
+        self._call(self._update_model_status, model, loaded, memory_bytes, gpu_memory_bytes)
+
+    @contextlib.contextmanager
+    def track_inference_time(self, model: str, mode: str) -> Iterator[None]:
+        """Observe the block's duration in llm_inference_duration_seconds{model,mode}."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observe_inference(model, mode, time.perf_counter() - started)
+
+    def track_llm_request(
+        self, model: str, mode: str
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """Decorator for sync or async functions: time it, count it as success or error."""
+
+        def decorate(func: Callable[P, R]) -> Callable[P, R]:
+            if inspect.iscoroutinefunction(func):
+
+                @functools.wraps(func)
+                async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                    with self._outcome(model, mode):
+                        return await cast("Callable[P, Awaitable[Any]]", func)(*args, **kwargs)
+
+                return cast("Callable[P, R]", run_async)
+
+            @functools.wraps(func)
+            def run(*args: P.args, **kwargs: P.kwargs) -> R:
+                with self._outcome(model, mode):
+                    return func(*args, **kwargs)
+
+            return run
+
+        return decorate
+
+    @contextlib.contextmanager
+    def _outcome(self, model: str, mode: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception as err:
+            self.record_error(model, type(err).__name__)
+            self.record_request(model, mode, "error")
+            raise
+        else:
+            self.record_request(model, mode, "success")
+        finally:
+            self.observe_inference(model, mode, time.perf_counter() - started)
+
+    # -- rendering -------------------------------------------------------------------------------
+
+    def collect(self) -> None:
+        """Refresh the gauges that are read, not counted."""
+        now = time.monotonic()
+        for (model, mode), stamps in self._rates.items():
+            while stamps and stamps[0] < now - RPS_WINDOW_S:
+                stamps.popleft()
+            self.rps.set({"model": model, "mode": mode}, len(stamps) / RPS_WINDOW_S)
+        with self._process.oneshot():
+            memory = self._process.memory_info()
+            times = self._process.cpu_times()
+            self.rss.set({}, memory.rss)
+            self.vms.set({}, memory.vms)
+            self.cpu.set({}, times.user + times.system)
+            self.threads.set({}, self._process.num_threads())
+            with contextlib.suppress(psutil.Error, AttributeError):  # no fds on Windows
+                self.fds.set({}, self._process.num_fds())
+        for hook in self._collect_hooks:
+            hook(self)
+
+    def render(self, accept: list[str]) -> tuple[bytes, dict[str, str]]:
+        self.collect()
+        content, headers = render(self.registry, accept)
+        return content, dict(headers)
+
+    def flat(self) -> dict[str, float | str]:
+        """Every sample as ``name_label=value,...: value``; histograms as _bucket/_sum/_count.
+
+        Non-finite values become strings ("+Inf", "NaN"): JSON has no such numbers.
+        """
+        self.collect()
+        out: dict[str, float | str] = {}
+        for collector in self.registry.get_all():
+            samples: list[tuple[dict[str, str], Any]] = collector.get_all()
+            for labels, value in samples:
+                # model first, then the other labels by name: model=a,mode=fast,status=success
+                ordered = sorted(labels.items(), key=lambda kv: (kv[0] != "model", kv[0]))
+                key = ",".join(f"{k}={v}" for k, v in ordered)
+                if isinstance(collector, Histogram):
+                    for bound, count in value.items():
+                        if bound == "sum":
+                            out[_key(f"{collector.name}_sum", key)] = _number(count)
+                        elif bound == "count":
+                            out[_key(f"{collector.name}_count", key)] = _number(count)
+                        else:
+                            le = "+Inf" if bound == math.inf else f"{bound:g}"
+                            bucket = f"{key},le={le}" if key else f"le={le}"
+                            out[_key(f"{collector.name}_bucket", bucket)] = _number(count)
+                else:
+                    out[_key(collector.name, key)] = _number(value)
+        return out
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def _record_request(self, model: str, mode: str, status: str) -> None:
+        self.requests.inc({"model": model, "mode": mode, "status": status})
+        self._rates.setdefault((model, mode), deque()).append(time.monotonic())
+
+    def _on_finished(self, event: InferenceFinished) -> None:
+        self._record_request(event.model, event.mode, event.outcome)
+        if event.cached or event.outcome != "success":
+            return
+        self.inference.observe({"model": event.model, "mode": event.mode}, event.latency_s)
+        self.tokens.add({"model": event.model, "kind": "prompt"}, event.prompt_tokens)
+        self.tokens.add({"model": event.model, "kind": "completion"}, event.completion_tokens)
+        if event.time_to_first_token_s is not None:
+            self.ttft.observe(
+                {"model": event.model, "mode": event.mode}, event.time_to_first_token_s
+            )
+
+    def _on_failed(self, event: InferenceFailed) -> None:
+        self.errors.inc({"model": event.model, "error_type": event.error_type})
+        if event.final:
+            self._record_request(event.model, event.mode, "error")
+
+    def _on_cache(self, event: CacheLookedUp) -> None:
+        (self.cache_hits if event.hit else self.cache_misses).inc({})
+
+    def _update_model_status(
+        self, model: str, loaded: bool, memory: int | None, gpu: int | None
+    ) -> None:
+        self.loaded.set({"model": model}, 1 if loaded else 0)
+        if memory is not None:
+            self.memory.set({"model": model, "memory_type": "ram"}, memory)
+        if gpu is not None:
+            self.memory.set({"model": model, "memory_type": "gpu"}, gpu)
+
+    def _on_loaded(self, event: ModelLoaded) -> None:
+        self._generations[event.model] = event.generation
+        total = event.weights_bytes + event.context_bytes
+        self._update_model_status(event.model, True, total - event.gpu_bytes, event.gpu_bytes)
+
+    def _on_unloaded(self, event: ModelUnloaded) -> None:
+        if self._generations.get(event.model) == event.generation:  # not a reload's old copy
+            self._update_model_status(event.model, False, 0, 0)
+
+    def _on_load_failed(self, event: ModelLoadFailed) -> None:
+        self._update_model_status(event.model, False, 0, 0)
+
+    def _on_reload_state(self, event: ReloadStateChanged) -> None:
+        _one_hot(self.reload_state, event.model, "state", event.to_state, RELOAD_STATES)
+        self.reload_progress.set({"model": event.model}, event.progress_percent)
+
+    def _on_reload_progress(self, event: ReloadProgressed) -> None:
+        self.reload_progress.set({"model": event.model}, event.progress_percent)
+
+    def _on_reload_finished(self, event: ReloadFinished) -> None:
+        self.reloads.inc({"model": event.model, "outcome": event.outcome})
+        self.reload_duration.observe({"model": event.model}, event.duration_s)
+
+    def _on_drain_timeout(self, event: DrainTimedOut) -> None:
+        self.drain_timeouts.inc({"model": event.model})
+
+    def _on_health(self, event: HealthChanged) -> None:
+        _one_hot(self.health, event.model, "status", event.new, HEALTH_STATES)
+
+    def _on_lag(self, event: LoopLagMeasured) -> None:
+        self.loop_lag.set({}, event.lag_s)
+
+
+def _one_hot(gauge: Gauge, model: str, label: str, current: str, values: tuple[str, ...]) -> None:
+    """1 on ``current``, 0 on the other values: a state as PromQL can select it."""
+    for value in values:
+        gauge.set({"model": model, label: value}, 1 if value == current else 0)
+
+
+def _key(name: str, labels: str) -> str:
+    return f"{name}_{labels}" if labels else name
+
+
+def _number(value: Any) -> float | str:
+    number = float(value)
+    if math.isfinite(number):
+        return number
+    return "NaN" if math.isnan(number) else ("+Inf" if number > 0 else "-Inf")

@@ -1,0 +1,1 @@
+"""Reload: the per-member state machine and the manager that runs it."""

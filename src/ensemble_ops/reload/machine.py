@@ -1,0 +1,338 @@
+"""The reload state machine of one member, declared as data and driven by ``transitions``.
+
+::
+
+    idle | completed | failed --start--> warming_up --warmed--> ready --switch--> switching
+    switching --complete--> completed        warming_up | ready | switching --fail--> failed
+
+Each state's ``on_enter_`` callback does that state's work and fires the next trigger; with
+``queued="model"`` the trigger waits until the callback returns, and the first ``start``
+call drives the whole chain. A callback that raises goes to the machine's ``on_exception``,
+which records the reason and fires ``fail``; ``on_enter_failed`` rolls back.
+
+warming_up validates the file, checks memory for a second copy, loads it in a worker thread
+(10%) and runs N warm-up inferences (30 -> 80%). switching swaps the slot's reference in one
+assignment (90%): new requests go to the new copy from that moment, requests already running
+finish on the old one, which is closed when its last lease ends (100%). Any failure before the
+swap leaves the old copy serving, closes the new one and ends in failed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+import anyio.to_thread
+import structlog
+from transitions.extensions.asyncio import AsyncEventData as EventData
+from transitions.extensions.asyncio import AsyncMachine
+
+from ensemble_ops.config import ModelSpec, ReloadSettings
+from ensemble_ops.errors import InvalidModelFileError
+from ensemble_ops.events import EventBus, ReloadProgressed, ReloadStateChanged
+from ensemble_ops.reload.status import RUNNING, ReloadStatus
+from ensemble_ops.reload.warmup import WarmupFailedError, WarmupFunc, warm_once
+from ensemble_ops.serving.engine import Engine
+from ensemble_ops.serving.gguf_check import inspect_gguf
+from ensemble_ops.serving.slot import Loaded, ModelSlot, loaded_event
+from ensemble_ops.tasks import TaskRunner
+
+__all__ = ["STATES", "TRANSITIONS", "Plan", "ReloadJob", "mermaid_diagram", "new_machine"]
+
+_log = structlog.get_logger("ensemble_ops.reload")
+
+STATES = ["idle", "warming_up", "ready", "switching", "completed", "failed"]
+TRANSITIONS: list[dict[str, Any]] = [
+    {"trigger": "start", "source": ["idle", "completed", "failed"], "dest": "warming_up"},
+    {"trigger": "warmed", "source": "warming_up", "dest": "ready"},
+    {"trigger": "switch", "source": "ready", "dest": "switching"},
+    {"trigger": "complete", "source": "switching", "dest": "completed"},
+    {"trigger": "fail", "source": ["warming_up", "ready", "switching"], "dest": "failed"},
+]
+
+LoaderFunc = Callable[[], Engine]
+"""Loads the new copy (blocking; runs in a worker thread)."""
+
+
+class ReloadFailedError(Exception):
+    """Why a reload failed; its message becomes the status's ``error``."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one reload does: the spec it ends with, how it loads and warms the copy."""
+
+    spec: ModelSpec
+    loader: LoaderFunc
+    warmup: WarmupFunc
+    iterations: int
+
+
+class Host(Protocol):
+    """What a job needs from the manager that runs it."""
+
+    bus: EventBus
+    settings: ReloadSettings
+    runner: TaskRunner
+    load_limiter: anyio.CapacityLimiter
+
+    def available_memory(self, spec: ModelSpec) -> tuple[int, str]: ...
+
+    async def retire(self, old: Loaded, *, wait: bool) -> bool: ...
+
+    async def restore(self, slot: ModelSlot, spec: ModelSpec) -> None: ...
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ReloadJob:
+    """One member's reload: the model object of the state machine."""
+
+    state: str  # set by the machine
+    if TYPE_CHECKING:  # triggers the machine adds (declared, not defined: it would skip them)
+        start: Callable[[], Awaitable[bool]]
+        warmed: Callable[[], Awaitable[bool]]
+        switch: Callable[[], Awaitable[bool]]
+        complete: Callable[[], Awaitable[bool]]
+        fail: Callable[[], Awaitable[bool]]
+
+    def __init__(self, host: Host, slot: ModelSlot) -> None:
+        self._host = host
+        self.slot = slot
+        self.progress = 0.0
+        self.message = "No reload has run yet."
+        self.started_at: float | None = None
+        self.completed_at: float | None = None
+        self.error: str | None = None
+        self.pending = False
+        """Set at once by ``begin``, before the driving task runs: one reload at a time."""
+        self._plan: Plan | None = None
+        self._new: Loaded | None = None
+        self._replaced: ModelSpec | None = None  # set when reload_strategy=replace unloaded it
+        self._last_state = "idle"
+        self._started_mono = 0.0
+        self._load_s = 0.0
+        self._done: anyio.Event | None = None
+
+    @property
+    def name(self) -> str:
+        return self.slot.name
+
+    def status(self) -> ReloadStatus:
+        state = "warming_up" if self.pending and self.state not in RUNNING else self.state
+        return ReloadStatus(
+            self.name,
+            state,
+            round(self.progress, 1),
+            self.message,
+            _iso(self.started_at),
+            _iso(self.completed_at),
+            self.error,
+        )
+
+    def begin(self, plan: Plan) -> None:
+        """Accept ``plan`` as the next reload (the caller checked ``pending`` first)."""
+        self._plan = plan
+        self._done = anyio.Event()
+        self.pending = True
+        self.started_at, self.completed_at, self.error = time.time(), None, None
+        self.progress, self.message = 0.0, "Reload queued"
+        self._started_mono = time.monotonic()
+
+    def finish(self) -> None:
+        self.pending = False
+        if self._done is not None:
+            self._done.set()
+
+    async def wait(self) -> None:
+        """Until the reload that ``begin`` accepted has ended."""
+        if self._done is not None:
+            await self._done.wait()
+
+    def _progress(self, percent: float, message: str) -> None:
+        self.progress, self.message = percent, message
+        self._host.bus.publish(ReloadProgressed(self.name, self.state, percent, message))
+
+    def _entered(self, percent: float, message: str) -> None:
+        self.progress, self.message = percent, message
+        previous, self._last_state = self._last_state, self.state
+        elapsed = time.monotonic() - self._started_mono
+        self._host.bus.publish(
+            ReloadStateChanged(self.name, previous, self.state, percent, message, elapsed)
+        )
+
+    def _current(self) -> Plan:
+        if self._plan is None:
+            raise RuntimeError("a reload started without a plan")
+        return self._plan
+
+    # -- the states' work ----------------------------------------------------------------------
+
+    async def on_enter_warming_up(self, event: EventData) -> None:
+        plan, host = self._current(), self._host
+        self._entered(0.0, f"Checking {plan.spec.path.name}")
+        try:
+            await anyio.to_thread.run_sync(inspect_gguf, plan.spec.path)
+        except InvalidModelFileError as err:
+            raise ReloadFailedError(err.reason) from err
+        await self._make_room(plan.spec)
+        self._progress(5.0, f"Loading {plan.spec.path.name}")
+        started = time.perf_counter()
+        try:
+            engine = await anyio.to_thread.run_sync(plan.loader, limiter=host.load_limiter)
+        except Exception as err:
+            raise ReloadFailedError(f"load failed: {err}") from err
+        self._new = Loaded(self.name, engine)
+        self._load_s = time.perf_counter() - started
+        self._progress(10.0, "Loaded; warming up")
+        for i in range(1, plan.iterations + 1):
+            self._progress(
+                30.0 + 50.0 * (i - 1) / plan.iterations,
+                f"Warmup iteration {i}/{plan.iterations}",
+            )
+            try:
+                await warm_once(
+                    self._new, plan.warmup, i, host.settings.warmup_timeout_s, host.runner
+                )
+            except WarmupFailedError as err:
+                raise ReloadFailedError(str(err)) from err
+        self._progress(80.0, f"Warm-up passed ({plan.iterations} iterations)")
+        await self.warmed()
+
+    async def _make_room(self, spec: ModelSpec) -> None:
+        """Fail fast without memory for a second copy, or unload first (replace)."""
+        host = self._host
+        active = self.slot.active
+        if active is None:
+            return  # nothing loaded: the new copy is the only one
+        need = int(
+            (spec.path.stat().st_size + active.engine.info.context_bytes)
+            * host.settings.memory_headroom
+        )
+        free, kind = host.available_memory(spec)
+        if free >= need:
+            return
+        shortage = (
+            f"not enough {kind} for a second copy: need {need / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB free"
+        )
+        if spec.reload_strategy != "replace":
+            raise ReloadFailedError(
+                shortage + ' (reload_strategy = "replace" would unload the old copy first)'
+            )
+        self._progress(2.0, f"{shortage}: unloading the old copy first (replace)")
+        self._replaced = self.slot.spec
+        old = self.slot.unload("reloading")
+        if old is not None:
+            await host.retire(old, wait=True)
+
+    async def on_enter_ready(self, event: EventData) -> None:
+        self._entered(80.0, "Warm-up passed; switching")
+        await self.switch()
+
+    async def on_enter_switching(self, event: EventData) -> None:
+        plan, new = self._current(), self._new
+        if new is None:
+            raise RuntimeError("switching without a new copy")
+        self._entered(80.0, "Switching to the new copy")
+        old = self.slot.swap(new, plan.spec)  # from here new requests use the new copy
+        self._new, self._replaced = None, None
+        self._host.bus.publish(loaded_event(new, self._load_s))
+        if old is None:
+            self._progress(100.0, f"Serving generation {new.generation}")
+        else:
+            self._progress(
+                90.0,
+                f"Serving generation {new.generation}; draining {old.in_flight} request(s) "
+                "on the old copy",
+            )
+            drained = await self._host.retire(old, wait=False)
+            self._progress(
+                100.0,
+                f"Serving generation {new.generation}; old copy closed"
+                if drained
+                else f"Serving generation {new.generation}; old copy closes when its "
+                f"{old.in_flight} request(s) end",
+            )
+        await self.complete()
+
+    async def on_enter_completed(self, event: EventData) -> None:
+        self.completed_at = time.time()
+        self._entered(100.0, self.message)
+
+    async def on_exception(self, event: EventData) -> None:
+        """The machine's ``on_exception``: a state's work failed, so the reload fails."""
+        err: BaseException | None = event.error
+        if isinstance(err, anyio.get_cancelled_exc_class()):
+            # Shutdown cancelled the reload: free the new copy here (no task will run later),
+            # keep the old one, and let the cancellation go on.
+            if self._new is not None:
+                new, self._new = self._new, None
+                await new.close()
+            raise err
+        expected = isinstance(err, ReloadFailedError)
+        self.error = str(err) if expected else f"{type(err).__name__}: {err}"
+        if self.state in RUNNING:
+            await self.fail()
+        else:  # the failure came from a final state's own callback: nothing to roll back
+            _log.error("reload.callback_failed", model=self.name, error=self.error)
+
+    async def on_enter_failed(self, event: EventData) -> None:
+        self.completed_at = time.time()
+        reason = self.error or "unknown error"
+        if self._new is not None:  # roll back: the new copy goes, the old one stays
+            new, self._new = self._new, None
+            self._host.runner.spawn(new.close)
+        if self._replaced is not None:  # replace had unloaded the old copy: bring it back
+            self._host.runner.spawn(self._host.restore, self.slot, self._replaced)
+            self._replaced = None
+        self._entered(0.0, f"Reload failed: {reason}")
+
+
+def new_machine() -> AsyncMachine:
+    """The machine every member's job is added to.
+
+    ``queued="model"``: each member's triggers are queued, so a state's callback can fire the
+    next trigger, and reloads of different members may overlap (``queued=True`` would make
+    one queue for all).
+    """
+    return AsyncMachine(
+        model=None,
+        states=STATES,
+        transitions=TRANSITIONS,
+        initial="idle",
+        queued="model",
+        auto_transitions=False,
+        on_exception="on_exception",
+        send_event=True,  # callbacks get the EventData: on_exception reads the error from it
+    )
+
+
+def mermaid_diagram() -> str:
+    """The machine drawn by transitions itself, as Mermaid (docs/reload.md embeds it)."""
+    from transitions.extensions import GraphMachine
+
+    class _Drawing:
+        pass
+
+    drawing = _Drawing()
+    GraphMachine(
+        model=drawing,
+        states=STATES,
+        transitions=TRANSITIONS,
+        initial="idle",
+        graph_engine="mermaid",
+        auto_transitions=False,
+        title="Reload state machine",
+    )
+    graph: Any = drawing.get_graph()  # type: ignore[attr-defined]
+    return str(graph.draw(None))

@@ -1,0 +1,243 @@
+"""Starts, tracks and reports the reloads of a set of members (the Python API and the routes).
+
+One machine (``machine.new_machine``) holds every member's job. Loads share one limiter
+(``reload.max_concurrent_loads``) with start-up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import structlog
+
+from ensemble_ops.config import ModelSpec, ReloadSettings, Settings
+from ensemble_ops.errors import InvalidModelFileError, InvalidRequestError, ReloadConflictError
+from ensemble_ops.events import DrainTimedOut, EventBus, ModelUnloaded, ReloadFinished
+from ensemble_ops.reload.machine import LoaderFunc, Plan, ReloadJob, new_machine
+from ensemble_ops.reload.memory import available_memory, release_memory
+from ensemble_ops.reload.status import ReloadStatus
+from ensemble_ops.reload.warmup import WarmupFunc, chat_warmup
+from ensemble_ops.serving.engine import Engine
+from ensemble_ops.serving.gguf_check import inspect_gguf
+from ensemble_ops.serving.gpu import GpuMonitor
+from ensemble_ops.serving.slot import Loaded, ModelSlot, loaded_event
+from ensemble_ops.tasks import TaskRunner
+
+__all__ = ["MemoryProbe", "ReloadManager"]
+
+_log = structlog.get_logger("ensemble_ops.reload")
+
+MemoryProbe = Callable[[ModelSpec], tuple[int, str]]
+"""Free bytes where ``spec`` would load, and which memory that is ("RAM" or "VRAM")."""
+
+
+class ReloadManager:
+    """Starts, tracks and reports reloads of a set of members."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        slots: Mapping[str, ModelSlot],
+        settings: ReloadSettings,
+        runner: TaskRunner,
+        *,
+        loader: Callable[[ModelSpec], Engine],
+        gpu: GpuMonitor,
+        load_limiter: anyio.CapacityLimiter | None = None,
+        memory_probe: MemoryProbe | None = None,
+        allowed_dirs: list[Path] | None = None,
+    ) -> None:
+        """``slots`` is read live; ``loader`` loads a member's engine from its spec; ``gpu``
+        reads free VRAM for the memory check (``memory_probe`` replaces that check);
+        ``allowed_dirs`` bounds reload paths (default: the folders of the members' files)."""
+        self.bus = bus
+        self.slots = slots
+        self.settings = settings
+        self.runner = runner
+        self.loader = loader
+        self.load_limiter = load_limiter or anyio.CapacityLimiter(settings.max_concurrent_loads)
+        self._gpu = gpu
+        self._memory_probe = memory_probe
+        self.allowed_dirs = allowed_dirs
+        self._jobs: dict[str, ReloadJob] = {}
+        self._machine = new_machine()
+
+    # -- the Python API ----------------------------------------------------------------------
+
+    def get_reload_status(self, model_name: str) -> ReloadStatus:
+        """The member's reload status (``idle`` before any reload); KeyError if unknown."""
+        return self._job(model_name).status()
+
+    def get_active_model(self, model_name: str) -> Engine | None:
+        """The engine serving ``model_name`` right now (None while none is loaded)."""
+        active = self.slots[model_name].active
+        return active.engine if active is not None else None
+
+    def start_reload(
+        self,
+        model_name: str,
+        loader_func: LoaderFunc | None = None,
+        warmup_func: WarmupFunc | None = None,
+        warmup_iterations: int | None = None,
+        *,
+        path: Path | str | None = None,
+        spec: ModelSpec | None = None,
+    ) -> ReloadStatus:
+        """Start reloading ``model_name`` in the background and return its status at once.
+
+        By default the member's GGUF file (or ``path``, which must lie inside the model
+        directory) is loaded with the member's settings and warmed up with its warm-up
+        prompt; ``loader_func``/``warmup_func`` replace either step. Raises
+        :class:`ReloadConflictError` while one runs.
+        """
+        job = self._job(model_name)
+        if job.pending:
+            status = job.status()
+            raise ReloadConflictError(model_name, status.state, status.progress_percent)
+        current = spec or job.slot.spec
+        if path is not None:
+            current = current.model_copy(update={"path": self.resolve_path(path)})
+        settings = self.settings
+        job.begin(
+            Plan(
+                spec=current,
+                loader=loader_func or (lambda: self.loader(current)),
+                warmup=warmup_func
+                or chat_warmup(
+                    current.warmup_prompt or settings.warmup_prompt, settings.warmup_max_tokens
+                ),
+                iterations=(
+                    warmup_iterations or current.warmup_iterations or settings.warmup_iterations
+                ),
+            )
+        )
+        try:
+            self.runner.spawn(self._drive, job)
+        except BaseException:
+            job.finish()
+            raise
+        return job.status()
+
+    async def reload_model(
+        self,
+        model_name: str,
+        loader_func: LoaderFunc | None = None,
+        warmup_func: WarmupFunc | None = None,
+        warmup_iterations: int | None = None,
+        *,
+        path: Path | str | None = None,
+    ) -> ReloadStatus:
+        """Reload ``model_name`` and wait for the outcome (completed or failed)."""
+        self.start_reload(model_name, loader_func, warmup_func, warmup_iterations, path=path)
+        return await self.wait_for_reload(model_name)
+
+    async def wait_for_reload(self, model_name: str) -> ReloadStatus:
+        """The status once the member's current reload (if any) has ended."""
+        job = self._job(model_name)
+        await job.wait()
+        return job.status()
+
+    def apply_settings(self, new: Settings) -> dict[str, str]:
+        """Reload every member whose spec changed in ``new`` (SIGHUP); name -> what happened."""
+        outcome: dict[str, str] = {}
+        new_specs = {spec.name: spec for spec in new.models}
+        for name, slot in self.slots.items():
+            spec = new_specs.get(name)
+            if spec is None:
+                outcome[name] = "removed from the config: restart to drop it"
+            elif spec != slot.spec:
+                try:
+                    self.start_reload(name, spec=spec)
+                    outcome[name] = "reloading"
+                except ReloadConflictError:
+                    outcome[name] = "a reload is already running"
+        for name in new_specs.keys() - self.slots.keys():
+            outcome[name] = "added to the config: restart to load it"
+        return outcome
+
+    def resolve_path(self, raw: Path | str) -> Path:
+        """``raw`` resolved (symlinks too) and checked to lie inside the model directory."""
+        allowed = self.allowed_dirs or sorted(
+            {slot.spec.path.resolve().parent for slot in self.slots.values()}
+        )
+        if "\x00" in str(raw):  # the OS refuses such a path; say so as a client error
+            raise InvalidRequestError("The path must not contain a NUL character.", param="path")
+        path = Path(raw)
+        if not path.is_absolute():
+            path = allowed[0] / path
+        resolved = path.resolve()
+        if not any(resolved.is_relative_to(d.resolve()) for d in allowed):
+            raise InvalidRequestError(
+                f"The path {str(raw)!r} is outside the model directory.", param="path"
+            )
+        if not resolved.is_file():
+            raise InvalidRequestError(f"No GGUF file at {str(raw)!r}.", param="path")
+        try:
+            inspect_gguf(resolved)
+        except InvalidModelFileError as err:
+            raise InvalidRequestError(f"{str(raw)!r}: {err.reason}.", param="path") from err
+        return resolved
+
+    # -- what jobs need (machine.Host) ---------------------------------------------------------
+
+    def available_memory(self, spec: ModelSpec) -> tuple[int, str]:
+        if self._memory_probe is not None:
+            return self._memory_probe(spec)
+        return available_memory(spec, self._gpu)
+
+    async def retire(self, old: Loaded, *, wait: bool) -> bool:
+        """Close ``old`` once its last lease ends. Returns whether that happened in time;
+        if not (drain_timeout_s), it is reported and the close finishes in the background."""
+        drained = await old.wait_idle(self.settings.drain_timeout_s)
+        if not drained:
+            self.bus.publish(DrainTimedOut(old.name, old.generation, old.in_flight))
+            if not wait:
+                self.runner.spawn(self._close_when_idle, old)
+                return False
+            await old.wait_idle(float("inf"))
+        await self._close(old)
+        return True
+
+    async def restore(self, slot: ModelSlot, spec: ModelSpec) -> None:
+        """After a failed ``replace`` reload: load the previous copy again (best effort)."""
+        try:
+            engine = await anyio.to_thread.run_sync(self.loader, spec, limiter=self.load_limiter)
+        except Exception as err:
+            slot.mark_failed(f"reload failed and the previous copy did not load again: {err}")
+            _log.error("reload.restore_failed", model=slot.name, error=str(err))
+            return
+        self.bus.publish(loaded_event(slot.install(engine), 0.0))
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def _drive(self, job: ReloadJob) -> None:
+        started = time.monotonic()
+        try:
+            await job.start()  # runs the whole chain: each state fires the next trigger
+            elapsed = time.monotonic() - started
+            if job.state == "completed":
+                self.bus.publish(ReloadFinished(job.name, "completed", elapsed))
+            else:
+                self.bus.publish(ReloadFinished(job.name, "failed", elapsed, job.error))
+        finally:
+            job.finish()
+
+    async def _close_when_idle(self, old: Loaded) -> None:
+        await old.wait_idle(float("inf"))
+        await self._close(old)
+
+    async def _close(self, old: Loaded) -> None:
+        await old.close()
+        await anyio.to_thread.run_sync(release_memory)
+        self.bus.publish(ModelUnloaded(old.name, old.generation))
+
+    def _job(self, name: str) -> ReloadJob:
+        job = self._jobs.get(name)
+        if job is None:
+            job = self._jobs[name] = ReloadJob(self, self.slots[name])
+            self._machine.add_model(job)
+        return job

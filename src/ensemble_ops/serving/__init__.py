@@ -1,0 +1,1 @@
+"""Serving: engines over llama.cpp, GGUF checks, members, routing, cache and model files."""

@@ -1,0 +1,325 @@
+"""End to end: ``ensemble-ops serve`` as a real hypercorn process, driven over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from ..processes import Server, launch
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(name="server_env", scope="module")
+def _server_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    cache = tmp_path_factory.mktemp("cache")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENSEMBLE_OPS_")}
+    return env | {"XDG_CACHE_HOME": str(cache)}
+
+
+@pytest.fixture(name="server", scope="module")
+def _server(
+    tmp_path_factory: pytest.TempPathFactory, server_env: dict[str, str]
+) -> Iterator[Server]:
+    """The generated demo ensemble, as ``ensemble-ops serve --demo`` starts it."""
+    server = launch(tmp_path_factory.mktemp("server"), server_env, "--demo")
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(name="oai")
+def _oai(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+class TestOpenAIClient:
+    def test_completion(self, oai: openai.OpenAI) -> None:
+        """The official client gets a completion from a named member."""
+        result = oai.completions.create(model="demo-tiny", prompt="Hello", max_tokens=7)
+        assert result.model == "demo-tiny"
+        assert result.choices[0].text.strip()
+        assert result.usage is not None
+        assert result.usage.completion_tokens == 7
+
+    def test_chat_completion_through_the_ensemble(self, oai: openai.OpenAI) -> None:
+        """model="ensemble" with a mode answers from that mode's preferred member."""
+        result = oai.chat.completions.create(
+            model="ensemble",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=5,
+            extra_body={"mode": "creative"},
+        )
+        assert result.model == "demo-base"
+        assert result.choices[0].message.content
+
+    def test_streaming_chat(self, oai: openai.OpenAI) -> None:
+        """Streaming chat arrives piece by piece and ends with a finish reason."""
+        stream = oai.chat.completions.create(
+            model="demo-small",
+            messages=[{"role": "user", "content": "Tell me"}],
+            max_tokens=12,
+            stream=True,
+        )
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert len(chunks) > 3
+        assert text.strip()
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+    def test_streaming_completion(self, oai: openai.OpenAI) -> None:
+        """Streaming completions too."""
+        stream = oai.completions.create(model="demo-base", prompt="Once", max_tokens=6, stream=True)
+        pieces = [c.choices[0].text for c in stream]
+        assert "".join(pieces).strip()
+
+    def test_errors_reach_the_client_typed(self, oai: openai.OpenAI) -> None:
+        """OpenAI-shaped errors become the client's own exception types."""
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            oai.completions.create(model="nope", prompt="x", max_tokens=1)
+        with pytest.raises(openai.BadRequestError, match="context length"):
+            oai.completions.create(model="demo-tiny", prompt="x " * 3000, max_tokens=1)
+
+    def test_models(self, oai: openai.OpenAI) -> None:
+        """The client lists the routing entry and the three demo members."""
+        assert [m.id for m in oai.models.list()] == [
+            "ensemble",
+            "demo-tiny",
+            "demo-small",
+            "demo-base",
+        ]
+
+
+class TestUnderLoad:
+    def test_models_and_probes_answer_while_every_member_generates(self, server: Server) -> None:
+        """/v1/models and the health probes return while all three members generate."""
+        started = threading.Barrier(4)
+        finished: dict[str, float] = {}
+
+        def generate(member: str) -> None:
+            body = {"model": member, "prompt": "Go", "max_tokens": 2000, "stream": True}
+            with httpx.stream(
+                "POST", f"{server.url}/v1/completions", json=body, timeout=120
+            ) as response:
+                lines = response.iter_lines()
+                next(line for line in lines if line.startswith("data:"))
+                started.wait()
+                for _ in lines:
+                    pass
+            finished[member] = time.monotonic()
+
+        threads = [
+            threading.Thread(target=generate, args=(m,))
+            for m in ("demo-tiny", "demo-small", "demo-base")
+        ]
+        for thread in threads:
+            thread.start()
+        started.wait(timeout=60)
+        paths = ["/v1/models", "/health/live", "/health/ready", "/health/llm/all"]
+        answers = {path: httpx.get(f"{server.url}{path}", timeout=30) for path in paths}
+        answered = time.monotonic()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert {path: r.status_code for path, r in answers.items()} == dict.fromkeys(paths, 200)
+        assert answers["/health/llm/all"].json()["healthy_count"] == 3
+        assert len(finished) == 3
+        assert answered < min(finished.values())
+
+    def test_disconnect_mid_stream_frees_the_member(self, server: Server) -> None:
+        """A client that leaves mid-stream stops its generation; the member serves on."""
+        body = {"model": "demo-base", "prompt": "Go", "max_tokens": 2000, "stream": True, "seed": 1}
+        request_id = f"leaver-{time.time_ns()}"
+        with httpx.stream(
+            "POST",
+            f"{server.url}/v1/completions",
+            json=body,
+            timeout=60,
+            headers={"X-Request-ID": request_id},
+        ) as response:
+            lines = response.iter_lines()
+            for _ in range(3):
+                next(line for line in lines if line.startswith("data:"))
+        after = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"model": "demo-base", "prompt": "Next", "max_tokens": 4},
+            timeout=60,
+        )
+        assert after.status_code == 200
+        deadline = time.monotonic() + 10
+        cancelled: list[dict[str, Any]] = []
+        while not cancelled and time.monotonic() < deadline:
+            cancelled = [
+                line
+                for line in server.log_lines()
+                if line["event"] == "inference.cancelled" and line.get("request_id") == request_id
+            ]
+            time.sleep(0.1)
+        assert cancelled, "no inference.cancelled line for the stream that was left"
+        assert 3 <= cancelled[0]["completion_tokens"] < 1000
+
+
+class TestLogs:
+    def test_one_json_line_per_request(self, server: Server) -> None:
+        """stdout is JSON lines; each request has one line with the fields operators filter on."""
+        httpx.post(
+            f"{server.url}/v1/completions",
+            json={"model": "demo-tiny", "prompt": "log me", "max_tokens": 3},
+            headers={"X-Request-ID": "trace-42"},
+        )
+        time.sleep(0.2)
+        lines = [line for line in server.log_lines() if line.get("request_id") == "trace-42"]
+        requests = [line for line in lines if line["event"] == "request"]
+        assert len(requests) == 1
+        line = requests[0]
+        assert line["status"] == 200
+        assert line["model"] == "demo-tiny"
+        assert line["mode"] == "balanced"
+        assert line["completion_tokens"] == 3
+        assert line["latency_ms"] > 0
+        access = [line for line in lines if line["logger"] == "hypercorn.access"]
+        assert len(access) == 1
+        assert "POST /v1/completions" in access[0]["event"]
+        assert server.stderr.read_text() == ""
+
+
+class TestProcess:
+    def test_sigterm_lets_in_flight_requests_finish(
+        self, tmp_path: Path, server_env: dict[str, str]
+    ) -> None:
+        """SIGTERM: in-flight requests complete, new connections are refused, exit 0."""
+        server = launch(tmp_path, server_env, "--demo")
+        results: dict[str, Any] = {}
+
+        def long_request() -> None:
+            body = {"model": "demo-base", "prompt": "Go", "max_tokens": 1500, "stream": True}
+            with httpx.stream(
+                "POST", f"{server.url}/v1/completions", json=body, timeout=120
+            ) as response:
+                lines = response.iter_lines()
+                next(line for line in lines if line.startswith("data:"))
+                results["streaming"] = True
+                results["last"] = [line for line in lines if line][-1]
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        while "streaming" not in results and thread.is_alive():
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        thread.join(timeout=120)
+        assert results["last"] == "data: [DONE]"
+        assert server.process.wait(timeout=60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{server.url}/v1/models")
+        events = [line["event"] for line in server.log_lines()]
+        assert events.index("model.unloaded") > events.index("request")
+
+    def test_log_file_and_console_format(self, tmp_path: Path, server_env: dict[str, str]) -> None:
+        """--log-file writes the JSON lines to a file instead of stdout."""
+        log_file = tmp_path / "ops.log"
+        server = launch(tmp_path, server_env, "--demo", "--log-file", str(log_file))
+        assert server.stop() == 0
+        assert server.stdout.read_text() == ""
+        events = [json.loads(line)["event"] for line in log_file.read_text().splitlines()]
+        assert "ensemble.starting" in events
+        assert "server.stopped" in events
+
+
+class TestReload:
+    def test_cli_reload_with_progress(self, server: Server, server_env: dict[str, str]) -> None:
+        """`ensemble-ops reload --wait` follows the reload to completed and exits 0."""
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ensemble_ops",
+                "reload",
+                "demo-tiny",
+                "--url",
+                server.url,
+                "--wait",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=server_env,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "100.0% completed" in done.stderr
+        assert "reload of demo-tiny completed" in done.stderr
+        refused = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ensemble_ops",
+                "reload",
+                "demo-tiny",
+                "--url",
+                server.url,
+                "--path",
+                "/etc/hostname",
+                "--wait",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=server_env,
+        )
+        assert refused.returncode == 1
+        assert "outside the model directory" in refused.stderr
+
+    def test_sighup_reloads_changed_members(
+        self, tmp_path: Path, server_env: dict[str, str], demo_dir: Path
+    ) -> None:
+        """SIGHUP re-reads the config: a changed member reloads; a broken file changes nothing."""
+        config = tmp_path / "ensemble.toml"
+
+        def write(n_ctx: int, extra: str = "") -> None:
+            config.write_text(
+                "".join(
+                    f'[[models]]\nname = "{name}"\npath = "{demo_dir / (name + ".gguf")}"\n'
+                    f"n_ctx = {n_ctx if name == 'demo-tiny' else 512}\n"
+                    for name in ("demo-tiny", "demo-small")
+                )
+                + extra
+            )
+
+        write(512)
+        server = launch(tmp_path, server_env, "--config", str(config))
+        try:
+            write(1024)
+            server.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 60
+            status: dict[str, Any] = {}
+            while time.monotonic() < deadline and status.get("state") != "completed":
+                status = httpx.get(f"{server.url}/health/llm/reload/demo-tiny").json()
+                time.sleep(0.1)
+            assert status["state"] == "completed"
+            models = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
+            assert models["demo-tiny"]["meta"]["n_ctx"] == 1024
+            small = httpx.get(f"{server.url}/health/llm/reload/demo-small").json()
+            assert small["state"] == "idle"  # unchanged: not reloaded
+
+            write(2048, extra="[server]\nbogus = 1\n")
+            server.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            failed: list[dict[str, Any]] = []
+            while time.monotonic() < deadline and not failed:
+                failed = [e for e in server.log_lines() if e["event"] == "config.reread_failed"]
+                time.sleep(0.1)
+            assert failed
+            assert "server.bogus: unknown key" in failed[0]["error"]
+            models = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
+            assert models["demo-tiny"]["meta"]["n_ctx"] == 1024
+        finally:
+            assert server.stop() == 0

@@ -1,0 +1,233 @@
+"""Metrics: the contract's names, the JSON view, the helpers, and disabling them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import anyio
+import httpx
+import pytest
+
+from ensemble_ops import embedded
+from ensemble_ops.config import Settings
+from ensemble_ops.http.app import create_app
+from ensemble_ops.observability.metrics import Metrics
+
+from ..conftest import SettingsFactory, serving
+
+CONTRACT = {
+    "llm_requests_total": "counter",
+    "llm_errors_total": "counter",
+    "llm_cache_hits_total": "counter",
+    "llm_cache_misses_total": "counter",
+    "llm_inference_duration_seconds": "histogram",
+    "llm_model_loaded": "gauge",
+    "llm_model_memory_bytes": "gauge",
+    "llm_active_requests": "gauge",
+    "llm_requests_per_second": "gauge",
+    "llm_ensemble_info": "gauge",
+    "llm_reload_total": "counter",
+    "llm_reload_duration_seconds": "histogram",
+    "llm_reload_state": "gauge",
+    "llm_reload_progress_percent": "gauge",
+    "llm_health_status": "gauge",
+    "llm_tokens_total": "counter",
+    "llm_time_to_first_token_seconds": "histogram",
+    "llm_queue_depth": "gauge",
+    "llm_event_loop_lag_seconds": "gauge",
+    "process_resident_memory_bytes": "gauge",
+    "process_cpu_seconds_total": "counter",
+}
+
+
+async def _traffic(client: httpx.AsyncClient) -> None:
+    for mode in ("fast", "balanced", "creative"):
+        await client.post("/v1/completions", json={"mode": mode, "prompt": "x", "max_tokens": 3})
+    cached = {"model": "demo-tiny", "prompt": "same", "max_tokens": 3, "temperature": 0}
+    await client.post("/v1/completions", json=cached)
+    await client.post("/v1/completions", json=cached)
+    await client.post("/v1/completions", json={"model": "demo-tiny", "prompt": "x " * 3000})
+    await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "demo-small",
+            "stream": True,
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
+    await app_reload(client, "demo-tiny")
+
+
+async def app_reload(client: httpx.AsyncClient, model: str) -> None:
+    await client.post(f"/admin/models/{model}/reload", json={"warmup_iterations": 1})
+    with anyio.fail_after(30):
+        while (await client.get(f"/health/llm/reload/{model}")).json()["state"] != "completed":
+            await anyio.sleep(0.02)
+
+
+class TestExposition:
+    async def test_every_contract_metric_with_its_type(self, client: httpx.AsyncClient) -> None:
+        """/metrics and /health/metrics expose each contract name with its type."""
+        await _traffic(client)
+        text = (await client.get("/metrics")).text
+        assert (await client.get("/health/metrics")).status_code == 200
+        for name, kind in CONTRACT.items():
+            assert f"# TYPE {name} {kind}" in text, name
+        assert 'llm_inference_duration_seconds_bucket{le="30.0"' in text
+        assert 'llm_requests_total{mode="fast",model="demo-tiny",status="success"} 1' in text
+        assert 'llm_errors_total{error_type="context_length_exceeded",model="demo-tiny"} 1' in text
+        assert "llm_cache_hits_total 1" in text
+        assert 'llm_reload_total{model="demo-tiny",outcome="completed"} 1' in text
+        assert 'llm_reload_state{model="demo-tiny",state="completed"} 1' in text
+
+    @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+    async def test_promtool_accepts_it(self, client: httpx.AsyncClient) -> None:
+        """`promtool check metrics` finds nothing to complain about."""
+        await _traffic(client)
+        text = (await client.get("/metrics")).text
+        check = await anyio.run_process(
+            ["promtool", "check", "metrics"], input=text.encode(), check=False
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert check.stdout.strip() == b""
+        assert check.stderr.strip() == b""
+
+    async def test_json_view(self, client: httpx.AsyncClient) -> None:
+        """Flat keys name=...,labels: value; histograms as _bucket/_sum/_count; valid JSON."""
+        await _traffic(client)
+        response = await client.get("/health/metrics/json")
+        body = json.loads(response.text)  # strict: no NaN or Infinity literals
+        assert body["llm_requests_total_model=demo-tiny,mode=fast,status=success"] == 1
+        assert body["llm_cache_hits_total"] == 1
+        key = "llm_inference_duration_seconds_bucket_model=demo-tiny,mode=fast,le=+Inf"
+        assert body[key] == 1
+        assert body["llm_inference_duration_seconds_count_model=demo-tiny,mode=fast"] == 1
+        assert body["llm_inference_duration_seconds_sum_model=demo-tiny,mode=fast"] > 0
+
+
+class TestCounting:
+    async def test_each_request_counts_once_even_with_fallback(
+        self, make_settings: SettingsFactory
+    ) -> None:
+        """A request that falls back is one request (success) plus one error on the member."""
+        settings = make_settings()
+        models = [
+            {**mm.model_dump(), "path": str(mm.path), "queue_size": 0} for mm in settings.models
+        ]
+        async with serving(app := create_app(make_settings(models=models))) as client:
+            request = {"model": "ensemble", "prompt": "x", "max_tokens": 200}
+
+            async def send() -> None:
+                await client.post("/v1/completions", json=request)
+
+            async with anyio.create_task_group() as tasks:
+                for _ in range(2):
+                    tasks.start_soon(send)
+            flat = app.state.metrics.flat()
+        requests = {k: v for k, v in flat.items() if k.startswith("llm_requests_total_")}
+        assert sum(requests.values()) == 2
+        errors = {k: v for k, v in flat.items() if k.startswith("llm_errors_total_")}
+        assert errors == {"llm_errors_total_model=demo-tiny,error_type=overloaded": 1}
+
+
+class TestDisabled:
+    async def test_disabled_means_404_and_nothing_recorded(
+        self, make_settings: SettingsFactory
+    ) -> None:
+        """metrics.enabled = false: all three routes 404, and no recording method records."""
+        async with serving(app := create_app(make_settings(metrics={"enabled": False}))) as c:
+            codes = {
+                p: (await c.get(p)).status_code
+                for p in ("/metrics", "/health/metrics", "/health/metrics/json")
+            }
+            await c.post("/v1/completions", json={"model": "demo-tiny", "prompt": "x"})
+            metrics = app.state.metrics
+            _record_everything(metrics)
+            await anyio.sleep(0.05)
+            flat = metrics.flat()
+        assert set(codes.values()) == {404}
+        assert {k: v for k, v in flat.items() if k.startswith("llm_") and v} == {}
+
+
+def _record_everything(metrics: Metrics) -> None:
+    """Every public recording method once, as a user who calls models would, from threads too."""
+
+    @metrics.track_llm_request("mine", "fast")
+    def sync_call() -> str:
+        return "ok"
+
+    @metrics.track_llm_request("mine", "fast")
+    def broken() -> None:
+        raise ValueError("nope")
+
+    assert sync_call() == "ok"
+    with pytest.raises(ValueError, match="nope"):
+        broken()
+    metrics.record_request("mine", "creative", "success")
+    metrics.record_error("mine", "timeout")
+    metrics.record_cache_hit()
+    metrics.record_cache_miss()
+    metrics.update_model_status("mine", True, memory_bytes=1234)
+    with metrics.track_inference_time("mine", "creative"):
+        pass
+    thread = threading.Thread(target=metrics.record_request, args=("mine", "fast", "success"))
+    thread.start()
+    thread.join()
+
+
+class TestRecordingApi:
+    async def test_an_apps_metrics_record_from_any_thread(self, settings: Settings) -> None:
+        """Code that calls models itself records into the app's metrics, from any thread."""
+        async with serving(app := create_app(settings)):
+            metrics: Metrics = app.state.metrics
+
+            @metrics.track_llm_request("mine", "fast")
+            async def async_call() -> str:
+                return "ok"
+
+            _record_everything(metrics)
+            assert await async_call() == "ok"
+            await anyio.sleep(0.05)  # the thread's update hops onto the loop
+            flat = metrics.flat()
+        assert flat["llm_requests_total_model=mine,mode=fast,status=success"] == 3
+        assert flat["llm_requests_total_model=mine,mode=fast,status=error"] == 1
+        assert flat["llm_errors_total_model=mine,error_type=ValueError"] == 1
+        assert flat["llm_errors_total_model=mine,error_type=timeout"] == 1
+        assert flat["llm_cache_hits_total"] == 1
+        assert flat["llm_cache_misses_total"] == 1
+        assert flat["llm_model_memory_bytes_model=mine,memory_type=ram"] == 1234
+        assert flat["llm_inference_duration_seconds_count_model=mine,mode=fast"] == 3
+        assert flat["llm_inference_duration_seconds_count_model=mine,mode=creative"] == 1
+
+    async def test_embedded_helpers_feed_the_process_wide_metrics_only(
+        self, settings: Settings
+    ) -> None:
+        """The module-level helpers write to embedded.get_metrics(), never to an app's."""
+        embedded.reset()
+        try:
+            async with serving(app := create_app(settings)):
+                embedded.record_request("mine", "fast", "success")
+                with embedded.track_inference_time("mine", "fast"):
+                    pass
+                app_flat = app.state.metrics.flat()
+            process_flat = embedded.get_metrics().flat()
+        finally:
+            embedded.reset()
+        key = "llm_requests_total_model=mine,mode=fast,status=success"
+        assert process_flat[key] == 1
+        assert process_flat["llm_inference_duration_seconds_count_model=mine,mode=fast"] == 1
+        assert key not in app_flat
+
+    async def test_two_apps_in_one_process_never_clash(self, settings: Settings) -> None:
+        """Traffic to one app moves its own counters and not another app's."""
+        async with (
+            serving(first := create_app(settings)) as client,
+            serving(second := create_app(settings)),
+        ):
+            await client.post("/v1/completions", json={"model": "demo-tiny", "prompt": "x"})
+            key = "llm_requests_total_model=demo-tiny,mode=balanced,status=success"
+            assert first.state.metrics.flat()[key] == 1
+            assert key not in second.state.metrics.flat()

