@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "tests"]
@@ -34,6 +37,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks.real_models")
     session.run("python", "-m", "benchmarks.reload")
     session.run("python", "-m", "benchmarks.metrics")
+    session.run("python", "-m", "benchmarks.tracing")
     session.run("python", "-m", "benchmarks.report", "--markdown")
 
 
@@ -52,7 +56,65 @@ def fuzz(session: nox.Session) -> None:
 
 
 @nox.session
+def mutate(session: nox.Session) -> None:
+    """Mutation testing of the core with mutmut against the in-process tests (not in CI).
+
+    What is mutated and which tests run is in pyproject's [tool.mutmut]. With no arguments
+    every mutant without a result yet is run (about 3 hours on 2 cores from scratch; an
+    interrupted run resumes, and only functions changed since are run again). Name modules
+    or mutants to (re)run just those: ``nox -s mutate -- "ensemble_ops.serving.slot.*"``.
+    Results stay in mutants/: ``mutmut results``, ``mutmut show NAME``, ``mutmut browse``.
+    See docs/mutation.md.
+    """
+    session.install("-e", ".[test,mutate]")
+    # Two cores: two mutants at a time ("-- --max-children 4" overrides it).
+    session.run("mutmut", "run", "--max-children", "2", *session.posargs)
+    for line in _mutation_scores(Path("mutants")):
+        session.log(line)
+
+
+_DETECTED = {
+    1: "killed",
+    3: "killed",
+    -24: "timeout",
+    24: "timeout",
+    36: "timeout",
+    152: "timeout",
+    255: "timeout",
+    -6: "crashed",
+    -9: "crashed",
+    -11: "crashed",
+}
+"""mutmut's exit codes of a mutant's test run that mean the tests noticed it."""
+
+
+def _mutation_scores(mutants: Path) -> list[str]:
+    """One line per mutated module: detected / tried, and how many survived or had no test."""
+    lines = []
+    for meta in sorted(mutants.glob("src/**/*.py.meta")):
+        codes = json.loads(meta.read_text())["exit_code_by_key"].values()
+        detected = sum(code in _DETECTED for code in codes)
+        survived = sum(code == 0 for code in codes)
+        untested = sum(code in (5, 33) for code in codes)
+        tried = detected + survived + untested
+        module = meta.relative_to(mutants / "src").with_suffix("").with_suffix("")
+        lines.append(
+            f"{'.'.join(module.parts)}: {detected}/{tried} detected "
+            f"({detected / max(tried, 1):.0%}), {survived} survived, {untested} without a test"
+        )
+    return lines
+
+
+@nox.session
 def soak(session: nox.Session) -> None:
     """Minutes of mixed traffic, injected faults and reloads against one server (not CI)."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks.soak", "--minutes", "5", *session.posargs)
+
+
+@nox.session
+def sla(session: nox.Session) -> None:
+    """The product owner's SLA table: two minutes of open-loop traffic (10 requests/s, 90%
+    repeated prompts) and a reload against the real-model default ensemble (not CI)."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "benchmarks.sla", *session.posargs)

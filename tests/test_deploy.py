@@ -222,7 +222,7 @@ class TestContainerfile:
         extras = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"][
             "optional-dependencies"
         ]
-        assert "gpu" in extras
+        assert {"gpu", "tracing"} <= extras.keys()
         installs = [
             targets
             for stage in _containerfile().stages
@@ -232,7 +232,7 @@ class TestContainerfile:
         assert installs, "the Containerfile installs nothing with pip"
         for targets in installs:
             assert targets, "pip install without a target"
-            assert set(targets) <= {".", ".[gpu]"}, targets
+            assert set(targets) <= {".", ".[gpu]", ".[gpu,tracing]"}, targets
 
 
 # ---------------------------------------------------------------- Kubernetes

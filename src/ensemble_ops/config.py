@@ -46,6 +46,7 @@ __all__ = [
     "ReloadSettings",
     "ServerSettings",
     "Settings",
+    "TracingSettings",
 ]
 
 ModeName = Literal["fast", "balanced", "creative"]
@@ -112,6 +113,29 @@ class MetricsSettings(_Section):
     enabled: bool = True
 
 
+class TracingSettings(_Section):
+    """OpenTelemetry traces (OTLP over HTTP/protobuf), off unless asked for.
+
+    On with ``enabled = true`` or when ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; ``OTEL_SDK_DISABLED=true`` turns it off whatever
+    else says. The SDK reads the other ``OTEL_*`` variables itself (service name, resource
+    attributes, headers, batch sizes).
+    """
+
+    enabled: bool = False
+    endpoint: str | None = None
+    """Where spans go (the full traces URL); from the OTEL_* variables when unset."""
+    sdk_disabled: bool = False
+    """``OTEL_SDK_DISABLED``."""
+    capture_content: bool = False
+    """Record prompts and answers on spans (gen_ai.input/output.messages): off by default,
+    they may hold personal data."""
+
+    @property
+    def active(self) -> bool:
+        return not self.sdk_disabled and (self.enabled or self.endpoint is not None)
+
+
 class ReloadSettings(_Section):
     """Zero-downtime reload: warm-up, drain and safety limits."""
 
@@ -161,8 +185,11 @@ class ModelSpec(_Section):
     n_threads: Annotated[int, Field(gt=0)] | None = None
     """CPU threads for generation; llama.cpp's default when unset."""
     n_batch: Annotated[int, Field(gt=0)] = 512
+    """Tokens per decode step, all sequences together (prompt chunks included)."""
+    parallel: Annotated[int, Field(ge=1, le=256)] = 4
+    """Sequences decoded together in one batch; the KV cache holds n_ctx x parallel."""
     queue_size: Annotated[int, Field(ge=0)] = 16
-    """Requests that may wait for this member beyond the one it runs; past it: 503."""
+    """Requests that may wait for this member beyond those it runs; past it: 503."""
     description: str = ""
     reload_strategy: Literal["side_by_side", "replace"] = "side_by_side"
     """side_by_side loads the new copy next to the old one and fails the reload when memory
@@ -190,6 +217,7 @@ class Settings(_Section):
     health: HealthSettings = HealthSettings()
     reload: ReloadSettings = ReloadSettings()
     metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
     modes: dict[ModeName, ModeSpec] = Field(default_factory=lambda: dict(_DEFAULT_MODES))
     default_mode: ModeName = "balanced"
     models: Annotated[tuple[ModelSpec, ...], Field(min_length=1, strict=False)]
@@ -227,7 +255,9 @@ class Settings(_Section):
 
         Relative model paths are resolved against ``base_dir`` (the config file's folder).
         """
-        merged = _apply_environment(_to_plain(data), os.environ if environ is None else environ)
+        env = os.environ if environ is None else environ
+        merged = _apply_environment(_to_plain(data), env)
+        _apply_otel_environment(merged, env)
         base = base_dir or Path.cwd()
         models = merged.get("models")
         if isinstance(models, list):
@@ -305,6 +335,20 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict
             target = nested
         target[parts[-1]] = value
     return data
+
+
+def _apply_otel_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """The standard OpenTelemetry variables that decide whether and where traces go."""
+    tracing = data.setdefault("tracing", {})
+    if not isinstance(tracing, dict):
+        return  # not a table: validation names it
+    traces = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if "endpoint" not in tracing and (traces or base):
+        # The OTLP/HTTP rule: the general endpoint gets the signal's path appended.
+        tracing["endpoint"] = traces or base.rstrip("/") + "/v1/traces"
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        tracing["sdk_disabled"] = True
 
 
 def _first_problem(err: ValidationError) -> str:

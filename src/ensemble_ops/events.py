@@ -92,6 +92,10 @@ class InferenceFinished:
     time_to_first_token_s: float | None = None
     engine_s: float = 0.0
     """Time in the engine (0 for a cache hit); latency_s adds queueing and overhead."""
+    queue_wait_s: float | None = None
+    """Waiting for a sequence slot of the batching engine (None for a cache hit)."""
+    time_per_output_token_s: float | None = None
+    """Decode time per token after the first (None for a hit or fewer than two tokens)."""
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,11 @@ def _check(document: Document, path: str, method: str, response: httpx.Response)
         assert data[-1] == "[DONE]"
         for item in data:
             _validate(document, schema, {"data": item})
-        chunk = schema["properties"]["data"]["contentSchema"]
+        (chunk,) = (
+            branch["contentSchema"]
+            for branch in schema["properties"]["data"]["anyOf"]
+            if "contentSchema" in branch
+        )
         for item in data[:-1]:
             _validate(document, chunk, json.loads(item))
     else:

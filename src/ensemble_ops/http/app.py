@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
@@ -27,26 +28,42 @@ from ensemble_ops.http.routes import metrics as metrics_routes
 from ensemble_ops.http.routes import openai as api
 from ensemble_ops.observability.log_view import subscribe_log
 from ensemble_ops.observability.metrics import Metrics
+from ensemble_ops.observability.tracing import build_tracer_provider, tracer_of
 from ensemble_ops.reload.manager import ReloadManager
 from ensemble_ops.serving.engine import LlamaEngine
 from ensemble_ops.serving.ensemble import EngineLoader, Ensemble
 from ensemble_ops.serving.gpu import GpuMonitor
 from ensemble_ops.tasks import TaskRunner
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
 __all__ = ["create_app"]
 
 _log = structlog.get_logger("ensemble_ops.app")
 
 
-def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -> Starlette:
+def create_app(
+    settings: Settings,
+    *,
+    loader: EngineLoader = LlamaEngine.load,
+    tracer_provider: TracerProvider | None = None,
+) -> Starlette:
     """Build the app. Models load in the background once the lifespan starts, so the
-    server answers (readiness 503) while they load; ``loader`` is the engine factory."""
+    server answers (readiness 503) while they load; ``loader`` is the engine factory.
+
+    ``tracer_provider`` receives the app's spans (tests pass one with an in-memory
+    exporter); without one, ``[tracing]`` decides, and tracing off means no SDK at all.
+    """
+    own_provider = tracer_provider is None
+    provider = build_tracer_provider(settings.tracing) if own_provider else tracer_provider
+    tracer = tracer_of(provider)
     bus = EventBus()
     runner = TaskRunner()
     subscribe_log(bus)
     members = [spec.name for spec in settings.models]
     view = HealthView(bus, settings.health, members)
-    ensemble = Ensemble(settings, bus, loader, runner, can_serve=view.can_serve)
+    ensemble = Ensemble(settings, bus, loader, runner, can_serve=view.can_serve, tracer=tracer)
     metrics = Metrics(
         enabled=settings.metrics.enabled, members=members, default_mode=settings.default_mode
     )
@@ -72,6 +89,7 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
         gpu=gpu,
         load_limiter=ensemble.load_limiter,
         allowed_dirs=[model_dir] if model_dir is not None else None,
+        tracer=tracer,
     )
 
     @asynccontextmanager
@@ -87,6 +105,8 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
                 await ensemble.close(settings.server.shutdown_timeout_s)
                 await runner.aclose()
             gpu.close()
+            if own_provider and provider is not None:  # flush what is still batched
+                await anyio.to_thread.run_sync(provider.shutdown)
         _log.info("ensemble.stopped")
 
     app = Starlette(
@@ -98,7 +118,7 @@ def create_app(settings: Settings, *, loader: EngineLoader = LlamaEngine.load) -
             *(metrics_routes.routes if settings.metrics.enabled else []),
         ],
         middleware=[
-            Middleware(RequestContextMiddleware),
+            Middleware(RequestContextMiddleware, tracer=tracer),
             Middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes),
         ],
         exception_handlers=dict(EXCEPTION_HANDLERS),

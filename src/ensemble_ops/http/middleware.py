@@ -12,6 +12,9 @@ import uuid
 from typing import Any
 
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import NoOpTracer, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,6 +25,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 _FIELDS = "ensemble_ops.log_fields"
+_PROPAGATOR = TraceContextTextMapPropagator()
 
 
 def log_fields(scope: Scope) -> dict[str, Any]:
@@ -36,42 +40,77 @@ def log_fields(scope: Scope) -> dict[str, Any]:
 
 class RequestContextMiddleware:
     """Gives each request an id (``X-Request-ID`` honoured when sane, else a new one),
-    binds it to the log context, returns it as a header, and logs one line per request."""
+    binds it to the log context, returns it as a header, and logs one line per request.
 
-    def __init__(self, app: ASGIApp) -> None:
+    It also opens the request's SERVER span (a no-op one when tracing is off): an incoming
+    W3C ``traceparent`` makes it part of the caller's trace, and the response names the trace
+    in a ``traceresponse`` header (Trace Context Level 2).
+    """
+
+    def __init__(self, app: ASGIApp, tracer: Tracer | None = None) -> None:
         self.app = app
+        self.tracer = tracer or NoOpTracer()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         fields = scope[_FIELDS] = {}
         started = time.perf_counter()
         status = 500
+        parent = _PROPAGATOR.extract(
+            {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
+        )
+        method, path = scope["method"], scope["path"]
+        span = self.tracer.start_span(
+            f"{method} {path}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "url.path": path},
+        )
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = MutableHeaders(scope=message)
-                headers.append("X-Request-ID", request_id)
+                response_headers = MutableHeaders(scope=message)
+                response_headers.append("X-Request-ID", request_id)
                 # Time spent in the app until the answer starts (W3C Server-Timing).
                 elapsed_ms = (time.perf_counter() - started) * 1000
-                headers.append("Server-Timing", f"app;dur={elapsed_ms:.2f}")
+                response_headers.append("Server-Timing", f"app;dur={elapsed_ms:.2f}")
+                context = span.get_span_context()
+                if context.is_valid:
+                    flags = f"{int(context.trace_flags):02x}"
+                    response_headers.append(
+                        "traceresponse",
+                        f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags}",
+                    )
             await send(message)
 
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
+        with (
+            trace.use_span(span, end_on_exit=True),
+            structlog.contextvars.bound_contextvars(request_id=request_id),
+        ):
             try:
                 await self.app(scope, receive, send_with_id)
             finally:
-                quiet = scope["path"].startswith(("/health/", "/metrics"))
+                route = scope.get("route")
+                template = getattr(route, "path", None)
+                if template:  # the route's template keeps span names few: /admin/models/{model}
+                    span.update_name(f"{method} {template}")
+                    span.set_attribute("http.route", template)
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+                quiet = path.startswith(("/health/", "/metrics"))
                 log = _log.debug if quiet and status < 400 else _log.info
                 log(
                     "request",
-                    method=scope["method"],
-                    path=scope["path"],
+                    method=method,
+                    path=path,
                     status=status,
                     latency_ms=round((time.perf_counter() - started) * 1000, 2),
                     **fields,

@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 from ensemble_ops._version import __version__
 from ensemble_ops.http.protocol import ErrorResponse, StreamError
 
-__all__ = ["Answer", "ApiRoute", "build_openapi", "errors", "openapi_route"]
+__all__ = ["Answer", "ApiRoute", "Operation", "build_openapi", "errors", "openapi_route"]
 
 _REF = "#/components/schemas/{model}"
 
@@ -119,6 +119,7 @@ def _schemas(routes: Sequence[ApiRoute]) -> tuple[_Made, dict[str, Any]]:
 
 def _event_stream(chunk: Any, error: Any) -> dict[str, Any]:
     """One server-sent event: Open API 3.1 has ``schema`` describe each event of a stream."""
+    data = {"contentMediaType": "application/json", "contentSchema": {"anyOf": [chunk, error]}}
     return {
         "type": "object",
         "required": ["data"],
@@ -127,8 +128,7 @@ def _event_stream(chunk: Any, error: Any) -> dict[str, Any]:
                 "type": "string",
                 "description": "A chunk as JSON; a StreamError when the engine fails after "
                 "text was sent; [DONE] last.",
-                "contentMediaType": "application/json",
-                "contentSchema": {"anyOf": [chunk, error]},
+                "anyOf": [{"const": "[DONE]"}, data],
             },
             "event": {"type": "string"},
         },

@@ -121,8 +121,9 @@ class InferenceBody(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def to_request(self, settings: Settings) -> InferenceRequest:
-        """The core request this body asks for."""
+    def to_request(self, settings: Settings, response_id: str = "") -> InferenceRequest:
+        """The core request this body asks for; ``response_id`` is the id its answer will
+        carry (traces record it)."""
         raise NotImplementedError
 
 
@@ -131,13 +132,14 @@ class CompletionBody(InferenceBody):
 
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
 
-    def to_request(self, settings: Settings) -> InferenceRequest:
+    def to_request(self, settings: Settings, response_id: str = "") -> InferenceRequest:
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         return InferenceRequest(
             model=self.model,
             mode=self.mode or settings.default_mode,
             params=self.params(settings, self.max_tokens),
             prompt=prompt,
+            response_id=response_id,
         )
 
 
@@ -166,12 +168,13 @@ class ChatCompletionBody(InferenceBody):
     messages: Annotated[list[_Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
 
-    def to_request(self, settings: Settings) -> InferenceRequest:
+    def to_request(self, settings: Settings, response_id: str = "") -> InferenceRequest:
         return InferenceRequest(
             model=self.model,
             mode=self.mode or settings.default_mode,
             params=self.params(settings, self.max_completion_tokens or self.max_tokens),
             messages=tuple(ChatMessage(m.role, m.text()) for m in self.messages),
+            response_id=response_id,
         )
 
 
@@ -297,8 +300,9 @@ def _is_none(value: object) -> bool:
 Omittable: TypeAlias = Annotated[
     T | SkipJsonSchema[None], Field(exclude_if=_is_none, json_schema_extra=_no_default)
 ]
-"""A response field left out of the JSON when None (declare it ``= None``); every other
-field is always present, null included, and required in the schema."""
+"""A response field left out of the JSON when None (declare it ``= None``): optional and
+never null in the schema. Every other response field is always sent, null included, and
+required in the schema."""
 
 
 class _Response(BaseModel):
@@ -348,10 +352,10 @@ class Reply(_Envelope[ChoiceT]):
         raise NotImplementedError
 
     @classmethod
-    def of(cls, member: str, completion: engine.Completion) -> Self:
-        """The answer of ``member`` with ``completion``."""
+    def of(cls, answer_id: str, member: str, completion: engine.Completion) -> Self:
+        """The answer ``answer_id`` of ``member`` with ``completion``."""
         return cls(
-            id=cls.new_id(),
+            id=answer_id,
             created=int(time.time()),
             model=member,
             choices=[cls.choice(completion)],

@@ -10,14 +10,29 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
 import structlog
+from opentelemetry import trace
 
-__all__ = ["configure_logging"]
+__all__ = ["add_trace_ids", "configure_logging"]
+
+
+def add_trace_ids(
+    logger: Any, method: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """``trace_id`` and ``span_id`` of the span current where the line is written, so a log
+    line leads to its trace (nothing is added outside a recording span, or tracing off)."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event.setdefault("trace_id", format(context.trace_id, "032x"))
+        event.setdefault("span_id", format(context.span_id, "016x"))
+    return event
+
 
 _shared_processors: list[structlog.types.Processor] = [
     structlog.contextvars.merge_contextvars,
+    add_trace_ids,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,
     structlog.stdlib.ExtraAdder(),

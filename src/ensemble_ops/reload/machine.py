@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 import anyio.to_thread
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from transitions.extensions.asyncio import AsyncEventData as EventData
 from transitions.extensions.asyncio import AsyncMachine
 
@@ -79,6 +81,7 @@ class Host(Protocol):
     settings: ReloadSettings
     runner: TaskRunner
     load_limiter: anyio.CapacityLimiter
+    tracer: Tracer
 
     def available_memory(self, spec: ModelSpec) -> tuple[int, str]: ...
 
@@ -122,6 +125,7 @@ class ReloadJob:
         self._started_mono = 0.0
         self._load_s = 0.0
         self._done: anyio.Event | None = None
+        self._state_span: Span | None = None
 
     @property
     def name(self) -> str:
@@ -165,6 +169,14 @@ class ReloadJob:
     def _entered(self, percent: float, message: str) -> None:
         self.progress, self.message = percent, message
         previous, self._last_state = self._last_state, self.state
+        # One span per state, a child of the reload's span (current while the chain runs).
+        if self._state_span is not None:
+            self._state_span.end()
+            self._state_span = None
+        if self.state in RUNNING:
+            self._state_span = self._host.tracer.start_span(
+                f"reload.{self.state}", attributes={"ensemble_ops.model": self.name}
+            )
         elapsed = time.monotonic() - self._started_mono
         self._host.bus.publish(
             ReloadStateChanged(self.name, previous, self.state, percent, message, elapsed)
@@ -255,7 +267,11 @@ class ReloadJob:
                 f"Serving generation {new.generation}; draining {old.in_flight} request(s) "
                 "on the old copy",
             )
-            drained = await self._host.retire(old, wait=False)
+            inside = trace.set_span_in_context(self._state_span) if self._state_span else None
+            with self._host.tracer.start_as_current_span("reload.drain", context=inside) as drain:
+                drain.set_attribute("ensemble_ops.reload.in_flight", old.in_flight)
+                drained = await self._host.retire(old, wait=False)
+                drain.set_attribute("ensemble_ops.reload.drained", drained)
             self._progress(
                 100.0,
                 f"Serving generation {new.generation}; old copy closed"
@@ -275,12 +291,18 @@ class ReloadJob:
         if isinstance(err, anyio.get_cancelled_exc_class()):
             # Shutdown cancelled the reload: free the new copy here (no task will run later),
             # keep the old one, and let the cancellation go on.
+            if self._state_span is not None:
+                self._state_span.end()
+                self._state_span = None
             if self._new is not None:
                 new, self._new = self._new, None
                 await new.close()
             raise err
         expected = isinstance(err, ReloadFailedError)
         self.error = str(err) if expected else f"{type(err).__name__}: {err}"
+        if self._state_span is not None and err is not None:
+            self._state_span.record_exception(err)
+            self._state_span.set_status(Status(StatusCode.ERROR, self.error))
         if self.state in RUNNING:
             await self.fail()
         else:  # the failure came from a final state's own callback: nothing to roll back

@@ -13,6 +13,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import structlog
+from opentelemetry.trace import NoOpTracer, Status, StatusCode, Tracer
 
 from ensemble_ops.config import ModelSpec, ReloadSettings, Settings
 from ensemble_ops.errors import InvalidModelFileError, InvalidRequestError, ReloadConflictError
@@ -50,10 +51,12 @@ class ReloadManager:
         load_limiter: anyio.CapacityLimiter | None = None,
         memory_probe: MemoryProbe | None = None,
         allowed_dirs: list[Path] | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         """``slots`` is read live; ``loader`` loads a member's engine from its spec; ``gpu``
         reads free VRAM for the memory check (``memory_probe`` replaces that check);
-        ``allowed_dirs`` bounds reload paths (default: the folders of the members' files)."""
+        ``allowed_dirs`` bounds reload paths (default: the folders of the members' files);
+        ``tracer`` makes a trace of each reload, a span per state."""
         self.bus = bus
         self.slots = slots
         self.settings = settings
@@ -63,6 +66,7 @@ class ReloadManager:
         self._gpu = gpu
         self._memory_probe = memory_probe
         self.allowed_dirs = allowed_dirs
+        self.tracer = tracer or NoOpTracer()
         self._jobs: dict[str, ReloadJob] = {}
         self._machine = new_machine()
 
@@ -217,7 +221,13 @@ class ReloadManager:
     async def _drive(self, job: ReloadJob) -> None:
         started = time.monotonic()
         try:
-            await job.start()  # runs the whole chain: each state fires the next trigger
+            with self.tracer.start_as_current_span(
+                f"reload {job.name}", attributes={"ensemble_ops.model": job.name}
+            ) as span:
+                await job.start()  # runs the whole chain: each state fires the next trigger
+                span.set_attribute("ensemble_ops.reload.outcome", job.state)
+                if job.state != "completed":
+                    span.set_status(Status(StatusCode.ERROR, job.error or "failed"))
             elapsed = time.monotonic() - started
             if job.state == "completed":
                 self.bus.publish(ReloadFinished(job.name, "completed", elapsed))

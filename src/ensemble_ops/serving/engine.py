@@ -69,6 +69,18 @@ class Completion:
     completion_tokens: int
     engine_s: float = 0.0
     """Time the engine spent on it (set by the caller that timed it)."""
+    queue_wait_s: float = 0.0
+    """Waiting for a free sequence slot of the batching engine."""
+    time_to_first_token_s: float | None = None
+    decode_s: float = 0.0
+    """From the first token to the last."""
+
+    @property
+    def time_per_output_token_s(self) -> float | None:
+        """Decode time per token after the first (None with fewer than two tokens)."""
+        if self.completion_tokens < 2:
+            return None
+        return self.decode_s / (self.completion_tokens - 1)
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,8 @@ class EngineInfo:
     gpu_bytes: int = 0
     """The share of weights and context on the GPU (by offloaded layers); 0 on CPU."""
     metadata: dict[str, str] = field(default_factory=dict)
+    parallel: int = 1
+    """Sequences decoded together (KV streams of n_ctx tokens each)."""
 
 
 class Engine(Protocol):
@@ -140,7 +154,7 @@ def plain_transcript(messages: Sequence[ChatMessage]) -> str:
     return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
 
 
-def _fold_system_messages(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+def fold_system_messages(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
     """System messages moved into the first user turn, for templates without a system role."""
     system = [m.content for m in messages if m.role == "system"]
     rest = [m for m in messages if m.role != "system"]
@@ -243,7 +257,7 @@ class LlamaEngine:
         try:
             return self._render_template(template, messages)
         except Exception as err:  # jinja2's errors, or the template's own raise_exception
-            folded = _fold_system_messages(messages)
+            folded = fold_system_messages(messages)
             if folded != list(messages):
                 with contextlib.suppress(Exception):
                     return self._render_template(template, folded)

@@ -18,6 +18,7 @@ import anyio.abc
 import anyio.from_thread
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from opentelemetry.trace import NoOpTracer, Tracer
 
 from ensemble_ops.config import ModelSpec, ModeName, Settings
 from ensemble_ops.errors import (
@@ -40,6 +41,7 @@ from ensemble_ops.events import (
 from ensemble_ops.serving.cache import ResponseCache, is_deterministic
 from ensemble_ops.serving.engine import ChatMessage, Completion, Engine, GenerationParams, OnText
 from ensemble_ops.serving.slot import Lease, Loaded, ModelSlot, loaded_event
+from ensemble_ops.serving.spans import AttemptSpan
 from ensemble_ops.tasks import TaskRunner
 
 __all__ = ["EngineLoader", "Ensemble", "InferenceRequest", "InferenceResult", "TextStream"]
@@ -58,6 +60,8 @@ class InferenceRequest:
     params: GenerationParams
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] = ()
+    response_id: str = ""
+    """The id the answer will carry (``chatcmpl-...``), for traces; empty when none."""
 
     @property
     def kind(self) -> Literal["completion", "chat"]:
@@ -72,9 +76,13 @@ class InferenceResult:
 
 
 def _generate(
-    engine: Engine, request: InferenceRequest, on_text: OnText | None = None
+    engine: Engine,
+    request: InferenceRequest,
+    attempt: AttemptSpan,
+    on_text: OnText | None = None,
 ) -> Completion:
     """The work of one request, in the worker thread that holds the instance."""
+    attempt.running()
     params = request.params
     if request.prompt is not None:
         tokens = engine.tokenize(request.prompt)
@@ -162,9 +170,12 @@ class Ensemble:
         runner: TaskRunner,
         *,
         can_serve: Callable[[str], bool] = lambda name: True,
+        tracer: Tracer | None = None,
     ) -> None:
         """``runner`` runs streaming generations; ``can_serve`` tells routing whether a member
-        is fit to serve (the health view's verdict), so unfit ones are tried last."""
+        is fit to serve (the health view's verdict), so unfit ones are tried last; ``tracer``
+        makes a span of each attempt (a no-op one when tracing is off)."""
+        self._tracer = tracer or NoOpTracer()
         self.settings = settings
         self.bus = bus
         self._loader = loader
@@ -274,8 +285,23 @@ class Ensemble:
         prompt = request.prompt if request.prompt is not None else request.messages
         return ResponseCache.key(slot.name, loaded.generation, prompt, request.params)
 
+    def _attempt(self, request: InferenceRequest, member: str, *, stream: bool) -> AttemptSpan:
+        return AttemptSpan.open(
+            self._tracer,
+            request,
+            member,
+            stream=stream,
+            capture_content=self.settings.tracing.capture_content,
+        )
+
     async def _complete_on(
         self, slot: ModelSlot, request: InferenceRequest, *, fallback: bool
+    ) -> InferenceResult:
+        with self._attempt(request, slot.name, stream=False).current() as attempt:
+            return await self._attempt_on(slot, request, attempt, fallback=fallback)
+
+    async def _attempt_on(
+        self, slot: ModelSlot, request: InferenceRequest, attempt: AttemptSpan, *, fallback: bool
     ) -> InferenceResult:
         started = time.perf_counter()
         cache = self.cache if is_deterministic(request.params) else None
@@ -283,17 +309,21 @@ class Ensemble:
         if cache is not None and active is not None:
             hit = cache.get(self._cache_key(slot, active, request))
             self.bus.publish(CacheLookedUp(slot.name, hit is not None))
+            attempt.cache(hit is not None)
             if hit is not None:
+                attempt.done(hit)
                 self._finished(slot.name, request, hit, started, cached=True, stream=False)
                 return InferenceResult(slot.name, hit, cached=True)
         try:
             async with slot.lease() as loaded:
-                completion = await loaded.run(_generate, loaded.engine, request)
+                completion = await loaded.run(_generate, loaded.engine, request, attempt)
         except Exception as err:
+            attempt.fail(err)
             # A failure another member will retry does not end the request.
             final = not (fallback and isinstance(err, _FALLBACK_ERRORS))
             self._failed(slot.name, request, err, started, final=final)
             raise
+        attempt.done(completion)
         if cache is not None:
             cache.put(self._cache_key(slot, loaded, request), completion)
         self._finished(slot.name, request, completion, started, cached=False, stream=False)
@@ -311,10 +341,19 @@ class Ensemble:
             self._failed(request.model, request, err, time.perf_counter(), final=True)
             raise
         stream = TextStream(slot.name, request)
-        self._runner.spawn(self._run_stream, slot, lease, stream)
+        attempt = self._attempt(request, slot.name, stream=True)
+        self._runner.spawn(self._run_stream, slot, lease, stream, attempt)
         return stream
 
-    async def _run_stream(self, slot: ModelSlot, lease: Lease, stream: TextStream) -> None:
+    async def _run_stream(
+        self, slot: ModelSlot, lease: Lease, stream: TextStream, attempt: AttemptSpan
+    ) -> None:
+        with attempt.current():
+            await self._stream_on(slot, lease, stream, attempt)
+
+    async def _stream_on(
+        self, slot: ModelSlot, lease: Lease, stream: TextStream, attempt: AttemptSpan
+    ) -> None:
         started = time.perf_counter()
         first_piece: list[float] = []
         request = stream.request
@@ -322,13 +361,14 @@ class Ensemble:
         def on_text(piece: str) -> None:  # in the worker thread
             if not first_piece:
                 first_piece.append(time.perf_counter() - started)
+                attempt.first_token()
             anyio.from_thread.run_sync(stream.deliver, piece)
 
         result: Completion | None = None
         error: Exception | None = None
         try:
             loaded = lease.loaded
-            result = await loaded.run(_generate, loaded.engine, request, on_text)
+            result = await loaded.run(_generate, loaded.engine, request, attempt, on_text)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self.bus.publish(
                 InferenceFinished(
@@ -344,8 +384,10 @@ class Ensemble:
             )
         except Exception as err:
             error = err
+            attempt.fail(err)
             self._failed(slot.name, request, err, started)
         else:
+            attempt.done(result)
             ttft = first_piece[0] if first_piece else None
             self._finished(
                 slot.name, request, result, started, cached=False, stream=True, ttft=ttft

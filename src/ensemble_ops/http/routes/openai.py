@@ -85,14 +85,15 @@ def _inference_route(
     async def answer(request: Request) -> Response:
         settings: Settings = request.app.state.settings
         parsed = parse_body(body, await read_json(request))
-        inference = parsed.to_request(settings)
+        inference = parsed.to_request(settings, response_id=reply.new_id())
         _note(request, inference, stream=parsed.stream)
         if parsed.stream:
             return await _stream(request, inference, chunk, parsed.include_usage)
         result = await _ensemble(request).complete(inference)
         _note_result(request, result)
+        whole = reply.of(inference.response_id, result.member, result.completion)
         return JSONResponse(
-            reply.of(result.member, result.completion).model_dump(mode="json"),
+            whole.model_dump(mode="json"),
             headers={"X-Ensemble-Member": result.member, "X-Cache": _cache_header(result)},
         )
 
@@ -129,11 +130,15 @@ async def _stream(
         raise
     fields = log_fields(request.scope)
     fields["member"] = stream.member
-    chunk_id, created = chunk.new_id(), int(time.time())
+    created = int(time.time())
 
     def event(choices: list[Any], usage: Usage | None = None) -> str:
         body = chunk(
-            id=chunk_id, created=created, model=stream.member, choices=choices, usage=usage
+            id=inference.response_id,
+            created=created,
+            model=stream.member,
+            choices=choices,
+            usage=usage,
         )
         return _event(body)
 
