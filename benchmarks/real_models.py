@@ -130,7 +130,9 @@ def bench_model(
 
     record("direct", 1, direct(path, model, requests, threads))
     with tempfile.TemporaryDirectory() as work:
-        process, url = start_server({model.name: path}, threads, Path(work))
+        # As many sequence slots as the most clients here, like llama-server -np N at c=N.
+        fields = {"parallel": max(CONCURRENCY)}
+        process, url = start_server({model.name: path}, threads, Path(work), model_fields=fields)
         try:
             for c in CONCURRENCY:
                 record(
@@ -200,6 +202,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=6, help="per client in each cell")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-cpp", action="store_true", help="skip the C++ llama-server")
+    parser.add_argument(
+        "--models", nargs="*", default=[m.name for m in REAL_MEMBERS], help="members to measure"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -231,6 +236,7 @@ def main() -> None:
         "models": {
             model.name: bench_model(model, paths[model.name], binary, args.requests, args.threads)
             for model in REAL_MEMBERS
+            if model.name in args.models
         },
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -94,7 +94,7 @@ def span_cost_us(tracer: Tracer, samples: int) -> float:
         with trace.use_span(server, end_on_exit=True):
             attempt = AttemptSpan.open(tracer, request, "demo-tiny", stream=False)
             with attempt.current():
-                attempt.cache(False)
+                attempt.cache("miss")
                 attempt.running()
                 attempt.done(completion)
             server.set_attribute("http.response.status_code", 200)

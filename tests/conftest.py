@@ -24,10 +24,10 @@ from ensemble_ops.serving.engine import (
     Completion,
     EngineInfo,
     GenerationParams,
-    LlamaEngine,
     OnText,
 )
 from ensemble_ops.serving.ensemble import Ensemble
+from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.serving.real_models import ensure_real_models
 
 BYTE_SAMPLER = DemoModel(
@@ -119,22 +119,32 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("ENSEMBLE_OPS_")}
 
 
-class FlakyEngine:
-    """A real engine whose decodes fail while ``failing`` is set.
+class EngineWrapper:
+    """A real engine behind a small fake at the Engine boundary: everything forwards to
+    ``real``; a subclass changes only what a real model cannot produce on demand."""
 
-    A real model cannot be made to fail on demand and then recover, so this small fake sits
-    at the Engine boundary; everything else (tokenizing, templates, sizes) is the real one.
-    """
-
-    def __init__(self, real: LlamaEngine, *, failing: bool = True) -> None:
+    def __init__(self, real: LlamaEngine) -> None:
         self.real = real
-        self.failing = failing
-        self.calls = 0
         self.closed = False
 
     @property
     def info(self) -> EngineInfo:
         return self.real.info
+
+    @property
+    def free_slots(self) -> int:
+        return self.real.free_slots
+
+    @property
+    def step_started(self) -> float | None:
+        return self.real.step_started
+
+    @property
+    def kv_usage(self) -> float:
+        return self.real.kv_usage
+
+    def drain_batch_sizes(self) -> list[int]:
+        return self.real.drain_batch_sizes()
 
     def tokenize(self, text: str) -> list[int]:
         return self.real.tokenize(text)
@@ -143,13 +153,38 @@ class FlakyEngine:
         return self.real.render_chat(messages)
 
     def complete(
-        self, tokens: list[int], params: GenerationParams, on_text: OnText | None = None
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        on_text: OnText | None = None,
+        *,
+        head_start_s: float = 0.0,
     ) -> Completion:
-        self.calls += 1
-        if self.failing:
-            raise EngineError("flaky", "llama_decode returned -3")
-        return self.real.complete(tokens, params, on_text)
+        return self.real.complete(tokens, params, on_text, head_start_s=head_start_s)
 
     def close(self) -> None:
         self.closed = True
         self.real.close()
+
+
+class FlakyEngine(EngineWrapper):
+    """A real engine whose decodes fail while ``failing`` is set (a real model cannot be
+    made to fail on demand and then recover)."""
+
+    def __init__(self, real: LlamaEngine, *, failing: bool = True) -> None:
+        super().__init__(real)
+        self.failing = failing
+        self.calls = 0
+
+    def complete(
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        on_text: OnText | None = None,
+        *,
+        head_start_s: float = 0.0,
+    ) -> Completion:
+        self.calls += 1
+        if self.failing:
+            raise EngineError("flaky", "llama_decode returned -3")
+        return self.real.complete(tokens, params, on_text, head_start_s=head_start_s)

@@ -64,12 +64,12 @@ class TestDashboard:
             "run `nox -s dashboard` to regenerate it"
         )
 
-    def test_twelve_panels_then_the_row_beyond(self) -> None:
-        """The twelve panels in order and type, then the health/reload/queue row."""
+    def test_twelve_panels_then_the_rows_beyond(self) -> None:
+        """The twelve panels in order and type, then the health/reload/queue and batching rows."""
         panels = _committed()["panels"]
         assert [(p["title"], p["type"]) for p in panels[:12]] == TWELVE
         assert panels[12]["type"] == "row"
-        beyond = [p["title"] for p in panels[13:]]
+        beyond = [p["title"] for p in panels[13:19]]
         assert beyond == [
             "Health status",
             "Reload state",
@@ -78,9 +78,37 @@ class TestDashboard:
             "Time to first token p95",
             "Queue depth",
         ]
+        assert (panels[19]["type"], panels[19]["title"]) == ("row", "Batching")
+        assert [p["title"] for p in panels[20:]] == [
+            "Batch size p50 / p95",
+            "KV cache usage",
+            "Time per output token p95",
+            "Queue wait p95",
+        ]
         stacking = panels[11]["fieldConfig"]["defaults"]["custom"]["stacking"]
         assert stacking["mode"] == "normal"
         assert len({p["id"] for p in panels}) == len(panels)
+
+    def test_batching_row_reads_the_batching_series(self) -> None:
+        """Each batching panel queries its series: quantiles of the histograms, KV as 0..1."""
+        panels = {p["title"]: p for p in _committed()["panels"]}
+        exprs = {title: [t["expr"] for t in p.get("targets", [])] for title, p in panels.items()}
+        batch = exprs["Batch size p50 / p95"]
+        assert [e.split(",")[0] for e in batch] == [
+            "histogram_quantile(0.5",
+            "histogram_quantile(0.95",
+        ]
+        assert all("rate(llm_batch_size_bucket{" in e for e in batch)
+        assert exprs["KV cache usage"] == ['llm_kv_cache_usage_ratio{model=~"$model"}']
+        kv = panels["KV cache usage"]["fieldConfig"]["defaults"]
+        assert (kv["unit"], kv["min"], kv["max"]) == ("percentunit", 0, 1)
+        for title, series in (
+            ("Time per output token p95", "llm_time_per_output_token_seconds_bucket"),
+            ("Queue wait p95", "llm_queue_wait_seconds_bucket"),
+        ):
+            (expr,) = exprs[title]
+            assert expr.startswith("histogram_quantile(0.95, sum by (le, model, mode) (rate(")
+            assert f"{series}{{" in expr
 
     def test_model_variable_datasource_and_refresh(self) -> None:
         """A `model` variable, every query on the provisioned datasource uid, refresh 10 s."""
@@ -111,7 +139,7 @@ class TestPrometheusFiles:
         assert config.returncode == 0, config.stdout + config.stderr
         rules = _promtool("check", "rules", "alerts.yml")
         assert rules.returncode == 0, rules.stdout + rules.stderr
-        assert "SUCCESS: 8 rules found" in rules.stdout
+        assert "SUCCESS: 9 rules found" in rules.stdout
 
     def test_promtool_unit_tests_every_alert(self) -> None:
         """Each alert fires on its condition and resolves (alerts_test.yml)."""

@@ -14,8 +14,9 @@ from ensemble_ops.health.status import HealthStatus, ModelHealth
 from ensemble_ops.http.app import create_app
 from ensemble_ops.reload.manager import ReloadManager
 from ensemble_ops.reload.status import ReloadStatus
-from ensemble_ops.serving.engine import Engine, LlamaEngine
+from ensemble_ops.serving.engine import Engine
 from ensemble_ops.serving.ensemble import Ensemble
+from ensemble_ops.serving.llama_engine import LlamaEngine
 
 __all__ = [
     "ConfigError",

@@ -91,7 +91,10 @@ class HealthSettings(_Section):
     memory_limit_bytes: Annotated[int, Field(gt=0)] = 30 * 10**9
     """A member whose llama.cpp memory (weights + context) exceeds this is degraded."""
     latency_limit_s: Annotated[float, Field(gt=0)] = 5.0
-    """A member whose last inference took longer than this is degraded."""
+    """A member whose last inference probe took longer than this is degraded."""
+    time_per_token_limit_s: Annotated[float, Field(gt=0)] = 0.5
+    """A member whose last answer took longer than this per output token (after the first)
+    is degraded: judged per token, so a long answer is never slow by its length alone."""
     failure_threshold: Annotated[int, Field(gt=0)] = 3
     """This many engine failures in a row make a member unhealthy."""
     probe_timeout_s: Annotated[float, Field(gt=0)] = 10.0

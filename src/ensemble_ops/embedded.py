@@ -37,8 +37,9 @@ from ensemble_ops.reload.machine import LoaderFunc
 from ensemble_ops.reload.manager import ReloadManager
 from ensemble_ops.reload.status import ReloadStatus
 from ensemble_ops.reload.warmup import WarmupFunc
-from ensemble_ops.serving.engine import Engine, LlamaEngine
+from ensemble_ops.serving.engine import Engine
 from ensemble_ops.serving.gpu import GpuMonitor
+from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.serving.slot import Loaded, ModelSlot, loaded_event
 from ensemble_ops.tasks import TaskRunner
 

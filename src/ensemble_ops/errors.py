@@ -33,7 +33,7 @@ class EnsembleOpsError(Exception):
     status: ClassVar[int] = 500
     error_type: ClassVar[str] = "server_error"
     code: ClassVar[str] = "internal_error"
-    retry_after_s: ClassVar[int | None] = None
+    retry_after_s: int | None = None
     param: str | None = None
 
 
@@ -99,18 +99,19 @@ class ModelUnavailableError(EnsembleOpsError):
 
 
 class OverloadedError(EnsembleOpsError):
-    """The member's queue is full; the client should retry later."""
+    """The member's queue is full; the client should retry later (Retry-After: an estimate
+    from the member's measured rate of answers)."""
 
     status = 503
     error_type = "service_unavailable_error"
     code = "overloaded"
-    retry_after_s = 1
 
-    def __init__(self, name: str, queue_size: int) -> None:
+    def __init__(self, name: str, queue_size: int, *, retry_after_s: int = 1) -> None:
         self.name = name
+        self.retry_after_s = retry_after_s
         super().__init__(
             f"The model {name!r} is overloaded ({queue_size} requests already waiting); "
-            "retry later."
+            f"retry in {retry_after_s} s."
         )
 
 

@@ -6,7 +6,7 @@ import asyncio
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,17 +23,14 @@ from ensemble_ops.events import HealthChanged, ProbeFinished
 from ensemble_ops.health.status import HealthStatus
 from ensemble_ops.http.app import create_app
 from ensemble_ops.serving.engine import (
-    ChatMessage,
-    ChatPrompt,
     Completion,
-    EngineInfo,
     GenerationParams,
-    LlamaEngine,
     OnText,
 )
 from ensemble_ops.serving.gpu import GpuMonitor
+from ensemble_ops.serving.llama_engine import LlamaEngine
 
-from ..conftest import FlakyEngine, SettingsFactory, serving
+from ..conftest import EngineWrapper, FlakyEngine, SettingsFactory, serving
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 FIELDS = {
@@ -102,19 +99,26 @@ class TestModelHealth:
         assert "over the limit of 20 MiB" in base.json()["error_message"]
         assert tiny.json()["status"] == "healthy"
 
-    async def test_degraded_by_latency_and_recovered(self, make_settings: SettingsFactory) -> None:
-        """An inference over the latency limit degrades; a fast one restores health."""
-        settings = make_settings(health={"latency_limit_s": 0.05})
+    async def test_a_long_answer_does_not_degrade(self, make_settings: SettingsFactory) -> None:
+        """A 256-token answer longer than latency_limit_s leaves the member healthy: slowness
+        is judged per token (and on probes), never by the length of a generation."""
+        settings = make_settings(health={"latency_limit_s": 0.01})
         async with serving(create_app(settings)) as client:
-            slow = {"model": "demo-base", "prompt": "x", "max_tokens": 60}
-            await client.post("/v1/completions", json=slow)
-            degraded = (await client.get("/health/llm", params={"model": "demo-base"})).json()
-            fast = {"model": "demo-base", "prompt": "x", "max_tokens": 1}
-            await client.post("/v1/completions", json=fast)
-            healthy = (await client.get("/health/llm", params={"model": "demo-base"})).json()
-        assert degraded["status"] == "degraded"
-        assert "last inference took" in degraded["error_message"]
-        assert healthy["status"] == "healthy"
+            long = {"model": "demo-base", "prompt": "x", "max_tokens": 256}
+            answer = await client.post("/v1/completions", json=long)
+            health = (await client.get("/health/llm", params={"model": "demo-base"})).json()
+        assert answer.json()["usage"]["completion_tokens"] == 256
+        assert health["last_inference_ms"] > 10
+        assert health["status"] == "healthy"
+
+    async def test_degraded_by_time_per_token(self, make_settings: SettingsFactory) -> None:
+        """Answers slower per output token than time_per_token_limit_s degrade the member."""
+        settings = make_settings(health={"time_per_token_limit_s": 1e-6})
+        async with serving(create_app(settings)) as client:
+            await client.post("/v1/completions", json={"model": "demo-base", "prompt": "x"})
+            health = (await client.get("/health/llm", params={"model": "demo-base"})).json()
+        assert health["status"] == "degraded"
+        assert "ms per token" in health["error_message"]
 
     async def test_unhealthy_after_failures_routed_around_and_recovers(
         self, settings: Settings
@@ -238,29 +242,6 @@ class TestProbes:
         assert second["probe"]["cached"]
         assert everyone["status"] == "healthy"
 
-    async def test_busy_model_is_not_probed(self, settings: Settings) -> None:
-        """A probe never queues behind user traffic: it reports the last real inference."""
-        app = create_app(settings)
-        probes = _events(app, ProbeFinished)
-        async with serving(app) as client:
-            await client.post(
-                "/v1/completions", json={"model": "demo-base", "prompt": "x", "max_tokens": 3}
-            )
-            held = app.state.ensemble.slots["demo-base"].acquire()  # a request in flight
-            try:
-                body = (
-                    await client.get(
-                        "/health/llm", params={"model": "demo-base", "run_inference": "true"}
-                    )
-                ).json()
-            finally:
-                held.release()
-        assert body["probe"]["outcome"] == "busy"
-        assert body["probe"]["latency_ms"] == body["last_inference_ms"] > 0
-        assert "busy" in body["probe"]["error"]
-        assert body["status"] == "healthy"
-        assert not probes
-
     async def test_probe_timeout_is_unhealthy(self, make_settings: SettingsFactory) -> None:
         """A probe with no answer in probe_timeout_s reports it (and never hangs)."""
         settings = make_settings(health={"probe_timeout_s": 0.0001})
@@ -359,34 +340,26 @@ async def _until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
             await anyio.sleep(0.01)
 
 
-class _BlockingEngine:
+class _BlockingEngine(EngineWrapper):
     """A real engine whose next completion hangs until released: a stuck inference, which a
     real model cannot produce on demand."""
 
     def __init__(self, real: LlamaEngine, started: threading.Event) -> None:
-        self.real = real
+        super().__init__(real)
         self.started = started
         self.release = threading.Event()
 
-    @property
-    def info(self) -> EngineInfo:
-        return self.real.info
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.real.tokenize(text)
-
-    def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
-        return self.real.render_chat(messages)
-
     def complete(
-        self, tokens: list[int], params: GenerationParams, on_text: OnText | None = None
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        on_text: OnText | None = None,
+        *,
+        head_start_s: float = 0.0,
     ) -> Completion:
         self.started.set()
         self.release.wait(timeout=30)
-        return self.real.complete(tokens, params, on_text)
-
-    def close(self) -> None:
-        self.real.close()
+        return self.real.complete(tokens, params, on_text, head_start_s=head_start_s)
 
 
 class TestEmbeddedApi:

@@ -31,8 +31,11 @@ class TestTable:
         ]
         codes = [cls.code for cls in classes]
         assert len(codes) == len(set(codes))
+        overloaded = errors.OverloadedError("m", 1, retry_after_s=7)
+        assert overloaded.retry_after_s == 7  # from the member's measured rate
         for cls in classes:
-            assert (cls.status == 503) == (cls.retry_after_s is not None and cls.status != 409)
+            retry = overloaded.retry_after_s if cls is errors.OverloadedError else cls.retry_after_s
+            assert (cls.status == 503) == (retry is not None and cls.status != 409)
 
     def test_unexpected_exceptions_are_internal_errors(self) -> None:
         """Anything not raised on purpose is labelled internal_error."""

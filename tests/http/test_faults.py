@@ -178,7 +178,7 @@ class TestOverloadAndSlowClients:
         config = _config(
             tmp_path / "e.toml",
             [
-                ("demo-base", model_dir / "demo-base.gguf", "queue_size = 1"),
+                ("demo-base", model_dir / "demo-base.gguf", "queue_size = 1\nparallel = 1"),
                 ("demo-small", model_dir / "demo-small.gguf", ""),
             ],
         )

@@ -15,8 +15,8 @@ from ensemble_ops.config import ModelSpec, Settings
 from ensemble_ops.http.app import create_app
 from ensemble_ops.serving.engine import (
     Completion,
-    LlamaEngine,
 )
+from ensemble_ops.serving.llama_engine import LlamaEngine
 
 from ..conftest import FlakyEngine, SettingsFactory, serving
 
@@ -342,7 +342,14 @@ class TestFailures:
         self, make_settings: SettingsFactory, demo_dir: Any
     ) -> None:
         """Past the queue, a member answers 503 + Retry-After at once; nothing hangs."""
-        models = [{"name": "demo-base", "path": str(demo_dir / "demo-base.gguf"), "queue_size": 1}]
+        models = [
+            {
+                "name": "demo-base",
+                "path": str(demo_dir / "demo-base.gguf"),
+                "queue_size": 1,
+                "parallel": 1,
+            }
+        ]
         settings = make_settings(models=models)
         async with serving(create_app(settings)) as client:
             long = {"model": "demo-base", "prompt": "Hi", "max_tokens": 400}
@@ -365,7 +372,10 @@ class TestFailures:
     ) -> None:
         """model "ensemble": a full member passes the request to the next one."""
         settings = make_settings()
-        models = [{**m.model_dump(), "path": str(m.path), "queue_size": 0} for m in settings.models]
+        models = [
+            {**m.model_dump(), "path": str(m.path), "queue_size": 0, "parallel": 1}
+            for m in settings.models
+        ]
         async with serving(create_app(make_settings(models=models))) as client:
             request = {"model": "ensemble", "mode": "creative", "prompt": "Hi", "max_tokens": 300}
             results: list[httpx.Response] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from typing import Any
 
 import anyio
 import httpx
@@ -12,6 +13,7 @@ import pytest
 
 from ensemble_ops import embedded
 from ensemble_ops.config import Settings
+from ensemble_ops.events import EventBus, InferenceFinished
 from ensemble_ops.http.app import create_app
 from ensemble_ops.observability.metrics import Metrics
 
@@ -37,6 +39,10 @@ CONTRACT = {
     "llm_time_to_first_token_seconds": "histogram",
     "llm_queue_depth": "gauge",
     "llm_event_loop_lag_seconds": "gauge",
+    "llm_batch_size": "histogram",
+    "llm_kv_cache_usage_ratio": "gauge",
+    "llm_time_per_output_token_seconds": "histogram",
+    "llm_queue_wait_seconds": "histogram",
     "process_resident_memory_bytes": "gauge",
     "process_cpu_seconds_total": "counter",
 }
@@ -82,6 +88,7 @@ class TestExposition:
         assert "llm_cache_hits_total 1" in text
         assert 'llm_reload_total{model="demo-tiny",outcome="completed"} 1' in text
         assert 'llm_reload_state{model="demo-tiny",state="completed"} 1' in text
+        assert 'llm_kv_cache_usage_ratio{model="demo-base"}' in text  # every member, from start
 
     @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
     async def test_promtool_accepts_it(self, client: httpx.AsyncClient) -> None:
@@ -115,7 +122,8 @@ class TestCounting:
         """A request that falls back is one request (success) plus one error on the member."""
         settings = make_settings()
         models = [
-            {**mm.model_dump(), "path": str(mm.path), "queue_size": 0} for mm in settings.models
+            {**mm.model_dump(), "path": str(mm.path), "queue_size": 0, "parallel": 1}
+            for mm in settings.models
         ]
         async with serving(app := create_app(make_settings(models=models))) as client:
             request = {"model": "ensemble", "prompt": "x", "max_tokens": 200}
@@ -171,6 +179,8 @@ def _record_everything(metrics: Metrics) -> None:
     metrics.record_cache_hit()
     metrics.record_cache_miss()
     metrics.update_model_status("mine", True, memory_bytes=1234)
+    metrics.observe_batch_sizes("mine", [1, 3])
+    metrics.set_kv_cache_usage("mine", 0.5)
     with metrics.track_inference_time("mine", "creative"):
         pass
     thread = threading.Thread(target=metrics.record_request, args=("mine", "fast", "success"))
@@ -199,6 +209,8 @@ class TestRecordingApi:
         assert flat["llm_cache_hits_total"] == 1
         assert flat["llm_cache_misses_total"] == 1
         assert flat["llm_model_memory_bytes_model=mine,memory_type=ram"] == 1234
+        assert flat["llm_batch_size_count_model=mine"] == 2
+        assert flat["llm_kv_cache_usage_ratio_model=mine"] == 0.5
         assert flat["llm_inference_duration_seconds_count_model=mine,mode=fast"] == 3
         assert flat["llm_inference_duration_seconds_count_model=mine,mode=creative"] == 1
 
@@ -231,3 +243,81 @@ class TestRecordingApi:
             key = "llm_requests_total_model=demo-tiny,mode=balanced,status=success"
             assert first.state.metrics.flat()[key] == 1
             assert key not in second.state.metrics.flat()
+
+
+def _finished(model: str, mode: str, **fields: Any) -> InferenceFinished:
+    base: dict[str, Any] = {
+        "latency_s": 0.5,
+        "prompt_tokens": 3,
+        "completion_tokens": 8,
+        "cached": False,
+        "stream": False,
+    }
+    return InferenceFinished(model, mode, **{**base, **fields})
+
+
+class TestBatching:
+    def test_finished_events_fill_queue_wait_and_time_per_token(self) -> None:
+        """queue_wait_s and time_per_output_token_s land in their histograms by model/mode."""
+        metrics, bus = Metrics(members=["a"]), EventBus()
+        metrics.subscribe(bus)
+        bus.publish(_finished("a", "fast", queue_wait_s=0.07, time_per_output_token_s=0.015))
+        bus.publish(_finished("a", "fast", queue_wait_s=3.0, time_per_output_token_s=0.3))
+        bus.publish(_finished("a", "creative", queue_wait_s=0.0, stream=True))
+        bus.publish(_finished("a", "fast", cached=True, latency_s=0.001))  # hit: both None
+        flat = metrics.flat()
+        assert flat["llm_queue_wait_seconds_count_model=a,mode=fast"] == 2
+        assert flat["llm_queue_wait_seconds_bucket_model=a,mode=fast,le=0.1"] == 1
+        assert flat["llm_queue_wait_seconds_bucket_model=a,mode=fast,le=5"] == 2
+        assert flat["llm_queue_wait_seconds_sum_model=a,mode=fast"] == pytest.approx(3.07)
+        assert flat["llm_queue_wait_seconds_count_model=a,mode=creative"] == 1
+        assert flat["llm_time_per_output_token_seconds_count_model=a,mode=fast"] == 2
+        assert flat["llm_time_per_output_token_seconds_bucket_model=a,mode=fast,le=0.02"] == 1
+        assert flat["llm_time_per_output_token_seconds_bucket_model=a,mode=fast,le=0.5"] == 2
+        assert "llm_time_per_output_token_seconds_count_model=a,mode=creative" not in flat
+
+    def test_a_cancelled_stream_still_counts_its_wait(self) -> None:
+        """A client that left a stream had waited for its slot: the wait is observed."""
+        metrics, bus = Metrics(members=["a"]), EventBus()
+        metrics.subscribe(bus)
+        bus.publish(_finished("a", "fast", stream=True, outcome="cancelled", queue_wait_s=8.0))
+        flat = metrics.flat()
+        assert flat["llm_queue_wait_seconds_count_model=a,mode=fast"] == 1
+        assert "llm_inference_duration_seconds_count_model=a,mode=fast" not in flat
+
+    def test_batch_sizes_and_kv_usage_in_the_exposition_and_json(self) -> None:
+        """observe_batch_sizes fills llm_batch_size{model}; the KV gauge starts at 0."""
+        metrics = Metrics(members=["a", "b"])
+        assert metrics.flat()["llm_kv_cache_usage_ratio_model=b"] == 0
+        metrics.observe_batch_sizes("a", iter([1, 4, 4, 300]))  # any iterable, once
+        metrics.set_kv_cache_usage("a", 0.25)
+        text = metrics.render([])[0].decode()
+        assert 'llm_batch_size_bucket{le="1.0",model="a"} 1' in text
+        assert 'llm_batch_size_bucket{le="4.0",model="a"} 3' in text
+        assert 'llm_batch_size_bucket{le="512.0",model="a"} 4' in text
+        assert 'llm_batch_size_count{model="a"} 4' in text
+        assert 'llm_batch_size_sum{model="a"} 309' in text
+        assert 'llm_kv_cache_usage_ratio{model="a"} 0.25' in text
+        assert 'llm_kv_cache_usage_ratio{model="b"} 0' in text
+        flat = metrics.flat()
+        assert flat["llm_batch_size_bucket_model=a,le=2"] == 1
+        assert flat["llm_batch_size_bucket_model=a,le=+Inf"] == 4
+        assert flat["llm_kv_cache_usage_ratio_model=a"] == 0.25
+
+    def test_kv_usage_stays_a_ratio(self) -> None:
+        """A reading outside 0..1 (rounding) is clamped to the gauge's range."""
+        metrics = Metrics(members=["a"])
+        metrics.set_kv_cache_usage("a", 1.0000001)
+        assert metrics.flat()["llm_kv_cache_usage_ratio_model=a"] == 1
+        metrics.set_kv_cache_usage("a", -0.1)
+        assert metrics.flat()["llm_kv_cache_usage_ratio_model=a"] == 0
+
+    def test_disabled_records_none_of_them(self) -> None:
+        """enabled=False: no KV series at start, and neither events nor methods record."""
+        metrics, bus = Metrics(enabled=False, members=["a"]), EventBus()
+        metrics.subscribe(bus)
+        bus.publish(_finished("a", "fast", queue_wait_s=1.0, time_per_output_token_s=0.01))
+        metrics.observe_batch_sizes("a", [1, 2])
+        metrics.set_kv_cache_usage("a", 0.5)
+        names = ("llm_batch_size", "llm_kv_cache_usage", "llm_time_per_output", "llm_queue_wait")
+        assert [k for k in metrics.flat() if k.startswith(names)] == []

@@ -126,7 +126,8 @@ class TestScrapedByPrometheus:
             4 * sum(sent.values()) + 3 + 3
         )
         assert prom.value('sum(llm_tokens_total{kind="prompt"})') > 0
-        assert prom.value("sum(llm_time_to_first_token_seconds_count)") == 1
+        # Every answer from the engine has a first token (the engine times it), streams or not.
+        assert prom.value("sum(llm_time_to_first_token_seconds_count)") == engine_requests
 
     def test_model_gauges(self, scraped: tuple[Server, Prometheus, dict[str, int]]) -> None:
         """Loaded, memory by type, active requests, queue depth, requests per second."""
@@ -153,6 +154,33 @@ class TestScrapedByPrometheus:
         assert prom.value('llm_health_status{model="demo-base",status="healthy"}') == 1
         assert prom.value('llm_health_status{model="broken",status="unhealthy"}') == 1
         assert prom.value("sum(llm_health_status)") == 4  # one status per member
+
+    def test_batching(self, scraped: tuple[Server, Prometheus, dict[str, int]]) -> None:
+        """Queue wait and time per token per engine request; batch sizes and KV per member."""
+        _, prom, sent = scraped
+        engine_requests = sum(sent.values()) + 1 + 1  # + the cache miss + the stream
+        assert prom.value("sum(llm_queue_wait_seconds_count)") == engine_requests
+        assert prom.value('llm_queue_wait_seconds_count{model="demo-tiny",mode="fast"}') == 3
+        assert prom.value("sum(llm_queue_wait_seconds_sum)") >= 0
+        # Every engine request made 3 or 4 tokens, so each has a time per token.
+        assert prom.value("sum(llm_time_per_output_token_seconds_count)") == engine_requests
+        assert prom.value("sum(llm_time_per_output_token_seconds_sum)") > 0
+        for model in ("demo-tiny", "demo-small", "demo-base"):
+            assert prom.value(f'llm_batch_size_count{{model="{model}"}}') > 0, model
+        assert not prom.query('llm_batch_size_count{model="broken"}')
+        # No step carries more than n_batch (512) tokens.
+        assert prom.value('sum(llm_batch_size_bucket{le="512.0"})') == prom.value(
+            "sum(llm_batch_size_count)"
+        )
+        usage = prom.query("llm_kv_cache_usage_ratio")
+        assert sorted(u["metric"]["model"] for u in usage) == [
+            "broken",
+            "demo-base",
+            "demo-small",
+            "demo-tiny",
+        ]
+        assert all(0 <= float(u["value"][1]) <= 1 for u in usage)
+        assert prom.value('llm_kv_cache_usage_ratio{model="broken"}') == 0
 
     def test_process_metrics(self, scraped: tuple[Server, Prometheus, dict[str, int]]) -> None:
         """Event-loop lag and the standard process metrics are there."""

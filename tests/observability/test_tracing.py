@@ -22,7 +22,8 @@ from starlette.applications import Starlette
 from ensemble_ops.config import Settings
 from ensemble_ops.http.app import create_app
 from ensemble_ops.observability.logs import configure_logging
-from ensemble_ops.serving.engine import Engine, LlamaEngine
+from ensemble_ops.serving.engine import Engine
+from ensemble_ops.serving.llama_engine import LlamaEngine
 
 from ..conftest import FlakyEngine, SettingsFactory, serving
 

@@ -25,7 +25,8 @@ from ensemble_ops.events import (
 from ensemble_ops.http.app import create_app
 from ensemble_ops.reload.machine import mermaid_diagram
 from ensemble_ops.reload.manager import ReloadManager
-from ensemble_ops.serving.engine import Engine, LlamaEngine
+from ensemble_ops.serving.engine import Engine
+from ensemble_ops.serving.llama_engine import LlamaEngine
 
 from ..conftest import FlakyEngine, SettingsFactory, serving
 

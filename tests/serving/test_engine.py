@@ -15,7 +15,8 @@ import pytest
 from ensemble_ops.config import ModelSpec
 from ensemble_ops.errors import EngineError, InvalidModelFileError, InvalidRequestError
 from ensemble_ops.serving.demo import DemoModel, write_model
-from ensemble_ops.serving.engine import ChatMessage, GenerationParams, LlamaEngine, plain_transcript
+from ensemble_ops.serving.engine import ChatMessage, GenerationParams, plain_transcript
+from ensemble_ops.serving.llama_engine import LlamaEngine
 
 from ..conftest import BYTE_SAMPLER, NO_BYTE_TOKENS
 

@@ -1,1 +1,520 @@
-"""Placeholder."""
+"""The ensemble on its own: routing order, fallback, the response cache, loading and closing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from ensemble_ops.config import ModelSpec, ModeName, Settings
+from ensemble_ops.errors import (
+    ContextLengthExceededError,
+    EngineError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    NoMemberAvailableError,
+    OverloadedError,
+)
+from ensemble_ops.events import (
+    CacheLookedUp,
+    EventBus,
+    InferenceFailed,
+    InferenceFinished,
+    ModelLoaded,
+    ModelLoadFailed,
+    ModelUnloaded,
+)
+from ensemble_ops.serving.engine import (
+    ChatMessage,
+    Completion,
+    Engine,
+    GenerationParams,
+    OnText,
+)
+from ensemble_ops.serving.ensemble import Ensemble, InferenceRequest
+from ensemble_ops.serving.llama_engine import LlamaEngine
+from ensemble_ops.tasks import TaskRunner
+
+from ..conftest import FlakyEngine
+
+MEMBERS = ("a", "b", "c")
+GREEDY = GenerationParams(max_tokens=4, temperature=0.0, top_p=1.0)
+SAMPLED = GenerationParams(max_tokens=4, temperature=0.9, top_p=1.0)
+
+
+class _Events:
+    """Everything the ensemble publishes, in order."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self.seen: list[Any] = []
+        for kind in (
+            CacheLookedUp,
+            InferenceFailed,
+            InferenceFinished,
+            ModelLoaded,
+            ModelLoadFailed,
+            ModelUnloaded,
+        ):
+            bus.subscribe(kind, self.seen.append)
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [e for e in self.seen if isinstance(e, kind)]
+
+
+class _Member(FlakyEngine):
+    """A member's real engine that counts decodes, fails while ``failing`` is set or for its
+    next ``fail_next`` decodes, and records what each decode was asked."""
+
+    def __init__(self, real: LlamaEngine) -> None:
+        super().__init__(real, failing=False)
+        self.fail_next = 0
+        self.asked: list[tuple[GenerationParams, float]] = []
+
+    def complete(
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        on_text: OnText | None = None,
+        *,
+        head_start_s: float = 0.0,
+    ) -> Completion:
+        self.asked.append((params, head_start_s))
+        if self.fail_next:
+            self.fail_next -= 1
+            self.calls += 1
+            raise EngineError("flaky", "llama_decode returned -3")
+        return super().complete(tokens, params, on_text, head_start_s=head_start_s)
+
+
+class _Engines:
+    """Loads the members' real engines, each behind a _Member; ``broken`` members fail to
+    load at all."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, _Member] = {}
+        self.broken: set[str] = set()
+
+    def __call__(self, spec: ModelSpec) -> Engine:
+        if spec.name in self.broken:
+            raise EngineError(spec.name, "cannot load")
+        engine = _Member(LlamaEngine.load(spec))
+        self.by_name[spec.name] = engine
+        return engine
+
+
+def _request(
+    model: str = "ensemble",
+    params: GenerationParams = GREEDY,
+    prompt: str | None = "Hello",
+    messages: tuple[ChatMessage, ...] = (),
+    mode: ModeName = "fast",
+) -> InferenceRequest:
+    return InferenceRequest(model, mode, params, prompt=prompt, messages=messages)
+
+
+@pytest.fixture(name="ensemble_settings")
+def _ensemble_settings(demo_dir: Path) -> Settings:
+    """Three members on the tiny demo model, none waiting beyond the one running; the fast
+    mode prefers c, then a."""
+    tiny = str(demo_dir / "demo-tiny.gguf")
+    return Settings.from_mapping(
+        {
+            "models": [
+                {"name": n, "path": tiny, "n_ctx": 256, "queue_size": 0, "parallel": 1}
+                for n in MEMBERS
+            ],
+            "modes": {"fast": {"prefer": ["c", "a"]}},
+        },
+        environ={},
+    )
+
+
+@pytest.fixture(name="engines")
+def _engines() -> _Engines:
+    return _Engines()
+
+
+@pytest.fixture(name="bus")
+def _bus() -> EventBus:
+    return EventBus()
+
+
+@pytest.fixture(name="events")
+def _events(bus: EventBus) -> _Events:
+    return _Events(bus)
+
+
+EnsembleFactory = Callable[..., Ensemble]
+
+
+@pytest.fixture(name="make_ensemble")
+async def _make_ensemble(
+    ensemble_settings: Settings, bus: EventBus, engines: _Engines
+) -> AsyncIterator[EnsembleFactory]:
+    """Builds ensembles over the three members; closes them and their tasks afterwards."""
+    built: list[Ensemble] = []
+    runner = TaskRunner()
+
+    def make(settings: Settings = ensemble_settings, **options: Any) -> Ensemble:
+        ensemble = Ensemble(settings, bus, engines, runner, **options)
+        built.append(ensemble)
+        return ensemble
+
+    try:
+        yield make
+    finally:
+        await runner.aclose()
+        for ensemble in built:
+            await ensemble.close(drain_timeout_s=1.0)
+
+
+@pytest.fixture(name="ensemble")
+async def _ensemble(make_ensemble: EnsembleFactory) -> Ensemble:
+    """The three members, loaded."""
+    ensemble = make_ensemble()
+    await ensemble.load_all()
+    return ensemble
+
+
+class TestRouting:
+    async def test_a_named_member_is_the_only_candidate(self, ensemble: Ensemble) -> None:
+        """A request naming a member goes to that member and no other."""
+        assert [s.name for s in ensemble.candidates("b", "fast")] == ["b"]
+        result = await ensemble.complete(_request("b"))
+        assert result.member == "b"
+
+    async def test_an_unknown_member_is_not_found(self, ensemble: Ensemble) -> None:
+        """An unknown name is refused, naming the members there are."""
+        with pytest.raises(ModelNotFoundError, match="choose one of: ensemble, a, b, c"):
+            ensemble.candidates("d", "fast")
+
+    async def test_the_mode_preference_comes_first_then_the_rest_in_config_order(
+        self, ensemble: Ensemble
+    ) -> None:
+        """model "ensemble" tries the mode's preferred members, then the others as declared."""
+        assert [s.name for s in ensemble.candidates("ensemble", "fast")] == ["c", "a", "b"]
+        assert [s.name for s in ensemble.candidates("ensemble", "creative")] == ["a", "b", "c"]
+        assert (await ensemble.complete(_request())).member == "c"
+
+    async def test_unfit_members_go_last_not_away(self, make_ensemble: EnsembleFactory) -> None:
+        """Members the health view finds unfit are tried after every fit one, in order."""
+        ensemble = make_ensemble(can_serve=lambda name: name not in ("c", "a"))
+        await ensemble.load_all()
+        assert [s.name for s in ensemble.candidates("ensemble", "fast")] == ["b", "c", "a"]
+        assert (await ensemble.complete(_request())).member == "b"
+        named = ensemble.candidates("c", "fast")
+        assert [s.name for s in named] == ["c"]  # asked for by name: still served
+
+    async def test_a_full_member_passes_the_request_to_the_next(
+        self, ensemble: Ensemble, events: _Events
+    ) -> None:
+        """A member whose queue is full is skipped; the failed attempt is not the request's
+        end, the answer is."""
+        held = ensemble.slots["c"].acquire()
+        try:
+            result = await ensemble.complete(_request())
+        finally:
+            held.release()
+        assert result.member == "a"
+        failed = events.of(InferenceFailed)
+        assert [(f.model, f.error_type, f.final) for f in failed] == [("c", "overloaded", False)]
+        assert [f.model for f in events.of(InferenceFinished)] == ["a"]
+
+    async def test_a_failing_member_passes_the_request_to_the_next(
+        self, ensemble: Ensemble, engines: _Engines, events: _Events
+    ) -> None:
+        """An engine failure on the preferred member: the next one answers."""
+        engines.by_name["c"].failing = True
+        result = await ensemble.complete(_request())
+        assert result.member == "a"
+        assert engines.by_name["c"].calls == 1
+        failed = events.of(InferenceFailed)
+        assert [(f.model, f.error_type, f.final) for f in failed] == [("c", "engine_error", False)]
+
+    async def test_a_named_member_does_not_fall_back(
+        self, ensemble: Ensemble, engines: _Engines, events: _Events
+    ) -> None:
+        """A request naming a member fails with that member's error, as the final outcome."""
+        engines.by_name["b"].failing = True
+        with pytest.raises(EngineError, match="llama_decode returned -3"):
+            await ensemble.complete(_request("b"))
+        held = ensemble.slots["a"].acquire()
+        try:
+            with pytest.raises(OverloadedError):
+                await ensemble.complete(_request("a"))
+        finally:
+            held.release()
+        assert [(f.model, f.error_type, f.final) for f in events.of(InferenceFailed)] == [
+            ("b", "engine_error", True),
+            ("a", "overloaded", True),
+        ]
+        assert engines.by_name["a"].calls == engines.by_name["c"].calls == 0
+
+    async def test_when_no_member_can_serve_each_says_why(
+        self, ensemble: Ensemble, engines: _Engines, events: _Events
+    ) -> None:
+        """Every member full or failing: one final failure of the ensemble, naming each
+        member's reason."""
+        engines.by_name["a"].failing = True
+        held = [ensemble.slots["c"].acquire()]
+        ensemble.slots["b"].unload("reloading")
+        try:
+            with pytest.raises(NoMemberAvailableError) as refused:
+                await ensemble.complete(_request())
+        finally:
+            for lease in held:
+                lease.release()
+        assert refused.value.reasons == {
+            "c": "overloaded",
+            "a": "Inference failed on model 'flaky': llama_decode returned -3",
+            "b": "the model is being reloaded (its old copy was unloaded first)",
+        }
+        finals = [(f.model, f.error_type) for f in events.of(InferenceFailed) if f.final]
+        assert finals == [("ensemble", "no_member_available")]
+
+    async def test_a_prompt_that_does_not_fit_is_refused_before_decoding(
+        self, ensemble: Ensemble, engines: _Engines
+    ) -> None:
+        """Prompt plus max_tokens over n_ctx is the client's error, not a fallback; exactly
+        n_ctx fits."""
+        n_ctx = engines.by_name["b"].info.n_ctx
+        room = n_ctx - len(engines.by_name["b"].tokenize("Hello"))
+        fits = GenerationParams(max_tokens=room, temperature=0.0, top_p=1.0)
+        result = await ensemble.complete(_request("b", fits))
+        assert result.completion.completion_tokens == room
+        over = GenerationParams(max_tokens=room + 1, temperature=0.0, top_p=1.0)
+        with pytest.raises(ContextLengthExceededError):
+            await ensemble.complete(_request(params=over))
+        assert engines.by_name["c"].calls == 0
+
+    async def test_chat_messages_use_the_template_and_its_stop_strings(
+        self, ensemble: Ensemble, engines: _Engines
+    ) -> None:
+        """A chat request answers through the member's chat template."""
+        chat = (ChatMessage("user", "Hello"),)
+        result = await ensemble.complete(_request("a", prompt=None, messages=chat))
+        prompt = engines.by_name["a"].render_chat(chat)
+        direct = engines.by_name["a"].complete(
+            prompt.tokens, GenerationParams(4, 0.0, 1.0, stop=prompt.stop)
+        )
+        assert result.completion.text == direct.text
+        assert result.completion.prompt_tokens == len(prompt.tokens)
+
+
+class TestCache:
+    async def test_a_repeated_deterministic_request_is_answered_from_the_cache(
+        self, ensemble: Ensemble, engines: _Engines, events: _Events
+    ) -> None:
+        """The second identical temperature-0 request never reaches the engine."""
+        first = await ensemble.complete(_request())
+        second = await ensemble.complete(_request())
+        assert (first.cached, second.cached) == (False, True)
+        assert second.completion == first.completion
+        assert engines.by_name["c"].calls == 1
+        assert [(e.model, e.hit) for e in events.of(CacheLookedUp)] == [
+            ("c", False),
+            ("c", True),
+        ]
+        finished = events.of(InferenceFinished)
+        assert [(f.cached, f.engine_s == 0.0) for f in finished] == [(False, False), (True, True)]
+
+    async def test_sampled_requests_are_never_cached(
+        self, ensemble: Ensemble, engines: _Engines, events: _Events
+    ) -> None:
+        """Without temperature 0 or a seed, each request runs; a seed makes it cacheable."""
+        for _ in range(2):
+            assert not (await ensemble.complete(_request(params=SAMPLED))).cached
+        assert engines.by_name["c"].calls == 2
+        assert events.of(CacheLookedUp) == []
+        seeded = GenerationParams(max_tokens=4, temperature=0.9, top_p=1.0, seed=7)
+        results = [await ensemble.complete(_request(params=seeded)) for _ in range(2)]
+        assert [r.cached for r in results] == [False, True]
+
+    async def test_a_cached_answer_belongs_to_its_member_and_its_parameters(
+        self, ensemble: Ensemble
+    ) -> None:
+        """The same prompt to another member, or with other parameters, is a miss."""
+        await ensemble.complete(_request("a"))
+        assert not (await ensemble.complete(_request("b"))).cached
+        longer = GenerationParams(max_tokens=5, temperature=0.0, top_p=1.0)
+        assert not (await ensemble.complete(_request("a", longer))).cached
+        assert not (await ensemble.complete(_request("a", prompt="Hello!"))).cached
+        assert (await ensemble.complete(_request("a"))).cached
+
+    async def test_a_new_copy_never_answers_from_the_old_copys_cache(
+        self, ensemble: Ensemble, demo_dir: Path
+    ) -> None:
+        """After a swap to a new copy of the member, the same request runs on the new copy."""
+        await ensemble.complete(_request("a"))
+        slot = ensemble.slots["a"]
+        spec = ModelSpec(name="a", path=demo_dir / "demo-tiny.gguf", n_ctx=256)
+        old = slot.active
+        assert old is not None
+        new = slot.install(LlamaEngine.load(spec))
+        try:
+            result = await ensemble.complete(_request("a"))
+            assert not result.cached
+            assert (await ensemble.complete(_request("a"))).cached
+        finally:
+            await old.close()
+        assert new is slot.active
+
+    async def test_a_failed_request_is_not_cached(
+        self, ensemble: Ensemble, engines: _Engines
+    ) -> None:
+        """A request that failed runs again next time."""
+        engines.by_name["b"].failing = True
+        with pytest.raises(EngineError):
+            await ensemble.complete(_request("b"))
+        engines.by_name["b"].failing = False
+        assert not (await ensemble.complete(_request("b"))).cached
+
+    async def test_a_disabled_cache_caches_nothing(
+        self, make_ensemble: EnsembleFactory, ensemble_settings: Settings, engines: _Engines
+    ) -> None:
+        """cache.enabled = false: every request reaches the engine."""
+        settings = ensemble_settings.model_copy(
+            update={"cache": ensemble_settings.cache.model_copy(update={"enabled": False})}
+        )
+        ensemble = make_ensemble(settings)
+        await ensemble.load_all()
+        for _ in range(2):
+            assert not (await ensemble.complete(_request("a"))).cached
+        assert engines.by_name["a"].calls == 2
+
+
+class TestStreams:
+    async def test_a_stream_starts_on_the_first_member_that_can_take_it(
+        self, ensemble: Ensemble, events: _Events
+    ) -> None:
+        """A stream skips a full member, yields the text, and frees the member at the end."""
+        held = ensemble.slots["c"].acquire()
+        try:
+            stream = ensemble.start_stream(_request(params=SAMPLED))
+            await stream.first()
+            text = "".join([piece async for piece in stream.pieces()])
+        finally:
+            held.release()
+        assert stream.member == "a"
+        assert stream.result is not None
+        assert text == stream.result.text
+        loaded = ensemble.slots["a"].active
+        assert loaded is not None
+        assert loaded.in_flight == 0
+        finished = events.of(InferenceFinished)
+        assert [(f.model, f.stream, f.outcome) for f in finished] == [("a", True, "success")]
+        assert finished[0].time_to_first_token_s is not None
+
+    async def test_a_stream_no_member_can_take_fails_before_it_starts(
+        self, ensemble: Ensemble, events: _Events
+    ) -> None:
+        """With every member full, starting a stream raises (so the client gets a 503)."""
+        held = [ensemble.slots[name].acquire() for name in MEMBERS]
+        try:
+            with pytest.raises(NoMemberAvailableError):
+                ensemble.start_stream(_request())
+            with pytest.raises(OverloadedError):
+                ensemble.start_stream(_request("b"))
+        finally:
+            for lease in held:
+                lease.release()
+        assert [f.final for f in events.of(InferenceFailed)] == [True, True]
+
+    async def test_a_stream_the_client_leaves_stops_and_frees_the_member(
+        self, ensemble: Ensemble, events: _Events
+    ) -> None:
+        """Closing the stream stops generation; the member is free again and the outcome
+        is cancelled."""
+        long = GenerationParams(max_tokens=100, temperature=0.9, top_p=1.0)
+        stream = ensemble.start_stream(_request("b", long))
+        await stream.first()
+        stream.close()
+        loaded = ensemble.slots["b"].active
+        assert loaded is not None
+        with anyio.fail_after(10):
+            while loaded.in_flight:
+                await anyio.sleep(0.01)
+        finished = events.of(InferenceFinished)
+        assert [(f.model, f.outcome) for f in finished] == [("b", "cancelled")]
+        assert finished[0].completion_tokens < 100
+
+    async def test_a_stream_that_fails_before_any_text_raises_its_error(
+        self, ensemble: Ensemble, engines: _Engines
+    ) -> None:
+        """An engine failure before the first piece is raised by first()."""
+        engines.by_name["b"].failing = True
+        stream = ensemble.start_stream(_request("b"))
+        with pytest.raises(EngineError):
+            await stream.first()
+        stream.close()
+        loaded = ensemble.slots["b"].active
+        assert loaded is not None
+        with anyio.fail_after(10):
+            while loaded.in_flight:
+                await anyio.sleep(0.01)
+
+
+class TestLifecycle:
+    async def test_a_member_that_fails_to_load_is_marked_and_the_others_load(
+        self, make_ensemble: EnsembleFactory, engines: _Engines, events: _Events
+    ) -> None:
+        """A load failure marks that member failed with the error; loading goes on."""
+        engines.broken.add("b")
+        ensemble = make_ensemble()
+        await ensemble.load_all()
+        assert ensemble.loading_done.is_set()
+        assert {n: s.state for n, s in ensemble.slots.items()} == {
+            "a": "ready",
+            "b": "failed",
+            "c": "ready",
+        }
+        assert [(e.model, e.error) for e in events.of(ModelLoadFailed)] == [
+            ("b", "Inference failed on model 'b': cannot load")
+        ]
+        assert [e.model for e in events.of(ModelLoaded)] == ["a", "c"]
+        assert [i.name for i in ensemble.instances()] == ["a", "c"]
+        assert (await ensemble.complete(_request())).member == "c"
+
+    async def test_closing_frees_every_copy_and_refuses_requests(
+        self, ensemble: Ensemble, engines: _Engines, events: _Events
+    ) -> None:
+        """close() unloads and closes every member's copy and announces each."""
+        generations = {n: s.active.generation for n, s in ensemble.slots.items() if s.active}
+        await ensemble.close(drain_timeout_s=1.0)
+        assert all(engine.closed for engine in engines.by_name.values())
+        assert {e.model: e.generation for e in events.of(ModelUnloaded)} == generations
+        assert {s.state for s in ensemble.slots.values()} == {"stopped"}
+        assert ensemble.instances() == []
+        with pytest.raises(ModelUnavailableError, match="not loaded"):
+            await ensemble.complete(_request("a"))
+
+    async def test_closing_waits_for_a_request_in_flight(
+        self, ensemble: Ensemble, engines: _Engines
+    ) -> None:
+        """A request still running when shutdown starts finishes before its copy closes."""
+        held = ensemble.slots["a"].acquire()
+        closing: list[bool] = []
+
+        async def release_later() -> None:
+            await anyio.sleep(0.1)
+            closing.append(engines.by_name["a"].closed)
+            held.release()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(release_later)
+            await ensemble.close(drain_timeout_s=5.0)
+        assert closing == [False]
+        assert engines.by_name["a"].closed
+
+    async def test_a_member_loaded_after_shutdown_began_is_closed(
+        self, make_ensemble: EnsembleFactory, engines: _Engines
+    ) -> None:
+        """A load that ends after close() started frees its engine instead of serving."""
+        ensemble = make_ensemble()
+        await ensemble.close(drain_timeout_s=1.0)
+        await ensemble.load(ensemble.slots["a"])
+        assert engines.by_name["a"].closed
+        assert ensemble.slots["a"].active is None

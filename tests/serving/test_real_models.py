@@ -371,6 +371,7 @@ class TestFallbackAndRefusal:
         config = tmp_path / "ensemble.toml"
         config.write_text(
             f'[[models]]\nname = "{INSTRUCT}"\npath = "{real_paths[INSTRUCT]}"\nqueue_size = 0\n'
+            "parallel = 1\n"
             f'[[models]]\nname = "{BASE}"\npath = "{real_paths[BASE]}"\n'
             f'[[models]]\nname = "broken"\npath = "{broken}"\n'
             f'[modes.fast]\nprefer = ["{INSTRUCT}", "{BASE}"]\n'

@@ -25,6 +25,9 @@ from ensemble_ops.tasks import TaskRunner
 
 __all__ = ["Prober"]
 
+_PROBE_HEAD_START_S = 3600.0
+"""Ahead of every request in the engine's admission order."""
+
 
 @dataclass(frozen=True)
 class _Outcome:
@@ -107,11 +110,14 @@ class Prober:
 
     @staticmethod
     def _claim_idle(lease: Lease) -> object | None:
-        """Claim the member if this lease is its only one (no request running or waiting)."""
-        if lease.loaded.in_flight > 1:
+        """A worker thread for the probe if the member has a free sequence slot: the probe
+        then joins the batch at once as a one-token sequence (first in the admission order),
+        and never waits behind queued requests."""
+        loaded = lease.loaded
+        if loaded.engine.free_slots < 1:
             return None
         try:
-            return lease.loaded.claim()
+            return loaded.claim()
         except anyio.WouldBlock:
             return None
 
@@ -121,7 +127,7 @@ class Prober:
         prompt = self._settings.probe_prompt
 
         def one_token(engine: Engine) -> None:
-            engine.complete(engine.tokenize(prompt), params)
+            engine.complete(engine.tokenize(prompt), params, head_start_s=_PROBE_HEAD_START_S)
 
         loaded = lease.loaded
         error: str | None = None

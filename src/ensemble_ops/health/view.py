@@ -5,8 +5,9 @@ Status rules (thresholds in ``[health]``):
 - unknown: still loading;
 - unhealthy: not loaded, the inference probe failed, or the last ``failure_threshold``
   inferences failed;
-- degraded: llama.cpp memory over ``memory_limit_bytes``, or the last inference slower than
-  ``latency_limit_s``;
+- degraded: llama.cpp memory over ``memory_limit_bytes``, the last probe slower than
+  ``latency_limit_s``, or the last answer slower per output token than
+  ``time_per_token_limit_s`` (never the length of a long generation);
 - healthy otherwise. One successful inference (or probe) makes an unhealthy member recover.
 
 A status is re-evaluated when an event changes what it depends on, and ``HealthChanged`` is
@@ -49,6 +50,9 @@ class MemberRecord:
     gpu_bytes: int = 0
     load_error: str | None = None
     last_inference_s: float | None = None
+    """The latest real inference (answer or probe), shown in health; not a verdict."""
+    last_probe_s: float | None = None
+    last_time_per_token_s: float | None = None
     failures: int = 0
     last_error: str | None = None
     probe_error: str | None = None
@@ -103,10 +107,16 @@ class HealthView:
                 f"memory {r.memory_bytes / _MIB:.0f} MiB is over the limit of "
                 f"{limits.memory_limit_bytes / _MIB:.0f} MiB"
             )
-        if r.last_inference_s is not None and r.last_inference_s > limits.latency_limit_s:
+        if r.last_probe_s is not None and r.last_probe_s > limits.latency_limit_s:
             return HealthStatus.DEGRADED, (
-                f"last inference took {r.last_inference_s:.2f} s "
+                f"the last inference probe took {r.last_probe_s:.2f} s "
                 f"(limit {limits.latency_limit_s:g} s)"
+            )
+        per_token = r.last_time_per_token_s
+        if per_token is not None and per_token > limits.time_per_token_limit_s:
+            return HealthStatus.DEGRADED, (
+                f"the last answer took {per_token * 1000:.0f} ms per token "
+                f"(limit {limits.time_per_token_limit_s * 1000:.0f} ms)"
             )
         return HealthStatus.HEALTHY, "ok"
 
@@ -151,6 +161,8 @@ class HealthView:
         if r is None or event.cached or event.outcome != "success":
             return
         r.last_inference_s = event.engine_s
+        if event.time_per_output_token_s is not None:
+            r.last_time_per_token_s = event.time_per_output_token_s
         r.failures, r.probe_error = 0, None
         self._refresh(event.model)
 
@@ -173,7 +185,7 @@ class HealthView:
         if r is None:
             return
         if event.ok:
-            r.last_inference_s = event.latency_s
+            r.last_inference_s = r.last_probe_s = event.latency_s
             r.failures, r.probe_error = 0, None
         else:
             r.probe_error = event.error or "failed"

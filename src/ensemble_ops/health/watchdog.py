@@ -69,6 +69,12 @@ class Watchdog:
                 f"(limit {settings.loop_lag_limit_s:g} s)"
             )
         for loaded in self._instances():
+            step = loaded.engine.step_started
+            if step is not None and now - step > settings.inference_hard_limit_s:
+                return (
+                    f"a decode step of {loaded.name} has run for {now - step:.0f} s "
+                    f"(limit {settings.inference_hard_limit_s:g} s)"
+                )
             running_since = loaded.running_since
             if running_since is not None and now - running_since > settings.inference_hard_limit_s:
                 return (

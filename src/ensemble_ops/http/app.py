@@ -30,9 +30,9 @@ from ensemble_ops.observability.log_view import subscribe_log
 from ensemble_ops.observability.metrics import Metrics
 from ensemble_ops.observability.tracing import build_tracer_provider, tracer_of
 from ensemble_ops.reload.manager import ReloadManager
-from ensemble_ops.serving.engine import LlamaEngine
 from ensemble_ops.serving.ensemble import EngineLoader, Ensemble
 from ensemble_ops.serving.gpu import GpuMonitor
+from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.tasks import TaskRunner
 
 if TYPE_CHECKING:
@@ -135,8 +135,17 @@ def create_app(
 
 
 def _collect_slots(metrics: Metrics, ensemble: Ensemble) -> None:
-    """Gauges read from the members at scrape time: requests holding each, and waiting."""
+    """Read from the members at scrape time: requests holding each, those waiting for a
+    sequence slot, the KV cache in use, and the batch sizes of the steps since the last
+    scrape."""
     for name, slot in ensemble.slots.items():
-        in_flight = slot.active.in_flight if slot.active is not None else 0
-        metrics.active.set({"model": name}, in_flight)
-        metrics.queue_depth.set({"model": name}, max(in_flight - 1, 0))
+        active = slot.active
+        if active is None:
+            metrics.active.set({"model": name}, 0)
+            metrics.queue_depth.set({"model": name}, 0)
+            metrics.set_kv_cache_usage(name, 0.0)
+            continue
+        metrics.active.set({"model": name}, active.in_flight)
+        metrics.queue_depth.set({"model": name}, max(active.in_flight - active.parallel, 0))
+        metrics.set_kv_cache_usage(name, active.engine.kv_usage)
+        metrics.observe_batch_sizes(name, active.engine.drain_batch_sizes())

@@ -59,7 +59,15 @@ def _finished(event: InferenceFinished) -> None:
         stream=event.stream,
         latency_ms=round(event.latency_s * 1000, 2),
         completion_tokens=event.completion_tokens,
+        # The batch's side of it: how long it waited for a sequence slot, and its decode
+        # speed while it shared the batch with the others.
+        queue_wait_ms=_ms(event.queue_wait_s),
+        time_per_token_ms=_ms(event.time_per_output_token_s),
     )
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
 
 
 def _failed(event: InferenceFailed) -> None:

@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar, cast
 
 import psutil
@@ -48,6 +48,10 @@ R = TypeVar("R")
 
 INFERENCE_BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # +Inf is added by aioprometheus
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+"""Tokens per decode step: one per running sequence while decoding, more while prefilling."""
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RELOAD_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 RELOAD_STATES = ("idle", "warming_up", "ready", "switching", "completed", "failed")
 HEALTH_STATES = ("healthy", "degraded", "unhealthy", "unknown")
@@ -59,8 +63,9 @@ class Metrics:
     """The service's metrics.
 
     ``enabled=False`` records nothing: ``subscribe`` subscribes to no event and every
-    recording method (``record_*``, ``observe_inference``, ``update_model_status``, the
-    ``track_*`` helpers) returns without a change; the app then serves no metrics routes.
+    recording method (``record_*``, ``observe_inference``, ``observe_batch_sizes``,
+    ``set_kv_cache_usage``, ``update_model_status``, the ``track_*`` helpers) returns without
+    a change; the app then serves no metrics routes.
     """
 
     def __init__(
@@ -150,6 +155,29 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("llm_queue_depth", "Requests waiting for the member.", registry=r)
+        self.batch_size = Histogram(
+            "llm_batch_size",
+            "Tokens decoded per llama_decode step of the member's batching engine.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.kv_cache_usage = Gauge(
+            "llm_kv_cache_usage_ratio",
+            "Share of the member's KV cache held by running sequences (0 to 1).",
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "llm_time_per_output_token_seconds",
+            "Decode time per output token after the first.",
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "llm_queue_wait_seconds",
+            "Time a request waited for a free sequence slot of the batching engine.",
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
         self.loop_lag = Gauge(
             "llm_event_loop_lag_seconds", "Latest event-loop lag seen by the watchdog.", registry=r
         )
@@ -186,6 +214,7 @@ class Metrics:
                 _one_hot(self.reload_state, member, "state", "idle", RELOAD_STATES)
                 _one_hot(self.health, member, "status", "unknown", HEALTH_STATES)
                 self.reload_progress.set({"model": member}, 0)
+                self.kv_cache_usage.set({"model": member}, 0)
             self.cache_hits.set({}, 0)
             self.cache_misses.set({}, 0)
             self.start_time.set({}, self._process.create_time())
@@ -241,6 +270,18 @@ class Metrics:
 
     def observe_inference(self, model: str, mode: str, seconds: float) -> None:
         self._call(self.inference.observe, {"model": model, "mode": mode}, seconds)
+
+    def observe_batch_sizes(self, model: str, sizes: Iterable[int]) -> None:
+        """Observe each decode step's token count in llm_batch_size{model}.
+
+        The collect hook passes the steps since the previous scrape, so each step counts once.
+        """
+        self._call(self._observe_batch_sizes, model, tuple(sizes))
+
+    def set_kv_cache_usage(self, model: str, ratio: float) -> None:
+        """Set llm_kv_cache_usage_ratio{model}: the share of the KV cache in use, 0 to 1."""
+        # Clamped: the contract promises 0..1, and the engine's count may round past it.
+        self._call(self.kv_cache_usage.set, {"model": model}, min(max(ratio, 0.0), 1.0))
 
     def update_model_status(
         self,
@@ -357,17 +398,26 @@ class Metrics:
         self.requests.inc({"model": model, "mode": mode, "status": status})
         self._rates.setdefault((model, mode), deque()).append(time.monotonic())
 
+    def _observe_batch_sizes(self, model: str, sizes: tuple[int, ...]) -> None:
+        for size in sizes:
+            self.batch_size.observe({"model": model}, size)
+
     def _on_finished(self, event: InferenceFinished) -> None:
         self._record_request(event.model, event.mode, event.outcome)
+        labels = {"model": event.model, "mode": event.mode}
+        # Before the success check: a stream the client left still waited for its slot and
+        # decoded its tokens, and a long wait may be why it left.
+        if event.queue_wait_s is not None:
+            self.queue_wait.observe(labels, event.queue_wait_s)
+        if event.time_per_output_token_s is not None:
+            self.tpot.observe(labels, event.time_per_output_token_s)
         if event.cached or event.outcome != "success":
             return
-        self.inference.observe({"model": event.model, "mode": event.mode}, event.latency_s)
+        self.inference.observe(labels, event.latency_s)
         self.tokens.add({"model": event.model, "kind": "prompt"}, event.prompt_tokens)
         self.tokens.add({"model": event.model, "kind": "completion"}, event.completion_tokens)
         if event.time_to_first_token_s is not None:
-            self.ttft.observe(
-                {"model": event.model, "mode": event.mode}, event.time_to_first_token_s
-            )
+            self.ttft.observe(labels, event.time_to_first_token_s)
 
     def _on_failed(self, event: InferenceFailed) -> None:
         self.errors.inc({"model": event.model, "error_type": event.error_type})

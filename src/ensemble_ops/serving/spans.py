@@ -7,10 +7,11 @@ the request's span. Only the OpenTelemetry *API* is used here: without an SDK (t
 every call is a no-op on a non-recording span.
 
 Attributes beyond the conventions, for what they do not cover (yet): ``gen_ai.request.stream``
-(asked of this project; not in 1.37), ``ensemble_ops.cache`` (``hit`` or ``miss`` for
-deterministic requests), ``ensemble_ops.mode``. Span events: ``ensemble_ops.started`` (the
-worker began: ``ensemble_ops.queue_wait_s``) and, for streams, ``ensemble_ops.first_token``
-(``ensemble_ops.prefill_s``: prompt evaluation plus the first token).
+(asked of this project; not in 1.37), ``ensemble_ops.cache`` (``hit``, ``miss`` or
+``coalesced`` for deterministic requests), ``ensemble_ops.mode``. Span events:
+``ensemble_ops.started`` (the worker began: ``ensemble_ops.queue_wait_s``) and, for streams,
+``ensemble_ops.first_token`` (``ensemble_ops.prefill_s``: prompt evaluation plus the first
+token).
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ class AttemptSpan:
         ):
             yield self
 
-    def cache(self, hit: bool) -> None:
-        self.span.set_attribute("ensemble_ops.cache", "hit" if hit else "miss")
+    def cache(self, how: str) -> None:
+        """``hit``, ``miss``, or ``coalesced`` (answered by an identical request in flight)."""
+        self.span.set_attribute("ensemble_ops.cache", how)
 
     def running(self) -> None:
         """The worker thread took the request: the queue wait ends here."""

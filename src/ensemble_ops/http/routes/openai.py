@@ -65,12 +65,16 @@ def _note(request: Request, inference: InferenceRequest, **fields: Any) -> None:
 
 
 def _note_result(request: Request, result: InferenceResult) -> None:
-    log_fields(request.scope).update(
+    completion = result.completion
+    fields = log_fields(request.scope)
+    fields.update(
         member=result.member,
         cached=result.cached,
-        prompt_tokens=result.completion.prompt_tokens,
-        completion_tokens=result.completion.completion_tokens,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
     )
+    if not result.cached:  # the batch's side: time waiting for a sequence slot
+        fields["queue_wait_ms"] = round(completion.queue_wait_s * 1000, 2)
 
 
 def _inference_route(

@@ -1,0 +1,91 @@
+"""Every body of the HTTP API, one pydantic model per shape: what clients send, what they get.
+
+Request models validate: fields the service does not use are ignored (OpenAI clients send
+many), fields it does use are type-checked strictly, so ``"max_tokens": "16"`` is a clear
+400, not a silent guess. Response models build every JSON answer; the core's own records
+(:class:`ModelHealth`, :class:`ReloadStatus`) are serialised as they are. The OpenAPI
+document is generated from these models and the routes (``http/openapi.py``), so what is
+documented, validated and sent cannot drift apart.
+"""
+
+from ensemble_ops.http.protocol.requests import (
+    ChatCompletionBody,
+    CompletionBody,
+    EnsembleHealthQuery,
+    InferenceBody,
+    ModelHealthQuery,
+    ReloadBody,
+    parse_body,
+    parse_query,
+)
+from ensemble_ops.http.protocol.responses import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    Chunk,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
+    EnsembleHealth,
+    EnsembleMeta,
+    ErrorDetail,
+    ErrorResponse,
+    KubeProbe,
+    Liveness,
+    Member,
+    MemberList,
+    MemberMeta,
+    ModelCard,
+    ModelList,
+    Readiness,
+    Reply,
+    StreamError,
+    StreamErrorDetail,
+    Usage,
+    dump_model_health,
+    dump_reload_status,
+)
+
+__all__ = [
+    "AssistantMessage",
+    "ChatChoice",
+    "ChatChunkChoice",
+    "ChatCompletion",
+    "ChatCompletionBody",
+    "ChatCompletionChunk",
+    "ChatDelta",
+    "Chunk",
+    "Completion",
+    "CompletionBody",
+    "CompletionChoice",
+    "CompletionChunk",
+    "CompletionChunkChoice",
+    "EnsembleHealth",
+    "EnsembleHealthQuery",
+    "EnsembleMeta",
+    "ErrorDetail",
+    "ErrorResponse",
+    "InferenceBody",
+    "KubeProbe",
+    "Liveness",
+    "Member",
+    "MemberList",
+    "MemberMeta",
+    "ModelCard",
+    "ModelHealthQuery",
+    "ModelList",
+    "Readiness",
+    "ReloadBody",
+    "Reply",
+    "StreamError",
+    "StreamErrorDetail",
+    "Usage",
+    "dump_model_health",
+    "dump_reload_status",
+    "parse_body",
+    "parse_query",
+]
