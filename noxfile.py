@@ -35,6 +35,7 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks.serving", *session.posargs)
     session.run("python", "-m", "benchmarks.real_models")
+    session.run("python", "-m", "benchmarks.memory")
     session.run("python", "-m", "benchmarks.reload")
     session.run("python", "-m", "benchmarks.metrics")
     session.run("python", "-m", "benchmarks.tracing")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ def main() -> None:
         capture_output=True,
         text=True,
         check=True,
+        env=os.environ | {"PYTHON": sys.executable},
     )
     binary = Path(built.stdout.strip().splitlines()[-1])
     server, server_url = llama_server(binary, path, args.parallel, args.threads)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from ensemble_ops.config import ModelSpec, ModeName, Settings
@@ -27,6 +28,7 @@ from ensemble_ops.events import (
     ModelLoadFailed,
     ModelUnloaded,
 )
+from ensemble_ops.serving.demo import DemoModel, write_model
 from ensemble_ops.serving.engine import (
     ChatMessage,
     Completion,
@@ -34,7 +36,7 @@ from ensemble_ops.serving.engine import (
     GenerationParams,
     OnText,
 )
-from ensemble_ops.serving.ensemble import Ensemble, InferenceRequest
+from ensemble_ops.serving.ensemble import Ensemble, InferenceRequest, InferenceResult
 from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.tasks import TaskRunner
 
@@ -115,21 +117,31 @@ def _request(
     return InferenceRequest(model, mode, params, prompt=prompt, messages=messages)
 
 
-@pytest.fixture(name="ensemble_settings")
-def _ensemble_settings(demo_dir: Path) -> Settings:
-    """Three members on the tiny demo model, none waiting beyond the one running; the fast
-    mode prefers c, then a."""
-    tiny = str(demo_dir / "demo-tiny.gguf")
+def _members(path: Path, *, queue_size: int = 0) -> Settings:
+    """Three members on the model at ``path``, each running one request and letting
+    ``queue_size`` wait; the fast mode prefers c, then a."""
     return Settings.from_mapping(
         {
             "models": [
-                {"name": n, "path": tiny, "n_ctx": 256, "queue_size": 0, "parallel": 1}
+                {
+                    "name": n,
+                    "path": str(path),
+                    "n_ctx": 256,
+                    "queue_size": queue_size,
+                    "parallel": 1,
+                }
                 for n in MEMBERS
             ],
             "modes": {"fast": {"prefer": ["c", "a"]}},
         },
         environ={},
     )
+
+
+@pytest.fixture(name="ensemble_settings")
+def _ensemble_settings(demo_dir: Path) -> Settings:
+    """The three members on the tiny demo model, none waiting beyond the one running."""
+    return _members(demo_dir / "demo-tiny.gguf")
 
 
 @pytest.fixture(name="engines")
@@ -291,17 +303,194 @@ class TestRouting:
         assert engines.by_name["c"].calls == 0
 
     async def test_chat_messages_use_the_template_and_its_stop_strings(
+        self, make_ensemble: EnsembleFactory, engines: _Engines, tmp_path: Path
+    ) -> None:
+        """A chat request is rendered for the member and stops at the end of its turn as well
+        as at the request's own stop strings, each once."""
+        model = DemoModel("untemplated", 64, 2, 192, 4, seed=1, chat_template="")
+        ensemble = make_ensemble(_members(write_model(model, tmp_path / model.filename)))
+        await ensemble.load_all()
+        member = engines.by_name["a"]
+        chat = (ChatMessage("user", "Hello"),)
+        prompt = member.render_chat(chat)
+        assert prompt.stop == ("\nuser:", "\nsystem:")  # turn markers of the transcript
+        own = GenerationParams(4, 0.0, 1.0, stop=("!", "\nuser:"))
+        result = await ensemble.complete(_request("a", own, prompt=None, messages=chat))
+        asked, _ = member.asked[-1]
+        assert asked.stop == ("!", "\nuser:", "\nsystem:")
+        assert (asked.max_tokens, asked.temperature, asked.top_p) == (4, 0.0, 1.0)
+        assert result.completion.prompt_tokens == len(prompt.tokens)
+        assert result.completion.text == member.real.complete(prompt.tokens, asked).text
+
+    async def test_a_completion_sends_the_prompt_unchanged(
         self, ensemble: Ensemble, engines: _Engines
     ) -> None:
-        """A chat request answers through the member's chat template."""
-        chat = (ChatMessage("user", "Hello"),)
-        result = await ensemble.complete(_request("a", prompt=None, messages=chat))
-        prompt = engines.by_name["a"].render_chat(chat)
-        direct = engines.by_name["a"].complete(
-            prompt.tokens, GenerationParams(4, 0.0, 1.0, stop=prompt.stop)
-        )
-        assert result.completion.text == direct.text
-        assert result.completion.prompt_tokens == len(prompt.tokens)
+        """A plain prompt is tokenized as it is, with the request's parameters."""
+        params = GenerationParams(4, 0.0, 1.0, stop=("x",))
+        result = await ensemble.complete(_request("a", params, prompt="Hello there"))
+        assert engines.by_name["a"].asked == [(params, 2.0)]
+        assert result.completion.prompt_tokens == len(engines.by_name["a"].tokenize("Hello there"))
+
+    @pytest.mark.parametrize(
+        ("mode", "head_start_s"), [("fast", 2.0), ("balanced", 1.0), ("creative", 0.0)]
+    )
+    async def test_each_mode_gets_its_place_in_the_admission_order(
+        self, ensemble: Ensemble, engines: _Engines, mode: ModeName, head_start_s: float
+    ) -> None:
+        """A fast request is admitted up to 2 s ahead of its arrival, balanced 1 s, creative
+        not at all: fast overtakes the others, and nothing waits more than 2 s behind."""
+        await ensemble.complete(_request("b", SAMPLED, mode=mode))
+        stream = ensemble.start_stream(_request("b", SAMPLED, mode=mode))
+        await stream.first()
+        assert "".join([piece async for piece in stream.pieces()])
+        assert [head for _, head in engines.by_name["b"].asked] == [head_start_s] * 2
+
+
+class TestSingleFlight:
+    async def test_identical_requests_in_flight_share_one_generation(
+        self, ensemble: Ensemble, engines: _Engines, events: _Events
+    ) -> None:
+        """A deterministic request identical to one still running waits for its answer
+        instead of generating again, and counts as a cache hit."""
+        results = []
+
+        async def ask() -> None:
+            results.append(await ensemble.complete(_request("a")))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(ask)
+            tasks.start_soon(ask)
+        assert engines.by_name["a"].calls == 1
+        assert [r.cached for r in results] == [False, True]
+        assert results[0].completion == results[1].completion
+        assert [e.hit for e in events.of(CacheLookedUp)] == [False, True]
+        assert [f.cached for f in events.of(InferenceFinished)] == [False, True]
+
+    async def test_requests_that_differ_do_not_wait_for_each_other(
+        self, make_ensemble: EnsembleFactory, engines: _Engines, demo_dir: Path
+    ) -> None:
+        """Other parameters, another member or a sampled request: each generates."""
+        ensemble = make_ensemble(_members(demo_dir / "demo-tiny.gguf", queue_size=3))
+        await ensemble.load_all()
+        longer = GenerationParams(max_tokens=5, temperature=0.0, top_p=1.0)
+        requests = [_request("a"), _request("a", longer), _request("b"), _request("a", SAMPLED)]
+        results = []
+
+        async def ask(request: InferenceRequest) -> None:
+            results.append(await ensemble.complete(request))
+
+        async with anyio.create_task_group() as tasks:
+            for request in requests:
+                tasks.start_soon(ask, request)
+        assert not any(r.cached for r in results)
+        assert (engines.by_name["a"].calls, engines.by_name["b"].calls) == (3, 1)
+
+    async def test_when_the_first_fails_the_one_waiting_generates_itself(
+        self, ensemble: Ensemble, engines: _Engines
+    ) -> None:
+        """A waiting request whose leader failed is not failed with it: it runs on its own."""
+        engines.by_name["a"].fail_next = 1
+        outcomes: list[object] = []
+
+        async def ask() -> None:
+            try:
+                outcomes.append(await ensemble.complete(_request("a")))
+            except EngineError as err:
+                outcomes.append(err)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(ask)
+            tasks.start_soon(ask)
+        assert isinstance(outcomes[0], EngineError)
+        answer = outcomes[1]
+        assert isinstance(answer, InferenceResult)
+        assert not answer.cached
+        assert engines.by_name["a"].calls == 2
+        assert (await ensemble.complete(_request("a"))).cached  # the success was cached
+
+    async def test_when_the_first_is_cancelled_the_one_waiting_does_not_hang(
+        self, ensemble: Ensemble, engines: _Engines
+    ) -> None:
+        """A leader whose client went away still releases those waiting for it."""
+        results: list[InferenceResult] = []
+
+        async def leader(scope: anyio.CancelScope) -> None:
+            with scope:
+                await ensemble.complete(_request("a"))
+
+        async def follower() -> None:
+            results.append(await ensemble.complete(_request("a")))
+
+        scope = anyio.CancelScope()
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(leader, scope)
+                tasks.start_soon(follower)
+                await anyio.lowlevel.checkpoint()
+                scope.cancel()
+        assert len(results) == 1
+        assert results[0].completion.completion_tokens == 4
+
+    async def test_an_identical_stream_is_fed_by_the_request_in_flight(
+        self, ensemble: Ensemble, engines: _Engines, events: _Events
+    ) -> None:
+        """A deterministic stream identical to a request in flight gets that answer's text,
+        counted as a cached streamed answer, without a second generation."""
+        results: list[InferenceResult] = []
+
+        async def ask() -> None:
+            results.append(await ensemble.complete(_request("a")))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(ask)
+            await anyio.lowlevel.checkpoint()
+            stream = ensemble.start_stream(_request("a"))
+            await stream.first()
+            text = "".join([piece async for piece in stream.pieces()])
+        assert engines.by_name["a"].calls == 1
+        assert stream.member == "a"
+        assert text == results[0].completion.text
+        assert stream.result == results[0].completion
+        finished = [(f.stream, f.cached) for f in events.of(InferenceFinished)]
+        assert sorted(finished) == [(False, False), (True, True)]
+
+    async def test_a_stream_joined_to_a_failed_request_fails_too(
+        self, ensemble: Ensemble, engines: _Engines, events: _Events
+    ) -> None:
+        """When the request a stream joined fails, the stream fails before any text."""
+        engines.by_name["a"].failing = True
+
+        async def ask() -> None:
+            with pytest.raises(EngineError):
+                await ensemble.complete(_request("a"))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(ask)
+            await anyio.lowlevel.checkpoint()
+            stream = ensemble.start_stream(_request("a"))
+            with pytest.raises(EngineError, match="the identical request this one joined failed"):
+                await stream.first()
+            stream.close()
+        assert engines.by_name["a"].calls == 1
+        assert [(f.model, f.final) for f in events.of(InferenceFailed)] == [
+            ("a", True),
+            ("a", True),
+        ]
+
+    async def test_a_request_joins_an_identical_stream_in_flight(
+        self, ensemble: Ensemble, engines: _Engines
+    ) -> None:
+        """A deterministic stream leads too: an identical request arriving while it
+        generates gets the stream's whole answer."""
+        long = GenerationParams(max_tokens=240, temperature=0.0, top_p=1.0)
+        stream = ensemble.start_stream(_request("a", long))
+        await stream.first()
+        joined = await ensemble.complete(_request("a", long))
+        text = "".join([piece async for piece in stream.pieces()])
+        assert joined.cached
+        assert joined.completion == stream.result
+        assert joined.completion.text == text
+        assert engines.by_name["a"].calls == 1
 
 
 class TestCache:

@@ -222,6 +222,43 @@ class TestLoaded:
         await loaded.close()
 
 
+class TestRetryAfter:
+    async def test_the_hint_follows_the_measured_rate_and_the_queue(self, spec: ModelSpec) -> None:
+        """Without two answers in the last minute the hint is 1 s; then it is the requests
+        ahead divided by the measured answer rate, never under 1 s nor over 60 s."""
+        slot = ModelSlot(spec.model_copy(update={"queue_size": 400}))
+        loaded = slot.install(LlamaEngine.load(spec))
+        assert loaded.retry_after_s() == 1
+        await loaded.run(time.sleep, 0.25)
+        assert loaded.retry_after_s() == 1  # one answer is no rate
+        for _ in range(2):
+            await loaded.run(time.sleep, 0.25)
+        # About 4 answers a second: 1 s for a short queue.
+        assert loaded.retry_after_s() == 1
+        held = [slot.acquire() for _ in range(21)]
+        assert 5 <= loaded.retry_after_s() <= 7  # 21 ahead at ~4/s: ~5.25 s
+        held += [slot.acquire() for _ in range(379)]
+        assert loaded.retry_after_s() == 60  # 400 ahead: ~100 s, capped
+        for lease in held:
+            lease.release()
+        assert loaded.retry_after_s() == 1
+        await loaded.close()
+
+    async def test_a_full_member_says_when_to_retry(self, spec: ModelSpec) -> None:
+        """The 503 of a full member carries the hint."""
+        slot = ModelSlot(spec.model_copy(update={"queue_size": 8}))
+        loaded = slot.install(LlamaEngine.load(spec))
+        for _ in range(3):
+            await loaded.run(time.sleep, 0.25)
+        held = [slot.acquire() for _ in range(loaded.capacity)]
+        with pytest.raises(OverloadedError) as full:
+            slot.acquire()
+        assert full.value.retry_after_s == loaded.retry_after_s() > 1  # 9 ahead at ~4/s
+        for lease in held:
+            lease.release()
+        await loaded.close()
+
+
 class _GpuEngine(FlakyEngine):
     """A real engine that reports part of itself on a GPU (this machine has none)."""
 
