@@ -101,6 +101,11 @@ class TestErrors:
                 r"^modes\.fast\.prefer: unknown model 'zz'$",
             ),
             ("", r"^models: Field required$"),
+            (
+                MINIMAL.replace('name = "a"', 'name = "a"\nparallel = 0'),
+                r"^models\[0\]\.parallel: Input should be greater than or equal to 1",
+            ),
+            (MINIMAL + "[tracing]\nenabled = 1\n", r"^tracing\.enabled: Input should be a valid"),
             (MINIMAL + "[modes.fast]\nmax_tokns = 8\n", r"^modes\.fast\.max_tokns: unknown key$"),
             (
                 MINIMAL + "[modes.turbo]\nmax_tokens = 8\n",
