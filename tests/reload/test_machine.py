@@ -5,15 +5,17 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from ensemble_ops.config import ModelSpec, ReloadSettings
+from ensemble_ops.config import ModelSpec, ReloadSettings, Settings
+from ensemble_ops.errors import ReloadConflictError
 from ensemble_ops.events import (
+    DrainTimedOut,
     EventBus,
     ModelLoaded,
     ModelUnloaded,
@@ -23,7 +25,7 @@ from ensemble_ops.events import (
 )
 from ensemble_ops.reload.machine import STATES, TRANSITIONS
 from ensemble_ops.reload.manager import ReloadManager
-from ensemble_ops.serving.engine import Engine
+from ensemble_ops.serving.engine import ChatMessage, ChatPrompt, Engine
 from ensemble_ops.serving.gpu import GpuMonitor
 from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.serving.slot import ModelSlot
@@ -59,6 +61,7 @@ class _Events:
         for kind in (ReloadStateChanged, ReloadProgressed, ReloadFinished, ModelLoaded):
             bus.subscribe(kind, self.seen.append)
         bus.subscribe(ModelUnloaded, self.seen.append)
+        bus.subscribe(DrainTimedOut, self.seen.append)
 
     def of(self, kind: type[Any]) -> list[Any]:
         return [e for e in self.seen if isinstance(e, kind)]
@@ -72,14 +75,29 @@ class _Events:
         return [(e.state, e.progress_percent) for e in self.of(ReloadProgressed)]
 
 
+class _Copy(FlakyEngine):
+    """A real engine (FlakyEngine tells when it is closed) that records the chats it renders."""
+
+    def __init__(self, real: LlamaEngine) -> None:
+        super().__init__(real, failing=False)
+        self.chats: list[list[ChatMessage]] = []
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
+        self.chats.append(list(messages))
+        return super().render_chat(messages)
+
+
 class _Loads:
-    """The engines the reloads load: real ones, recorded (FlakyEngine tells closed ones)."""
+    """The copies the reloads load: real engines, recorded; ``failing`` makes a load fail."""
 
     def __init__(self) -> None:
-        self.engines: list[FlakyEngine] = []
+        self.engines: list[_Copy] = []
+        self.failing = False
 
     def __call__(self, spec: ModelSpec) -> Engine:
-        engine = FlakyEngine(LlamaEngine.load(spec), failing=False)
+        if self.failing:
+            raise OSError("the disk went away")
+        engine = _Copy(LlamaEngine.load(spec))
         self.engines.append(engine)
         return engine
 
@@ -214,6 +232,9 @@ class TestProgress:
         ]
         loaded = events.of(ModelLoaded)
         assert [(e.model, e.generation) for e in loaded] == [("demo-tiny", new.generation)]
+        assert old is not None
+        unloaded = events.of(ModelUnloaded)
+        assert [(e.model, e.generation) for e in unloaded] == [("demo-tiny", old.generation)]
 
     async def test_the_status_while_queued_and_after(
         self, manager: ReloadManager, slot: ModelSlot
@@ -317,6 +338,86 @@ class TestProgress:
                 await anyio.sleep(0.01)
 
 
+class TestPlan:
+    async def test_the_members_own_warmup_settings_come_before_the_defaults(
+        self, make_manager: ManagerFactory, spec: ModelSpec, loads: _Loads
+    ) -> None:
+        """The member's warm-up prompt and iterations win over [reload]'s; an explicit
+        iteration count wins over both; the default warm-up chats the prompt as the user."""
+        slot = ModelSlot(spec.model_copy(update={"warmup_prompt": "Ping?", "warmup_iterations": 3}))
+        slot.install(loads(slot.spec))
+        manager = make_manager(slot, warmup_prompt="Hello?", warmup_max_tokens=2)
+        assert (await manager.reload_model("demo-tiny")).state == "completed"
+        assert loads.engines[1].chats == [[ChatMessage("user", "Ping?")]] * 3
+        assert (await manager.reload_model("demo-tiny", warmup_iterations=1)).state == "completed"
+        assert len(loads.engines[2].chats) == 1
+
+    async def test_the_reloads_defaults_apply_without_member_settings(
+        self, manager: ReloadManager, loads: _Loads
+    ) -> None:
+        """Without member settings the [reload] prompt and iteration count are used."""
+        assert (await manager.reload_model("demo-tiny")).state == "completed"
+        assert loads.engines[1].chats == [[ChatMessage("user", "Hello, how are you?")]] * 2
+
+    async def test_a_new_spec_is_loaded_and_kept(
+        self, manager: ReloadManager, slot: ModelSlot, loads: _Loads
+    ) -> None:
+        """A reload to a changed spec loads the copy with it, and the member keeps it."""
+        bigger = slot.spec.model_copy(update={"n_ctx": 512})
+        manager.start_reload("demo-tiny", spec=bigger)
+        status = await manager.wait_for_reload("demo-tiny")
+        assert status.state == "completed"
+        assert slot.spec == bigger
+        assert loads.engines[1].info.n_ctx == 512
+        assert manager.get_active_model("demo-tiny") is loads.engines[1]
+
+    async def test_one_reload_at_a_time(self, manager: ReloadManager) -> None:
+        """A second reload while one runs is refused with the running one's state."""
+        manager.start_reload("demo-tiny")
+        with pytest.raises(ReloadConflictError, match=r"already running \(warming_up, 0%\)"):
+            manager.start_reload("demo-tiny")
+        assert (await manager.wait_for_reload("demo-tiny")).state == "completed"
+        assert manager.start_reload("demo-tiny").running
+        assert (await manager.wait_for_reload("demo-tiny")).state == "completed"
+
+
+class TestConfigReload:
+    async def test_only_members_whose_spec_changed_reload(
+        self, make_manager: ManagerFactory, slot: ModelSlot, demo_dir: Path
+    ) -> None:
+        """SIGHUP's new settings: a changed member reloads to its new spec, an unchanged one
+        does not, and members added or removed are reported, not applied."""
+        manager = make_manager(slot)
+
+        def settings(n_ctx: int) -> Settings:
+            tiny = {"name": "demo-tiny", "path": str(slot.spec.path), "n_ctx": n_ctx}
+            added = {"name": "demo-new", "path": str(demo_dir / "demo-small.gguf")}
+            return Settings.from_mapping({"models": [tiny, added]}, environ={})
+
+        assert manager.apply_settings(settings(256)) == {
+            "demo-new": "added to the config: restart to load it"
+        }
+        assert manager.get_reload_status("demo-tiny").state == "idle"
+        assert manager.apply_settings(settings(512)) == {
+            "demo-tiny": "reloading",
+            "demo-new": "added to the config: restart to load it",
+        }
+        assert manager.apply_settings(settings(1024))["demo-tiny"] == (
+            "a reload is already running"
+        )
+        assert (await manager.wait_for_reload("demo-tiny")).state == "completed"
+        assert slot.spec.n_ctx == 512
+        other = Settings.from_mapping(
+            {"models": [{"name": "demo-new", "path": str(demo_dir / "demo-small.gguf")}]},
+            environ={},
+        )
+        assert manager.apply_settings(other) == {
+            "demo-tiny": "removed from the config: restart to drop it",
+            "demo-new": "added to the config: restart to load it",
+        }
+        assert manager.get_reload_status("demo-tiny").state == "completed"
+
+
 class TestMemoryCheck:
     async def test_exactly_enough_memory_for_a_second_copy_is_enough(
         self, manager: ReloadManager, slot: ModelSlot, memory: _Memory
@@ -405,6 +506,60 @@ class TestMemoryCheck:
         with anyio.fail_after(10):
             while not loads.engines[1].closed:
                 await anyio.sleep(0.01)
+
+    async def test_replace_waits_for_the_old_copys_requests_before_loading(
+        self,
+        make_manager: ManagerFactory,
+        spec: ModelSpec,
+        loads: _Loads,
+        memory: _Memory,
+        events: _Events,
+    ) -> None:
+        """replace must free the old copy's memory: past drain_timeout_s it reports the
+        requests still running, keeps waiting for them, and only then loads the new copy."""
+        slot = ModelSlot(spec.model_copy(update={"reload_strategy": "replace"}))
+        old = slot.install(loads(slot.spec))
+        manager = make_manager(slot, drain_timeout_s=0.05)
+        memory.free = 0
+        held = slot.acquire()
+        manager.start_reload("demo-tiny")
+        with anyio.fail_after(10):
+            while not events.of(DrainTimedOut):
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.2)
+        assert len(loads.engines) == 1  # nothing loaded while the old copy is in use
+        held.release()
+        status = await manager.wait_for_reload("demo-tiny")
+        assert status.state == "completed"
+        drained = events.of(DrainTimedOut)
+        assert [(d.model, d.generation, d.in_flight) for d in drained] == [
+            ("demo-tiny", old.generation, 1)
+        ]
+        assert loads.engines[0].closed
+
+    async def test_a_replaced_copy_that_cannot_load_again_marks_the_member_failed(
+        self, make_manager: ManagerFactory, spec: ModelSpec, loads: _Loads, memory: _Memory
+    ) -> None:
+        """replace, the new copy fails, and the previous one does not load again either: the
+        member is failed, saying so (health shows it unhealthy instead of loading forever)."""
+        slot = ModelSlot(spec.model_copy(update={"reload_strategy": "replace"}))
+        slot.install(loads(slot.spec))
+        manager = make_manager(slot)
+        memory.free = 0
+
+        def warm_then_break_the_disk(engine: Engine) -> str:
+            loads.failing = True
+            return ""
+
+        status = await manager.reload_model("demo-tiny", warmup_func=warm_then_break_the_disk)
+        assert status.state == "failed"
+        with anyio.fail_after(10):
+            while slot.state != "failed":
+                await anyio.sleep(0.01)
+        assert slot.active is None
+        assert slot.error == (
+            "reload failed and the previous copy did not load again: the disk went away"
+        )
 
     async def test_an_error_in_the_check_itself_fails_the_reload_with_its_type(
         self, manager: ReloadManager, slot: ModelSlot, memory: _Memory, events: _Events

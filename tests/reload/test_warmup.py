@@ -12,10 +12,20 @@ import pytest
 
 from ensemble_ops.config import ModelSpec
 from ensemble_ops.reload.warmup import WarmupFailedError, chat_warmup, warm_once
-from ensemble_ops.serving.engine import ChatMessage, Completion, Engine
+from ensemble_ops.serving.demo import DemoModel, write_model
+from ensemble_ops.serving.engine import (
+    PLAIN_TRANSCRIPT_STOP,
+    ChatMessage,
+    Completion,
+    Engine,
+    GenerationParams,
+    OnText,
+)
 from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.serving.slot import Loaded
 from ensemble_ops.tasks import TaskRunner
+
+from ..conftest import EngineWrapper
 
 
 @pytest.fixture(name="loaded")
@@ -115,3 +125,36 @@ class TestChatWarmup:
         assert 0 < first.completion_tokens <= 6
         chat = loaded.engine.render_chat([ChatMessage("user", "Hello there")])
         assert first.prompt_tokens == len(chat.tokens)
+
+    def test_the_default_warmup_stops_at_the_end_of_the_turn(self, tmp_path: Path) -> None:
+        """Greedy, max_tokens long at most, and stopped by the template's turn markers, so a
+        copy is judged on the answer a user would get."""
+        model = DemoModel("untemplated", 64, 2, 192, 4, seed=1, chat_template="")
+        spec = ModelSpec(name="plain", path=write_model(model, tmp_path / model.filename))
+        engine = _Asked(LlamaEngine.load(spec))
+        try:
+            chat_warmup("Hello there", 6)(engine)
+        finally:
+            engine.close()
+        assert engine.asked == [
+            GenerationParams(max_tokens=6, temperature=0.0, top_p=1.0, stop=PLAIN_TRANSCRIPT_STOP)
+        ]
+
+
+class _Asked(EngineWrapper):
+    """A real engine that records the parameters of each completion."""
+
+    def __init__(self, real: LlamaEngine) -> None:
+        super().__init__(real)
+        self.asked: list[GenerationParams] = []
+
+    def complete(
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        on_text: OnText | None = None,
+        *,
+        head_start_s: float = 0.0,
+    ) -> Completion:
+        self.asked.append(params)
+        return super().complete(tokens, params, on_text, head_start_s=head_start_s)
