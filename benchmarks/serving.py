@@ -316,8 +316,11 @@ def start_server(
     *,
     metrics: bool = True,
     model_fields: dict[str, int] | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``ensemble-ops serve`` on ``models`` (each with ``model_fields``), once all are ready.
+
+    ``sections`` adds config tables: ``{"cache": {"backend": "redis", "url": ...}}``.
 
     The server logs to workdir/server.log and workdir/server.stderr; their last lines are
     printed when it fails to come up.
@@ -326,6 +329,8 @@ def start_server(
     log = workdir / "server.log"
     # The production defaults (info level, one JSON line per request), to a file.
     lines = ["[logging]", f'file = "{log}"', "[metrics]", f"enabled = {str(metrics).lower()}"]
+    for table, values in (sections or {}).items():
+        lines += [f"[{table}]", *(f"{key} = {json.dumps(value)}" for key, value in values.items())]
     for name, path in models.items():
         lines += ["[[models]]", f'name = "{name}"', f'path = "{path}"', f"n_ctx = {N_CTX}"]
         if threads:

@@ -113,10 +113,17 @@ def free_port() -> int:
         return port
 
 
+def process_env() -> dict[str, str]:
+    """The environment for a server process: no ENSEMBLE_OPS_* variables, and a server that
+    stops at once on SIGTERM (the drain delay for load balancers has tests of its own)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENSEMBLE_OPS_")}
+    return {**env, "ENSEMBLE_OPS_SERVER__DRAIN_DELAY_S": "0"}
+
+
 @pytest.fixture(name="clean_env")
 def _clean_env() -> dict[str, str]:
-    """The environment without ENSEMBLE_OPS_* variables, for subprocesses."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("ENSEMBLE_OPS_")}
+    """:func:`process_env`, for subprocesses."""
+    return process_env()
 
 
 class EngineWrapper:

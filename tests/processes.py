@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from .conftest import free_port
 
@@ -37,10 +39,8 @@ class Server:
         return self.process.wait(timeout=60)
 
 
-def launch(tmp_path: Path, env: dict[str, str], *args: str) -> Server:
-    """Start the CLI as a new user would; wait until every member has loaded (or failed)."""
-    port = free_port()
-    stdout, stderr = tmp_path / "stdout.log", tmp_path / "stderr.log"
+def start_serve(stdout: Path, stderr: Path, env: dict[str, str], port: int, *args: str) -> Server:
+    """Start ``ensemble-ops serve`` on ``port`` and return at once (no waiting)."""
     with stdout.open("wb") as out, stderr.open("wb") as err:  # the child keeps its copies
         process = subprocess.Popen(
             [sys.executable, "-m", "ensemble_ops", "serve", "--port", str(port), *args],
@@ -48,20 +48,34 @@ def launch(tmp_path: Path, env: dict[str, str], *args: str) -> Server:
             stderr=err,
             env=env,
         )
-    server = Server(process, f"http://127.0.0.1:{port}", stdout, stderr)
-    deadline = time.monotonic() + 120
+    return Server(process, f"http://127.0.0.1:{port}", stdout, stderr)
+
+
+def wait_loaded(server: Server, timeout_s: float = 120.0) -> None:
+    """Wait until every member of ``server`` has loaded (or failed); stop it on a timeout."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited: {stderr.read_text()}{stdout.read_text()}")
+        if server.process.poll() is not None:
+            raise AssertionError(
+                f"server exited: {server.stderr.read_text()}{server.stdout.read_text()}"
+            )
         try:
             models = httpx.get(f"{server.url}/v1/models", timeout=1).json()["data"][1:]
             if all(m["meta"]["state"] in ("ready", "failed") for m in models):
-                return server
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     server.stop()
     raise AssertionError("server did not become ready")
+
+
+def launch(tmp_path: Path, env: dict[str, str], *args: str) -> Server:
+    """Start the CLI as a new user would; wait until every member has loaded (or failed)."""
+    stdout, stderr = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    server = start_serve(stdout, stderr, env, free_port(), *args)
+    wait_loaded(server)
+    return server
 
 
 @dataclass
@@ -84,32 +98,47 @@ class Prometheus:
         return float(result[0]["value"][1])
 
 
+def required_binary(name: str, package: str) -> str:
+    """The path of ``name``; skips the test when absent, except in CI where it fails.
+
+    Debian puts daemons such as haproxy in /usr/sbin, which a user's PATH may lack.
+    """
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed (CI installs Debian's {package} package)")
+        pytest.skip(f"{name} is not installed (apt-get install {package})")
+    return found
+
+
 def prometheus_binary() -> str:
     """The prometheus binary; skips the test when absent, except in CI where it fails."""
-    found = shutil.which("prometheus")
-    if found is None:
-        import os
-
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is not installed (CI installs Debian's prometheus package)")
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
-    return found
+    return required_binary("prometheus", "prometheus")
 
 
 @contextmanager
 def prometheus(
-    tmp_path: Path, target: str, metrics_path: str = "/health/metrics"
+    tmp_path: Path,
+    targets: str | Mapping[str, Mapping[str, str]],
+    metrics_path: str = "/health/metrics",
+    *,
+    job: str = "ensemble-ops",
 ) -> Iterator[Prometheus]:
-    """A real Prometheus on loopback scraping ``target`` every second into a temp dir."""
+    """A real Prometheus on loopback scraping every second into a temp dir: one ``host:port``
+    target, or several, each with the labels it gets (as a ServiceMonitor would label pods)."""
     binary = prometheus_binary()
     port = free_port()
     config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: ensemble-ops\n"
-        f"    metrics_path: {metrics_path}\n"
-        f"    static_configs:\n      - targets: ['{target}']\n"
-    )
+    labelled = {targets: {}} if isinstance(targets, str) else targets
+    scrape = {
+        "job_name": job,
+        "metrics_path": metrics_path,
+        "static_configs": [
+            {"targets": [host], "labels": dict(labels)} for host, labels in labelled.items()
+        ],
+    }
+    settings = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config.write_text(yaml.safe_dump({"global": settings, "scrape_configs": [scrape]}))
     with (tmp_path / "prometheus.log").open("wb") as log:
         process = subprocess.Popen(
             [

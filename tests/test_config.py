@@ -56,6 +56,8 @@ class TestDefaults:
         assert settings.server.admin_token is None
         assert set(settings.modes) == {"fast", "balanced", "creative"}
         assert settings.model("a").path == tmp_path / "m.gguf"
+        assert (settings.cache.backend, settings.cache.timeout_s) == ("memory", 0.05)
+        assert (settings.server.drain_delay_s, settings.server.shutdown_timeout_s) == (5.0, 30.0)
 
     def test_one_mode_tuned_keeps_the_others(self, tmp_path: Path) -> None:
         """A [modes.fast] table does not erase balanced and creative."""
@@ -112,6 +114,22 @@ class TestErrors:
                 r"^modes\.turbo\.\[key\]: Input should be 'fast', 'balanced' or 'creative'",
             ),
             (MINIMAL + "[server]\nport = 70000\n", r"^server\.port: Input should be less"),
+            (
+                MINIMAL + '[cache]\nbackend = "redis"\n',
+                r'^cache\.url: required when backend = "redis"',
+            ),
+            (
+                MINIMAL + '[cache]\nbackend = "redis"\nurl = "http://cache:6379"\n',
+                r"^cache\.url: must start with redis://, rediss:// or unix://$",
+            ),
+            (
+                MINIMAL + '[cache]\nbackend = "memcached"\n',
+                r"^cache\.backend: Input should be 'memory' or 'redis'$",
+            ),
+            (
+                MINIMAL + "[server]\ndrain_delay_s = -1.0\n",
+                r"^server\.drain_delay_s: Input should be greater than or equal to 0$",
+            ),
         ],
     )
     def test_bad_config_is_one_line_naming_the_key(
@@ -150,6 +168,22 @@ class TestEnvironment:
         assert settings.server.admin_token.get_secret_value() == "s3cret"
         assert "s3cret" not in repr(settings)
         assert settings.model("a").n_gpu_layers == -1
+
+    def test_a_redis_cache_from_the_environment_keeps_its_password_secret(
+        self, tmp_path: Path
+    ) -> None:
+        """ENSEMBLE_OPS_CACHE__BACKEND/URL switch to Redis; the URL (which may hold a
+        password) never shows in the settings' repr."""
+        env = {
+            "ENSEMBLE_OPS_CACHE__BACKEND": "redis",
+            "ENSEMBLE_OPS_CACHE__URL": "redis://:hunter2@cache:6379/0",
+        }
+        settings = Settings.from_toml(_write(tmp_path, MINIMAL), environ=env)
+        assert settings.cache.backend == "redis"
+        assert settings.cache.url is not None
+        assert settings.cache.url.get_secret_value() == "redis://:hunter2@cache:6379/0"
+        assert "hunter2" not in repr(settings)
+        assert "hunter2" not in str(settings.model_dump())
 
     def test_bad_override_names_the_key(self, tmp_path: Path) -> None:
         """A wrongly typed override fails like a wrongly typed file value."""

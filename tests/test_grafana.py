@@ -139,7 +139,7 @@ class TestPrometheusFiles:
         assert config.returncode == 0, config.stdout + config.stderr
         rules = _promtool("check", "rules", "alerts.yml")
         assert rules.returncode == 0, rules.stdout + rules.stderr
-        assert "SUCCESS: 9 rules found" in rules.stdout
+        assert "SUCCESS: 10 rules found" in rules.stdout
 
     def test_promtool_unit_tests_every_alert(self) -> None:
         """Each alert fires on its condition and resolves (alerts_test.yml)."""

@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 ModeName = Literal["fast", "balanced", "creative"]
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
 ENV_PREFIX = "ENSEMBLE_OPS_"
 
 
@@ -66,6 +67,10 @@ class ServerSettings(_Section):
     admin_token: SecretStr | None = None
     max_body_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024
     shutdown_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    """After the drain delay: how long in-flight requests may take to finish."""
+    drain_delay_s: Annotated[float, Field(ge=0)] = 5.0
+    """On SIGTERM readiness fails at once and the server keeps serving this long, so load
+    balancers take it out before it stops accepting (0 on a second signal or Ctrl-C)."""
     access_log: bool = True
 
 
@@ -78,11 +83,39 @@ class LoggingSettings(_Section):
 
 
 class CacheSettings(_Section):
-    """Response cache for deterministic requests (temperature 0 or a fixed seed)."""
+    """Response cache for deterministic requests (temperature 0 or a fixed seed): in this
+    process's memory, or in Redis shared by replicas."""
 
     enabled: bool = True
+    backend: Literal["memory", "redis"] = "memory"
+    url: Annotated[SecretStr | None, Field(validate_default=True)] = None
+    """``redis://[:password@]host:port/db`` (or ``rediss://``); required for ``redis``.
+    Secret: it may hold a password, so it is never logged."""
     max_entries: Annotated[int, Field(gt=0)] = 1024
+    """The in-memory backend's bound (least recently used go first)."""
     ttl_s: Annotated[float, Field(gt=0)] = 300.0
+    timeout_s: Annotated[float, Field(gt=0)] = 0.05
+    """One Redis operation that takes longer is given up: the engine answers instead."""
+    namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = "ensemble-ops"
+    """Prefix of every Redis key, so several deployments can share one Redis."""
+    max_value_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024
+    """Answers larger than this (serialised) are not stored."""
+    lock_ttl_s: Annotated[float, Field(gt=0)] = 30.0
+    """How long a replica's claim to generate an answer lasts at most (it frees it sooner)."""
+    lock_wait_s: Annotated[float, Field(ge=0)] = 10.0
+    """How long another replica waits for that answer before generating it itself."""
+    digest_file: Annotated[Path, Field(strict=False)] | None = None
+    """Where the GGUF content digests are remembered by path, size and mtime, so a large
+    file is hashed once; ``$XDG_CACHE_HOME/ensemble-ops/digests.json`` when unset."""
+
+    @field_validator("url")
+    @classmethod
+    def _url_for_redis(cls, url: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if url is None and info.data.get("backend") == "redis":
+            raise ValueError('required when backend = "redis" (redis://host:6379/0)')
+        if url is not None and url.get_secret_value().split("://")[0] not in _REDIS_SCHEMES:
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url
 
 
 class HealthSettings(_Section):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 __all__ = [
+    "CacheBackendChanged",
+    "CacheBackendFailed",
     "CacheLookedUp",
     "DrainTimedOut",
     "EventBus",
@@ -112,6 +114,25 @@ class InferenceFailed:
     message: str
     latency_s: float
     final: bool = True
+
+
+@dataclass(frozen=True)
+class CacheBackendFailed:
+    """One operation on a shared cache backend failed or timed out; the request went on
+    without it."""
+
+    backend: str
+    operation: str
+    error: str
+
+
+@dataclass(frozen=True)
+class CacheBackendChanged:
+    """A shared cache backend became reachable again (``up``) or stopped being reachable."""
+
+    backend: str
+    up: bool
+    reason: str | None = None
 
 
 @dataclass(frozen=True)

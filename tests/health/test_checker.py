@@ -31,6 +31,7 @@ from ensemble_ops.serving.gpu import GpuMonitor
 from ensemble_ops.serving.llama_engine import LlamaEngine
 
 from ..conftest import EngineWrapper, FlakyEngine, SettingsFactory, serving
+from ..redis_server import RedisServer
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 FIELDS = {
@@ -179,6 +180,52 @@ class TestModelHealth:
         assert (await client.get("/health/llm", params=params)).status_code == status
 
 
+class TestCacheState:
+    async def test_a_redis_that_is_down_degrades_the_cache_not_the_ensemble(
+        self, make_settings: SettingsFactory, tmp_path: Path
+    ) -> None:
+        """Nothing listens at cache.url: /health/llm/all stays 200 and healthy with the
+        cache degraded and why; requests are answered; the metrics count the errors and
+        show the backend down; then Redis starts there and the cache is healthy again."""
+        redis = RedisServer(tmp_path / "redis")
+        settings = make_settings(cache={"backend": "redis", "url": redis.url})
+        async with serving(create_app(settings)) as client:
+            answer = await client.post(
+                "/v1/completions",
+                json={"model": "demo-tiny", "prompt": "Hi", "max_tokens": 3, "temperature": 0},
+            )
+            assert answer.status_code == 200
+            assert answer.headers["x-cache"] == "MISS"
+            response = await client.get("/health/llm/all")
+            assert response.status_code == 200
+            body = response.json()
+            assert body["status"] == "healthy"
+            assert body["cache"]["backend"] == "redis"
+            assert body["cache"]["status"] == "degraded"
+            # "get: ConnectionError: ..." (or a connect timeout on a loaded machine)
+            assert body["cache"]["reason"].split(": ")[0] in {"get", "put", "claim", "ping"}
+            metrics = (await client.get("/health/metrics/json")).json()
+            assert metrics["llm_cache_backend_up_backend=redis"] == 0
+            assert metrics["llm_cache_errors_total_backend=redis"] >= 1
+            redis.start()
+            try:
+                deadline = time.monotonic() + 10
+                while (await client.get("/health/llm/all")).json()["cache"]["status"] != "healthy":
+                    assert time.monotonic() < deadline, "the cache did not come back"
+                    await anyio.sleep(0.2)
+                metrics = (await client.get("/health/metrics/json")).json()
+                assert metrics["llm_cache_backend_up_backend=redis"] == 1
+            finally:
+                redis.kill()
+
+    async def test_no_cache_section_with_the_cache_off(
+        self, make_settings: SettingsFactory
+    ) -> None:
+        """cache.enabled = false: /health/llm/all has no cache key."""
+        async with serving(create_app(make_settings(cache={"enabled": False}))) as client:
+            assert "cache" not in (await client.get("/health/llm/all")).json()
+
+
 class TestAllModels:
     async def test_summary(self, client: httpx.AsyncClient) -> None:
         """Counts, per-model statuses, process memory and GPU availability."""
@@ -195,6 +242,7 @@ class TestAllModels:
         }
         assert body["memory_mb"] > 100
         assert body["gpu_available"] is False
+        assert body["cache"] == {"backend": "memory", "status": "healthy"}
         assert ISO_Z.match(body["checked_at"])
 
     async def test_503_only_when_no_model_serves(

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from ..conftest import process_env
 from ..processes import Server, launch
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(name="server_env", scope="module")
 def _server_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     cache = tmp_path_factory.mktemp("cache")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENSEMBLE_OPS_")}
+    env = process_env()
     return env | {"XDG_CACHE_HOME": str(cache)}
 
 
@@ -40,8 +40,10 @@ def _server(
 
 
 @pytest.fixture(name="oai")
-def _oai(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+def _oai(server: Server) -> Iterator[openai.OpenAI]:
+    # Closed after each test: an open client's socket would be reported unclosed later.
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
+        yield client
 
 
 class TestOpenAIClient:
@@ -224,6 +226,43 @@ class TestProcess:
         events = [line["event"] for line in server.log_lines()]
         assert events.index("model.unloaded") > events.index("request")
 
+    def test_sigterm_fails_readiness_and_serves_through_the_drain_delay(
+        self, tmp_path: Path, server_env: dict[str, str]
+    ) -> None:
+        """SIGTERM with a drain delay: readiness answers 503 "shutting down" at once while
+        liveness stays 200 and requests are still answered; after the delay the process
+        stops accepting and exits 0."""
+        env = server_env | {"ENSEMBLE_OPS_SERVER__DRAIN_DELAY_S": "3"}
+        server = launch(tmp_path, env, "--demo")
+        server.process.send_signal(signal.SIGTERM)
+        ready = _until(lambda: httpx.get(f"{server.url}/health/ready", timeout=5), 503)
+        assert ready.json() == {"status": "not_ready", "reason": "shutting down"}
+        assert httpx.get(f"{server.url}/health/live", timeout=5).status_code == 200
+        body = {"model": "demo-tiny", "prompt": "Still there?", "max_tokens": 4}
+        answer = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+        assert answer.status_code == 200
+        assert server.process.poll() is None  # still serving after SIGTERM
+        assert server.process.wait(timeout=60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{server.url}/v1/models")
+        lines = server.log_lines()
+        events = [line["event"] for line in lines]
+        draining = next(line for line in lines if line["event"] == "server.draining")
+        assert (draining["signal"], draining["drain_delay_s"]) == ("SIGTERM", 3.0)
+        assert events.index("server.draining") < events.index("server.stopped")
+
+    def test_a_second_sigterm_skips_the_drain_delay(
+        self, tmp_path: Path, server_env: dict[str, str]
+    ) -> None:
+        """A second SIGTERM during a long drain delay stops the server now (exit 0)."""
+        env = server_env | {"ENSEMBLE_OPS_SERVER__DRAIN_DELAY_S": "600"}
+        server = launch(tmp_path, env, "--demo")
+        server.process.send_signal(signal.SIGTERM)
+        _until(lambda: httpx.get(f"{server.url}/health/ready", timeout=5), 503)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+        assert "server.stopping_now" in [line["event"] for line in server.log_lines()]
+
     def test_log_file_and_console_format(self, tmp_path: Path, server_env: dict[str, str]) -> None:
         """--log-file writes the JSON lines to a file instead of stdout."""
         log_file = tmp_path / "ops.log"
@@ -323,3 +362,14 @@ class TestReload:
             assert models["demo-tiny"]["meta"]["n_ctx"] == 1024
         finally:
             assert server.stop() == 0
+
+
+def _until(ask: Callable[[], httpx.Response], status: int) -> httpx.Response:
+    """Ask until the answer has ``status`` (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while True:
+        answer = ask()
+        if answer.status_code == status or time.monotonic() > deadline:
+            assert answer.status_code == status, answer.text
+            return answer
+        time.sleep(0.05)

@@ -16,13 +16,14 @@ import pytest
 
 from ensemble_ops.serving.demo import DemoModel, write_model
 
+from ..conftest import process_env
 from ..processes import Server, launch
 
 pytestmark = pytest.mark.e2e
 
 
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("ENSEMBLE_OPS_")}
+    return process_env()
 
 
 def _config(path: Path, members: list[tuple[str, Path, str]]) -> Path:

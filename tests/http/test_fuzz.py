@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import process_env
 from ..processes import launch
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +56,7 @@ class TestFuzz:
             f'[[models]]\nname = "demo-tiny"\npath = "{demo_dir / "demo-tiny.gguf"}"\n'
             "n_ctx = 512\nqueue_size = 4\n"
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ENSEMBLE_OPS_")}
+        env = process_env()
         server = launch(tmp_path, env, "--config", str(config), "--log-level", "warning")
         try:
             result = run_schemathesis(server.url, EXAMPLES, tmp_path / "report")

@@ -24,6 +24,8 @@ CONTRACT = {
     "llm_errors_total": "counter",
     "llm_cache_hits_total": "counter",
     "llm_cache_misses_total": "counter",
+    "llm_cache_errors_total": "counter",
+    "llm_cache_backend_up": "gauge",
     "llm_inference_duration_seconds": "histogram",
     "llm_model_loaded": "gauge",
     "llm_model_memory_bytes": "gauge",

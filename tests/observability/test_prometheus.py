@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ import httpx
 import pytest
 import yaml
 
+from ..conftest import process_env
 from ..processes import Prometheus, Server, launch, prometheus
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +41,7 @@ def _scraped(
         + "[modes.creative]\nmax_tokens = 4\ntemperature = 1.0\ntop_p = 1.0\n"
         + 'prefer = ["demo-base"]\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENSEMBLE_OPS_")}
+    env = process_env()
     server = launch(tmp, env, "--config", str(config))
     host = server.url.removeprefix("http://")
     try:

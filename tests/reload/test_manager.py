@@ -452,6 +452,22 @@ class TestRollback:
         assert texts[2] == texts[3]
         assert texts[0] != texts[2]
 
+    async def test_a_reload_of_the_same_weights_keeps_the_cached_answers(
+        self, settings: Settings
+    ) -> None:
+        """Reloading the same file with the same settings loads a copy that answers alike:
+        the answers cached before are still hits (they are keyed by content, not by copy)."""
+        request = {"model": "demo-tiny", "prompt": "Again?", "max_tokens": 8, "temperature": 0}
+        async with serving(app := create_app(settings)) as client:
+            before = await client.post("/v1/completions", json=request)
+            old = app.state.ensemble.slots["demo-tiny"].active
+            status = await app.state.reload.reload_model("demo-tiny")
+            assert app.state.ensemble.slots["demo-tiny"].active is not old
+            after = await client.post("/v1/completions", json=request)
+        assert status.state == "completed"
+        assert (before.headers["x-cache"], after.headers["x-cache"]) == ("MISS", "HIT")
+        assert after.json()["choices"][0]["text"] == before.json()["choices"][0]["text"]
+
 
 class TestEmbeddedApi:
     async def test_embedded_reloads_are_logged_counted_and_use_the_settings(

@@ -369,21 +369,28 @@ class TestSingleFlight:
     async def test_requests_that_differ_do_not_wait_for_each_other(
         self, make_ensemble: EnsembleFactory, engines: _Engines, demo_dir: Path
     ) -> None:
-        """Other parameters, another member or a sampled request: each generates."""
+        """Other parameters, another prompt or a sampled request: each generates; the same
+        request to another member on the same weights shares the generation."""
         ensemble = make_ensemble(_members(demo_dir / "demo-tiny.gguf", queue_size=3))
         await ensemble.load_all()
         longer = GenerationParams(max_tokens=5, temperature=0.0, top_p=1.0)
-        requests = [_request("a"), _request("a", longer), _request("b"), _request("a", SAMPLED)]
-        results = []
+        requests = [
+            _request("a"),
+            _request("a", longer),
+            _request("a", prompt="Hi"),
+            _request("a", SAMPLED),
+            _request("b"),
+        ]
+        results: dict[InferenceRequest, InferenceResult] = {}
 
         async def ask(request: InferenceRequest) -> None:
-            results.append(await ensemble.complete(request))
+            results[request] = await ensemble.complete(request)
 
         async with anyio.create_task_group() as tasks:
             for request in requests:
                 tasks.start_soon(ask, request)
-        assert not any(r.cached for r in results)
-        assert (engines.by_name["a"].calls, engines.by_name["b"].calls) == (3, 1)
+        assert [results[r].cached for r in requests] == [False, False, False, False, True]
+        assert (engines.by_name["a"].calls, engines.by_name["b"].calls) == (4, 0)
 
     async def test_when_the_first_fails_the_one_waiting_generates_itself(
         self, ensemble: Ensemble, engines: _Engines
@@ -522,34 +529,59 @@ class TestCache:
         results = [await ensemble.complete(_request(params=seeded)) for _ in range(2)]
         assert [r.cached for r in results] == [False, True]
 
-    async def test_a_cached_answer_belongs_to_its_member_and_its_parameters(
-        self, ensemble: Ensemble
+    async def test_a_cached_answer_belongs_to_the_weights_and_the_parameters(
+        self, make_ensemble: EnsembleFactory, demo_dir: Path
     ) -> None:
-        """The same prompt to another member, or with other parameters, is a miss."""
+        """Members on the same file and settings share answers; other parameters, another
+        prompt, or a member on other weights or another context size is a miss."""
+        settings = Settings.from_mapping(
+            {
+                "models": [
+                    {"name": "a", "path": str(demo_dir / "demo-tiny.gguf"), "n_ctx": 256},
+                    {"name": "b", "path": str(demo_dir / "demo-tiny.gguf"), "n_ctx": 256},
+                    {"name": "wider", "path": str(demo_dir / "demo-tiny.gguf"), "n_ctx": 512},
+                    {"name": "other", "path": str(demo_dir / "demo-small.gguf"), "n_ctx": 256},
+                ]
+            },
+            environ={},
+        )
+        ensemble = make_ensemble(settings)
+        await ensemble.load_all()
         await ensemble.complete(_request("a"))
-        assert not (await ensemble.complete(_request("b"))).cached
+        assert (await ensemble.complete(_request("b"))).cached
+        assert not (await ensemble.complete(_request("wider"))).cached
+        assert not (await ensemble.complete(_request("other"))).cached
         longer = GenerationParams(max_tokens=5, temperature=0.0, top_p=1.0)
         assert not (await ensemble.complete(_request("a", longer))).cached
         assert not (await ensemble.complete(_request("a", prompt="Hello!"))).cached
         assert (await ensemble.complete(_request("a"))).cached
 
-    async def test_a_new_copy_never_answers_from_the_old_copys_cache(
-        self, ensemble: Ensemble, demo_dir: Path
+    async def test_a_new_copy_answers_from_the_cache_only_with_the_same_weights(
+        self, ensemble: Ensemble, demo_dir: Path, tmp_path: Path
     ) -> None:
-        """After a swap to a new copy of the member, the same request runs on the new copy."""
+        """A swap to a copy of the same bytes keeps the cached answers (same identity); a
+        swap to other weights under the same name and path never serves the old text."""
         await ensemble.complete(_request("a"))
         slot = ensemble.slots["a"]
-        spec = ModelSpec(name="a", path=demo_dir / "demo-tiny.gguf", n_ctx=256)
         old = slot.active
         assert old is not None
-        new = slot.install(LlamaEngine.load(spec))
+        same = slot.install(
+            LlamaEngine.load(slot.spec),
+            await anyio.to_thread.run_sync(ensemble.identify, slot.spec),
+        )
+        await old.close()
+        assert (await ensemble.complete(_request("a"))).cached
+        other_spec = ModelSpec(name="a", path=demo_dir / "demo-small.gguf", n_ctx=256)
+        other = slot.install(
+            LlamaEngine.load(other_spec),
+            await anyio.to_thread.run_sync(ensemble.identify, other_spec),
+        )
+        await same.close()
         try:
-            result = await ensemble.complete(_request("a"))
-            assert not result.cached
+            assert not (await ensemble.complete(_request("a"))).cached
             assert (await ensemble.complete(_request("a"))).cached
         finally:
-            await old.close()
-        assert new is slot.active
+            assert other is slot.active
 
     async def test_a_failed_request_is_not_cached(
         self, ensemble: Ensemble, engines: _Engines

@@ -44,6 +44,12 @@ class HealthChecker:
         self._prober = prober
         self._liveness = liveness
         self._loading = loading
+        self._stopping = False
+
+    def begin_shutdown(self) -> None:
+        """The process is stopping: readiness fails from now on, so load balancers take this
+        replica out while it still serves what they send meanwhile."""
+        self._stopping = True
 
     async def check_model_health(self, name: str, run_inference: bool = False) -> ModelHealth:
         """The health of member ``name`` (KeyError if there is none)."""
@@ -96,7 +102,10 @@ class HealthChecker:
         )
 
     def check_readiness(self) -> tuple[bool, str | None]:
-        """(ready, reason): ready when at least one member is loaded and not unhealthy."""
+        """(ready, reason): ready when at least one member is loaded and not unhealthy, and
+        the process is not shutting down."""
+        if self._stopping:
+            return False, "shutting down"
         if any(
             slot.active is not None and self.view.can_serve(name)
             for name, slot in self.slots.items()

@@ -65,7 +65,10 @@ def create_app(
     view = HealthView(bus, settings.health, members)
     ensemble = Ensemble(settings, bus, loader, runner, can_serve=view.can_serve, tracer=tracer)
     metrics = Metrics(
-        enabled=settings.metrics.enabled, members=members, default_mode=settings.default_mode
+        enabled=settings.metrics.enabled,
+        members=members,
+        default_mode=settings.default_mode,
+        cache_backend=ensemble.cache.backend if ensemble.cache is not None else None,
     )
     metrics.subscribe(bus)
     metrics.on_collect(lambda m: _collect_slots(m, ensemble))
@@ -90,6 +93,7 @@ def create_app(
         load_limiter=ensemble.load_limiter,
         allowed_dirs=[model_dir] if model_dir is not None else None,
         tracer=tracer,
+        identify=ensemble.identify,
     )
 
     @asynccontextmanager
@@ -98,6 +102,7 @@ def create_app(
         metrics.bind_loop(asyncio.get_running_loop())
         runner.spawn(watchdog.run)
         runner.spawn(ensemble.load_all)
+        runner.spawn(ensemble.cache_health)  # say at once whether a shared cache answers
         try:
             yield
         finally:

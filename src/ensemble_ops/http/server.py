@@ -1,8 +1,10 @@
 """Serving the app with hypercorn's programmatic API, with graceful shutdown.
 
-SIGTERM or SIGINT stops accepting connections, lets in-flight requests finish (bounded by
-``server.shutdown_timeout_s``), then the lifespan closes the models and the process exits 0.
-SIGHUP re-reads the config file and reloads the members whose spec changed.
+SIGTERM or SIGINT first fails readiness, so load balancers take this replica out, and goes on
+serving for ``server.drain_delay_s``; then the server stops accepting connections, lets
+in-flight requests finish (bounded by ``server.shutdown_timeout_s``), the lifespan closes
+the models and the process exits 0. A second signal, or Ctrl-C in a terminal, skips the
+delay. SIGHUP re-reads the config file and reloads the members whose spec changed.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 
 import structlog
@@ -66,8 +69,26 @@ async def serve(settings: Settings, config_path: Path | None = None) -> int:
     stop = asyncio.Event()
     exit_code = 0
     loop = asyncio.get_running_loop()
+    delays: list[asyncio.Task[None]] = []
+
+    async def stop_after(delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        stop.set()
+
+    def on_stop_signal(signum: signal.Signals) -> None:
+        if delays or stop.is_set():  # a second signal: no more waiting
+            _log.info("server.stopping_now", signal=signum.name)
+            stop.set()
+            return
+        delay = settings.server.drain_delay_s
+        if signum == signal.SIGINT and sys.stdin.isatty():
+            delay = 0.0  # Ctrl-C in a terminal: a person is waiting, no load balancer
+        app.state.health.begin_shutdown()
+        _log.info("server.draining", signal=signum.name, drain_delay_s=delay)
+        delays.append(loop.create_task(stop_after(delay)))
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_stop_signal, signum)
     rereads: set[asyncio.Task[None]] = set()
 
     def on_sighup() -> None:  # a signal handler is no task: start one for the async work
@@ -93,6 +114,8 @@ async def serve(settings: Settings, config_path: Path | None = None) -> int:
         await hypercorn_serve(app, _hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     finally:
         watcher.cancel()
+        for delay in delays:
+            delay.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     _log.info("server.stopped", exit_code=exit_code)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import structlog
 
 from ensemble_ops.events import (
+    CacheBackendChanged,
     DrainTimedOut,
     EventBus,
     HealthChanged,
@@ -97,6 +98,20 @@ def _reload_state(event: ReloadStateChanged) -> None:
     )
 
 
+def _cache_backend(event: CacheBackendChanged) -> None:
+    # Each failed operation is counted (llm_cache_errors_total), not logged: an outage
+    # would otherwise log once per request.
+    if event.up:
+        _log.info("cache.backend_up", backend=event.backend)
+    else:
+        _log.warning(
+            "cache.backend_down",
+            backend=event.backend,
+            reason=event.reason,
+            consequence="requests are answered by the engine until it is back",
+        )
+
+
 def _drain_timeout(event: DrainTimedOut) -> None:
     _log.warning(
         "reload.drain_timeout",
@@ -109,6 +124,7 @@ def _drain_timeout(event: DrainTimedOut) -> None:
 def subscribe_log(bus: EventBus) -> None:
     bus.subscribe(ReloadStateChanged, _reload_state)
     bus.subscribe(DrainTimedOut, _drain_timeout)
+    bus.subscribe(CacheBackendChanged, _cache_backend)
     bus.subscribe(HealthChanged, _health_changed)
     bus.subscribe(ModelLoaded, _loaded)
     bus.subscribe(ModelLoadFailed, _load_failed)

@@ -26,6 +26,8 @@ from aioprometheus.renderer import render
 
 from ensemble_ops._version import __version__
 from ensemble_ops.events import (
+    CacheBackendChanged,
+    CacheBackendFailed,
     CacheLookedUp,
     DrainTimedOut,
     EventBus,
@@ -74,7 +76,9 @@ class Metrics:
         enabled: bool = True,
         members: list[str] | None = None,
         default_mode: str = "balanced",
+        cache_backend: str | None = None,
     ) -> None:
+        """``cache_backend`` names the response cache's backend (None: the cache is off)."""
         self.enabled = enabled
         self.registry = Registry()
         self._collect_hooks: list[Callable[[Metrics], None]] = []
@@ -96,6 +100,14 @@ class Metrics:
             registry=r,
         )
         self.cache_hits = Counter("llm_cache_hits_total", "Response cache hits.", registry=r)
+        self.cache_errors = Counter(
+            "llm_cache_errors_total",
+            "Failed or timed-out operations on the cache backend (the engine answered).",
+            registry=r,
+        )
+        self.cache_backend_up = Gauge(
+            "llm_cache_backend_up", "1 while the cache backend answers, else 0.", registry=r
+        )
         self.cache_misses = Counter(
             "llm_cache_misses_total",
             "Response cache misses (deterministic requests only).",
@@ -217,6 +229,11 @@ class Metrics:
                 self.kv_cache_usage.set({"model": member}, 0)
             self.cache_hits.set({}, 0)
             self.cache_misses.set({}, 0)
+            if cache_backend is not None:
+                backend = {"backend": cache_backend}
+                self.cache_errors.set(backend, 0)
+                # Memory always answers; Redis is 0 until it has answered once.
+                self.cache_backend_up.set(backend, 1 if cache_backend == "memory" else 0)
             self.start_time.set({}, self._process.create_time())
 
     # -- wiring --------------------------------------------------------------------------------
@@ -227,6 +244,8 @@ class Metrics:
         bus.subscribe(InferenceFinished, self._on_finished)
         bus.subscribe(InferenceFailed, self._on_failed)
         bus.subscribe(CacheLookedUp, self._on_cache)
+        bus.subscribe(CacheBackendFailed, self._on_cache_error)
+        bus.subscribe(CacheBackendChanged, self._on_cache_backend)
         bus.subscribe(ModelLoaded, self._on_loaded)
         bus.subscribe(ModelUnloaded, self._on_unloaded)
         bus.subscribe(ModelLoadFailed, self._on_load_failed)
@@ -426,6 +445,12 @@ class Metrics:
 
     def _on_cache(self, event: CacheLookedUp) -> None:
         (self.cache_hits if event.hit else self.cache_misses).inc({})
+
+    def _on_cache_error(self, event: CacheBackendFailed) -> None:
+        self.cache_errors.inc({"backend": event.backend})
+
+    def _on_cache_backend(self, event: CacheBackendChanged) -> None:
+        self.cache_backend_up.set({"backend": event.backend}, 1 if event.up else 0)
 
     def _update_model_status(
         self, model: str, loaded: bool, memory: int | None, gpu: int | None

@@ -72,6 +72,8 @@ class Plan:
     loader: LoaderFunc
     warmup: WarmupFunc
     iterations: int
+    identify: Callable[[], str | None] = lambda: None
+    """The new copy's cache identity (blocking: it may hash the file)."""
 
 
 class Host(Protocol):
@@ -200,10 +202,11 @@ class ReloadJob:
         self._progress(5.0, f"Loading {plan.spec.path.name}")
         started = time.perf_counter()
         try:
+            identity = await anyio.to_thread.run_sync(plan.identify)
             engine = await anyio.to_thread.run_sync(plan.loader, limiter=host.load_limiter)
         except Exception as err:
             raise ReloadFailedError(f"load failed: {err}") from err
-        self._new = Loaded(self.name, engine, queue_size=plan.spec.queue_size)
+        self._new = Loaded(self.name, engine, queue_size=plan.spec.queue_size, identity=identity)
         self._load_s = time.perf_counter() - started
         self._progress(10.0, "Loaded; warming up")
         for i in range(1, plan.iterations + 1):

@@ -52,16 +52,20 @@ class ReloadManager:
         memory_probe: MemoryProbe | None = None,
         allowed_dirs: list[Path] | None = None,
         tracer: Tracer | None = None,
+        identify: Callable[[ModelSpec], str | None] = lambda spec: None,
     ) -> None:
         """``slots`` is read live; ``loader`` loads a member's engine from its spec; ``gpu``
         reads free VRAM for the memory check (``memory_probe`` replaces that check);
         ``allowed_dirs`` bounds reload paths (default: the folders of the members' files);
-        ``tracer`` makes a trace of each reload, a span per state."""
+        ``tracer`` makes a trace of each reload, a span per state; ``identify`` names what a
+        copy loaded from a spec answers like, for the response cache (blocking: it may hash
+        the file)."""
         self.bus = bus
         self.slots = slots
         self.settings = settings
         self.runner = runner
         self.loader = loader
+        self.identify = identify
         self.load_limiter = load_limiter or anyio.CapacityLimiter(settings.max_concurrent_loads)
         self._gpu = gpu
         self._memory_probe = memory_probe
@@ -110,6 +114,8 @@ class ReloadManager:
             Plan(
                 spec=current,
                 loader=loader_func or (lambda: self.loader(current)),
+                # A caller's own loader may load anything: its copy's answers are not cached.
+                identify=(lambda: None) if loader_func else (lambda: self.identify(current)),
                 warmup=warmup_func
                 or chat_warmup(
                     current.warmup_prompt or settings.warmup_prompt, settings.warmup_max_tokens
@@ -214,7 +220,11 @@ class ReloadManager:
             slot.mark_failed(f"reload failed and the previous copy did not load again: {err}")
             _log.error("reload.restore_failed", model=slot.name, error=str(err))
             return
-        self.bus.publish(loaded_event(slot.install(engine), 0.0))
+        try:
+            identity = await anyio.to_thread.run_sync(self.identify, spec)
+        except OSError:
+            identity = None  # it loaded, so it serves; its answers go uncached
+        self.bus.publish(loaded_event(slot.install(engine, identity), 0.0))
 
     # -- running -----------------------------------------------------------------------------
 

@@ -40,7 +40,16 @@ from ensemble_ops.events import (
     ModelLoadFailed,
     ModelUnloaded,
 )
-from ensemble_ops.serving.cache import ResponseCache, is_deterministic
+from ensemble_ops.serving.cache import (
+    CacheHealth,
+    DigestStore,
+    ResponseCache,
+    cache_key,
+    default_digest_file,
+    is_deterministic,
+    model_identity,
+    open_cache,
+)
 from ensemble_ops.serving.engine import ChatMessage, Completion, Engine, GenerationParams, OnText
 from ensemble_ops.serving.slot import Lease, Loaded, ModelSlot, loaded_event
 from ensemble_ops.serving.spans import AttemptSpan
@@ -190,14 +199,11 @@ class Ensemble:
         self._runner = runner
         self._can_serve = can_serve
         self.slots = {spec.name: ModelSlot(spec) for spec in settings.models}
-        self.cache = (
-            ResponseCache(settings.cache.max_entries, settings.cache.ttl_s)
-            if settings.cache.enabled
-            else None
-        )
+        self.cache: ResponseCache | None = open_cache(settings.cache, bus)
+        self._digests = DigestStore(settings.cache.digest_file or default_digest_file())
         self.loading_done = anyio.Event()
         self._closing = False
-        self._inflight: dict[object, asyncio.Future[Completion | None]] = {}
+        self._inflight: dict[str, asyncio.Future[Completion | None]] = {}
         """Generations of deterministic requests in flight, by cache key (single flight)."""
         # Loads are memory-heavy: few at a time, shared with reloads.
         self.load_limiter = anyio.CapacityLimiter(settings.reload.max_concurrent_loads)
@@ -212,11 +218,30 @@ class Ensemble:
         finally:
             self.loading_done.set()
 
+    def identify(self, spec: ModelSpec) -> str | None:
+        """What a copy loaded from ``spec`` is cached under; None with the cache off (then
+        the file is not hashed). Blocking: run it in a worker thread."""
+        if self.cache is None:
+            return None
+        return model_identity(spec, self._digests.digest(spec.path))
+
+    async def cache_health(self) -> CacheHealth | None:
+        """The response cache's backend state; None with the cache off."""
+        return await self.cache.health() if self.cache is not None else None
+
     async def load(self, slot: ModelSlot) -> Loaded | None:
         started = time.perf_counter()
+
+        def load_and_identify() -> tuple[Engine, str | None]:
+            try:
+                identity = self.identify(slot.spec)  # before loading: the bytes that load
+            except OSError:
+                identity = None  # unreadable: the loader says why in its own words
+            return self._loader(slot.spec), identity
+
         try:
-            engine = await anyio.to_thread.run_sync(
-                self._loader, slot.spec, limiter=self.load_limiter
+            engine, identity = await anyio.to_thread.run_sync(
+                load_and_identify, limiter=self.load_limiter
             )
         except Exception as err:
             slot.mark_failed(str(err))
@@ -225,7 +250,7 @@ class Ensemble:
         if self._closing:  # shut down while this member was loading
             await anyio.to_thread.run_sync(engine.close)
             return None
-        loaded = slot.install(engine)
+        loaded = slot.install(engine, identity)
         self.bus.publish(loaded_event(loaded, time.perf_counter() - started))
         return loaded
 
@@ -239,6 +264,8 @@ class Ensemble:
             await old.wait_idle(drain_timeout_s)
             await old.close()
             self.bus.publish(ModelUnloaded(slot.name, old.generation))
+        if self.cache is not None:
+            await self.cache.aclose()
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -291,9 +318,12 @@ class Ensemble:
         self._failed(ENSEMBLE, request, failure, started, final=True)
         raise failure
 
-    def _cache_key(self, slot: ModelSlot, loaded: Loaded, request: InferenceRequest) -> object:
-        prompt = request.prompt if request.prompt is not None else request.messages
-        return ResponseCache.key(slot.name, loaded.generation, prompt, request.params)
+    @staticmethod
+    def _cache_key(loaded: Loaded, request: InferenceRequest) -> str | None:
+        """The key of ``request`` answered by ``loaded``; None when it is not cacheable."""
+        if loaded.identity is None or not is_deterministic(request.params):
+            return None
+        return cache_key(loaded.identity, request.prompt, request.messages, request.params)
 
     def _attempt(self, request: InferenceRequest, member: str, *, stream: bool) -> AttemptSpan:
         return AttemptSpan.open(
@@ -315,13 +345,20 @@ class Ensemble:
     ) -> InferenceResult:
         started = time.perf_counter()
         key = self._deterministic_key(slot, request)
-        if key is not None:
-            hit = await self._cached_or_coalesced(slot, key, attempt)
+        leader = self._inflight.get(key) if key is not None else None
+        if leader is not None:  # an identical request runs here: share its answer
+            hit = await asyncio.shield(leader)  # None when it failed: try ourselves
+            self._looked_up(slot, attempt, hit, "coalesced")
             if hit is not None:
-                attempt.done(hit)
-                self._finished(slot.name, request, hit, started, cached=True, stream=False)
-                return InferenceResult(slot.name, hit, cached=True)
-        with self._leading(key) as leader:
+                return self._answered_from_cache(slot, request, hit, started, attempt)
+        with self._leading(key) as leading:
+            claimed = False
+            if key is not None and self.cache is not None:
+                hit, claimed = await self._shared_lookup(slot, key, attempt)
+                if hit is not None:
+                    leading.set_result(hit)
+                    return self._answered_from_cache(slot, request, hit, started, attempt)
+            completion: Completion | None = None
             try:
                 async with slot.lease() as loaded:
                     completion = await loaded.run(_generate, loaded.engine, request, attempt)
@@ -331,39 +368,74 @@ class Ensemble:
                 final = not (fallback and isinstance(err, _FALLBACK_ERRORS))
                 self._failed(slot.name, request, err, started, final=final)
                 raise
-            leader.set_result(completion)
+            finally:
+                if key is not None:
+                    # Under the key of the copy that answered (a reload may have changed it
+                    # meanwhile); bounded by the backend's timeout, and done even when the
+                    # request is cancelled, so waiting replicas are never left to time out.
+                    stored = self._cache_key(loaded, request) if completion is not None else None
+                    with anyio.CancelScope(shield=True):
+                        await self._store(stored, completion, key if claimed else None)
+            leading.set_result(completion)
         attempt.done(completion)
-        if key is not None and self.cache is not None:
-            # The key of the copy that answered, which a reload may have changed meanwhile.
-            self.cache.put(self._cache_key(slot, loaded, request), completion)
         self._finished(slot.name, request, completion, started, cached=False, stream=False)
         return InferenceResult(slot.name, completion, cached=False)
 
-    def _deterministic_key(self, slot: ModelSlot, request: InferenceRequest) -> object | None:
+    def _answered_from_cache(
+        self,
+        slot: ModelSlot,
+        request: InferenceRequest,
+        hit: Completion,
+        started: float,
+        attempt: AttemptSpan,
+    ) -> InferenceResult:
+        attempt.done(hit)
+        self._finished(slot.name, request, hit, started, cached=True, stream=False)
+        return InferenceResult(slot.name, hit, cached=True)
+
+    def _deterministic_key(self, slot: ModelSlot, request: InferenceRequest) -> str | None:
         """The cache and single-flight key of a deterministic request, else None."""
         active = slot.active
-        if self.cache is None or active is None or not is_deterministic(request.params):
+        if self.cache is None or active is None:
             return None
-        return self._cache_key(slot, active, request)
+        return self._cache_key(active, request)
 
-    async def _cached_or_coalesced(
-        self, slot: ModelSlot, key: object, attempt: AttemptSpan
-    ) -> Completion | None:
-        """The cached answer, or that of an identical request in flight (single flight: it
-        shares that generation and counts as a cache hit); None means generate."""
-        assert self.cache is not None  # _deterministic_key gave a key
-        hit = self.cache.get(key)
+    async def _shared_lookup(
+        self, slot: ModelSlot, key: str, attempt: AttemptSpan
+    ) -> tuple[Completion | None, bool]:
+        """(answer, claimed): the cached answer, or another replica's that it was generating
+        (single flight across replicas); with no answer, whether this process claimed the
+        key (and must free it)."""
+        assert self.cache is not None
+        hit = await self.cache.get(key)
+        claimed = False
         how = "hit"
-        leader = self._inflight.get(key)
-        if hit is None and leader is not None:
-            hit = await asyncio.shield(leader)  # None when the leader failed: try ourselves
-            how = "coalesced"
+        if hit is None:
+            claimed = await self.cache.claim(key)
+            if not claimed:
+                hit = await self.cache.wait_for(key)
+                how = "coalesced"
+        self._looked_up(slot, attempt, hit, how)
+        return hit, claimed
+
+    def _looked_up(
+        self, slot: ModelSlot, attempt: AttemptSpan, hit: Completion | None, how: str
+    ) -> None:
         self.bus.publish(CacheLookedUp(slot.name, hit is not None))
         attempt.cache(how if hit is not None else "miss")
-        return hit
+
+    async def _store(
+        self, key: str | None, completion: Completion | None, claimed: str | None
+    ) -> None:
+        """Cache an answer, then free the claim on its key (waiting replicas then read it)."""
+        assert self.cache is not None
+        if key is not None and completion is not None:
+            await self.cache.put(key, completion)
+        if claimed is not None:
+            await self.cache.release(claimed)
 
     @contextlib.contextmanager
-    def _leading(self, key: object | None) -> Iterator[asyncio.Future[Completion | None]]:
+    def _leading(self, key: str | None) -> Iterator[asyncio.Future[Completion | None]]:
         """Register a generation identical requests may wait for; it always resolves (None
         when it failed or was cancelled), so no follower hangs."""
         future: asyncio.Future[Completion | None] = asyncio.get_running_loop().create_future()
@@ -415,8 +487,7 @@ class Ensemble:
         attempt = self._attempt(stream.request, slot.name, stream=True)
         with attempt.current():
             completion = await asyncio.shield(leader)
-            self.bus.publish(CacheLookedUp(slot.name, completion is not None))
-            attempt.cache("coalesced" if completion is not None else "miss")
+            self._looked_up(slot, attempt, completion, "coalesced")
             if completion is None:  # the leader failed: say so, the client may retry
                 error = EngineError(slot.name, "the identical request this one joined failed")
                 attempt.fail(error)

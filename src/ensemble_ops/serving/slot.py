@@ -37,9 +37,13 @@ _generations = itertools.count(1)
 class Loaded:
     """One loaded instance of a model; its engine batches the requests running on it."""
 
-    def __init__(self, name: str, engine: Engine, *, queue_size: int = 16) -> None:
+    def __init__(
+        self, name: str, engine: Engine, *, queue_size: int = 16, identity: str | None = None
+    ) -> None:
         self.name = name
         self.engine = engine
+        self.identity = identity
+        """What its answers are cached under (``cache.model_identity``); None: not cached."""
         self.generation = next(_generations)
         self.loaded_at = time.time()
         self.parallel = engine.info.parallel
@@ -244,9 +248,9 @@ class ModelSlot:
         self.state = state
         return old
 
-    def install(self, engine: Engine) -> Loaded:
+    def install(self, engine: Engine, identity: str | None = None) -> Loaded:
         """Make a freshly loaded ``engine`` the active instance (nothing was active)."""
-        loaded = Loaded(self.name, engine, queue_size=self.spec.queue_size)
+        loaded = Loaded(self.name, engine, queue_size=self.spec.queue_size, identity=identity)
         self.swap(loaded)
         return loaded
 

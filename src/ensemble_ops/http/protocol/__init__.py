@@ -20,6 +20,7 @@ from ensemble_ops.http.protocol.requests import (
 )
 from ensemble_ops.http.protocol.responses import (
     AssistantMessage,
+    CacheState,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -52,6 +53,7 @@ from ensemble_ops.http.protocol.responses import (
 
 __all__ = [
     "AssistantMessage",
+    "CacheState",
     "ChatChoice",
     "ChatChunkChoice",
     "ChatCompletion",

@@ -26,6 +26,7 @@ from ensemble_ops.serving.slot import SlotState
 
 __all__ = [
     "AssistantMessage",
+    "CacheState",
     "ChatChoice",
     "ChatChunkChoice",
     "ChatCompletion",
@@ -298,6 +299,16 @@ class ErrorResponse(_Response):
     status: Omittable[ReloadStatus] = None
 
 
+class CacheState(_Response):
+    """The response cache's backend. A degraded cache fails no request (the engine answers
+    instead), so it never changes the ensemble's status or code."""
+
+    backend: Literal["memory", "redis"]
+    status: Literal["healthy", "degraded"]
+    reason: Omittable[str] = None
+    """Why it is degraded."""
+
+
 class EnsembleHealth(_Response):
     """``GET /health/llm/all``: the ensemble's status (never unknown) and every member's."""
 
@@ -310,6 +321,8 @@ class EnsembleHealth(_Response):
     memory_mb: float
     gpu_available: bool
     gpu_memory_mb: float | None
+    cache: Omittable[CacheState] = None
+    """The response cache; absent with the cache off."""
     checked_at: str
 
 

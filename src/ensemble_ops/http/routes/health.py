@@ -17,6 +17,7 @@ from ensemble_ops.health.checker import HealthChecker
 from ensemble_ops.health.status import HealthStatus, ModelHealth, utc_now
 from ensemble_ops.http.openapi import Answer, ApiRoute, errors
 from ensemble_ops.http.protocol import (
+    CacheState,
     EnsembleHealth,
     EnsembleHealthQuery,
     KubeProbe,
@@ -50,6 +51,7 @@ async def all_health(request: Request) -> Response:
     checker = _checker(request)
     query = parse_query(EnsembleHealthQuery, request.query_params)
     results = await checker.check_all_models(query.run_inference == "true")
+    cache = await request.app.state.ensemble.cache_health()
     counts = dict.fromkeys(HealthStatus, 0)
     for health in results.values():
         counts[health.status] += 1
@@ -70,6 +72,15 @@ async def all_health(request: Request) -> Response:
         memory_mb=checker.process_memory_mb(),
         gpu_available=checker.gpu.available,
         gpu_memory_mb=checker.process_gpu_memory_mb(),
+        cache=(
+            CacheState(
+                backend=cache.backend,
+                status="healthy" if cache.up else "degraded",
+                reason=None if cache.up else cache.reason,
+            )
+            if cache is not None
+            else None
+        ),
         checked_at=utc_now(),
     )
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if serving else 503)

@@ -1,0 +1,1 @@
+"""Scale-out tests: replicas behind a real HAProxy with a shared real Redis, under load."""

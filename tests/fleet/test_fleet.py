@@ -1,0 +1,225 @@
+"""Scale out: three replicas behind HAProxy with a shared Redis cache, under steady load.
+
+One fleet serves the whole module; each test starts from every process up and every replica
+UP in HAProxy, and puts back what it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from subprocess import Popen
+from typing import Any
+
+import httpx
+import pytest
+
+from ..conftest import process_env
+from ..redis_server import RedisServer
+from .harness import (
+    DRAIN_DELAY_S,
+    Fleet,
+    HAProxy,
+    Replica,
+    fleet_config,
+    wait_until,
+)
+from .load import SteadyLoad, describe
+
+pytestmark = pytest.mark.e2e
+
+RELOADED = "demo-tiny"
+
+
+@pytest.fixture(name="running_fleet", scope="module")
+def _running_fleet(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Iterator[Fleet]:
+    directory = tmp_path_factory.mktemp("fleet")
+    redis = RedisServer(directory / "redis")
+    config = directory / "fleet.toml"
+    config.write_text(fleet_config(demo_dir))
+    env = process_env() | {
+        "XDG_CACHE_HOME": str(directory / "xdg"),
+        "ENSEMBLE_OPS_CACHE__BACKEND": "redis",
+        "ENSEMBLE_OPS_CACHE__URL": redis.url,
+        "ENSEMBLE_OPS_SERVER__DRAIN_DELAY_S": str(DRAIN_DELAY_S),
+    }
+    replicas = [Replica(f"r{i}", directory, env, ("--config", str(config))) for i in range(3)]
+    fleet = Fleet(redis, replicas, HAProxy(directory, replicas))
+    try:
+        fleet.start()
+        yield fleet
+    finally:
+        codes = fleet.stop()
+    assert set(codes.values()) <= {0}, codes
+
+
+@pytest.fixture(name="fleet")
+def _fleet(running_fleet: Fleet) -> Fleet:
+    """The module's fleet with everything a previous test stopped started again."""
+    running_fleet.ensure_up()
+    return running_fleet
+
+
+def _completion(url: str, prompt: str) -> httpx.Response:
+    body = {"model": "demo-tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0}
+    answer = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer
+
+
+def _cache_health(replica: Replica) -> tuple[int, dict[str, Any]]:
+    """``/health/llm/all``'s status code and its ``cache`` section."""
+    answer = httpx.get(f"{replica.url}/health/llm/all", timeout=10)
+    cache: dict[str, Any] = answer.json().get("cache", {})
+    return answer.status_code, cache
+
+
+def _metric(replica: Replica, sample: str) -> float:
+    """The value of one sample (name and labels exactly as exposed) on ``replica``."""
+    text = httpx.get(f"{replica.url}/metrics", timeout=10).text
+    values = [
+        line.rpartition(" ")[2] for line in text.splitlines() if line.startswith(sample + " ")
+    ]
+    assert len(values) == 1, f"{sample}: {values}"
+    return float(values[0])
+
+
+def _wait_cache(replica: Replica, status: str, timeout_s: float) -> None:
+    wait_until(
+        lambda: _cache_health(replica)[1].get("status") == status,
+        timeout_s,
+        f"{replica.name}'s cache to be {status}",
+    )
+
+
+def _shared_hit(fleet: Fleet) -> None:
+    """A fresh deterministic answer from the first replica is a hit on the second."""
+    first, second = fleet.replicas[:2]
+    prompt = f"Shared {uuid.uuid4().hex[:8]}"
+    miss = _completion(first.url, prompt)
+    hit = _completion(second.url, prompt)
+    assert (miss.headers.get("x-cache"), hit.headers.get("x-cache")) == ("MISS", "HIT")
+    assert hit.json()["choices"] == miss.json()["choices"]
+
+
+class TestSharedCache:
+    def test_answer_cached_by_one_replica_is_a_hit_on_another(self, fleet: Fleet) -> None:
+        """A deterministic answer one replica computed is served from Redis by another."""
+        with SteadyLoad(fleet.url) as load:
+            load.wait_served(5)
+            _shared_hit(fleet)
+        assert not load.lost(), describe(load.lost())
+
+    def test_replicas_share_the_load(self, fleet: Fleet) -> None:
+        """HAProxy spreads requests over all three replicas and the cache hits under load."""
+        with SteadyLoad(fleet.url) as load:
+            load.wait_for(
+                lambda outcomes: (
+                    {o.served_by for o in outcomes} >= {"r0", "r1", "r2"}
+                    and any(o.cache == "HIT" for o in outcomes)
+                ),
+                "answers from every replica and a cache hit",
+            )
+        assert not load.lost(), describe(load.lost())
+
+
+class TestRollingRestart:
+    def test_rolling_restart_loses_no_request(self, fleet: Fleet) -> None:
+        """SIGTERM, exit 0, restart on the same port, UP again: one replica at a time,
+        while requests keep flowing and none is lost."""
+        codes: dict[str, int] = {}
+        down_while_running: dict[str, bool] = {}
+        windows: dict[str, tuple[float, float]] = {}
+        with SteadyLoad(fleet.url) as load:
+            load.wait_served(10)
+            for replica in fleet.replicas:
+                started = time.monotonic()
+                process = replica.sigterm()
+
+                def down_or_gone(name: str = replica.name, process: Popen[bytes] = process) -> bool:
+                    return fleet.haproxy.server_status(name) == "DOWN" or process.poll() is not None
+
+                wait_until(
+                    down_or_gone,
+                    DRAIN_DELAY_S + 30,
+                    f"{replica.name} DOWN or gone",
+                    interval_s=0.02,
+                )
+                down_while_running[replica.name] = process.poll() is None
+                codes[replica.name] = process.wait(timeout=60)
+                replica.start()
+                replica.wait_ready()
+                fleet.haproxy.wait_status(replica.name, "UP")
+                windows[replica.name] = (started, time.monotonic())
+            back = max(end for _, end in windows.values())
+            load.wait_for(
+                lambda outcomes: (
+                    {o.served_by for o in outcomes if o.started > back} >= {"r0", "r1", "r2"}
+                ),
+                "answers from every restarted replica",
+            )
+        assert not load.lost(), describe(load.lost())
+        assert codes == {"r0": 0, "r1": 0, "r2": 0}
+        # Readiness fails at once on SIGTERM, so HAProxy stops routing before the process goes.
+        assert down_while_running == {"r0": True, "r1": True, "r2": True}
+        flowed = {name: len(load.served_between(*window)) for name, window in windows.items()}
+        assert min(flowed.values()) >= 5, flowed
+
+
+class TestRedisOutage:
+    def test_redis_killed_loses_no_request_and_recovers(self, fleet: Fleet) -> None:
+        """With Redis gone requests still succeed and the cache reports degraded; once Redis
+        is back on its port the cache is healthy and shared again by itself."""
+        with SteadyLoad(fleet.url) as load:
+            load.wait_served(10)
+            fleet.redis.kill()
+            for replica in fleet.replicas:
+                _wait_cache(replica, "degraded", 15)
+                status, cache = _cache_health(replica)
+                assert status == 200
+                assert cache["backend"] == "redis"
+                assert cache["reason"]
+                assert _metric(replica, 'llm_cache_backend_up{backend="redis"}') == 0
+                assert _metric(replica, 'llm_cache_errors_total{backend="redis"}') > 0
+            load.wait_served(20)  # the outage, under load
+            fleet.redis.start()
+            for replica in fleet.replicas:
+                _wait_cache(replica, "healthy", 30)
+                assert _metric(replica, 'llm_cache_backend_up{backend="redis"}') == 1
+            _shared_hit(fleet)
+        assert not load.lost(), describe(load.lost())
+
+
+class TestRollingReload:
+    def test_reload_one_replica_at_a_time_loses_no_request(self, fleet: Fleet) -> None:
+        """An admin reload of one member, replica after replica, completes on each (a new
+        generation serves) and loses no request."""
+        with SteadyLoad(fleet.url) as load:
+            load.wait_served(10)
+            for replica in fleet.replicas:
+                before = _generation(replica)
+                started = httpx.post(f"{replica.url}/admin/models/{RELOADED}/reload", timeout=10)
+                assert started.status_code == 202, started.text
+                since = started.json()["started_at"]
+                status_url = f"{replica.url}/health/llm/reload/{RELOADED}"
+
+                def ended(url: str = status_url, since: str = since) -> bool:
+                    status = httpx.get(url, timeout=10).json()
+                    return bool(
+                        status["started_at"] == since and status["state"] in ("completed", "failed")
+                    )
+
+                wait_until(ended, 60, f"the reload on {replica.name}")
+                status = httpx.get(status_url, timeout=10).json()
+                assert (status["state"], status["progress_percent"]) == ("completed", 100), status
+                assert _generation(replica) != before
+            load.wait_served(10)
+        assert not load.lost(), describe(load.lost())
+
+
+def _generation(replica: Replica) -> int:
+    members = httpx.get(f"{replica.url}/admin/models", timeout=10).json()["models"]
+    generation: int = next(m["generation"] for m in members if m["name"] == RELOADED)
+    return generation

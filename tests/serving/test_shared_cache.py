@@ -1,0 +1,158 @@
+"""Replicas sharing a Redis cache: answers shared by content, one generation per key across
+replicas, and a Redis outage that costs no request (real engines, a real redis-server)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from ensemble_ops.config import Settings
+from ensemble_ops.events import CacheBackendChanged, CacheLookedUp, EventBus
+from ensemble_ops.serving.engine import Engine, GenerationParams
+from ensemble_ops.serving.ensemble import Ensemble, InferenceRequest, InferenceResult
+from ensemble_ops.serving.llama_engine import LlamaEngine
+from ensemble_ops.tasks import TaskRunner
+
+from ..conftest import FlakyEngine
+from ..redis_server import RedisServer, redis_server
+
+GREEDY = GenerationParams(max_tokens=6, temperature=0.0, top_p=1.0)
+Replica = Callable[..., Ensemble]
+
+
+def _request(prompt: str = "Hello") -> InferenceRequest:
+    return InferenceRequest("tiny", "fast", GREEDY, prompt=prompt)
+
+
+@pytest.fixture(name="server")
+def _server(tmp_path: Path) -> Iterator[RedisServer]:
+    with redis_server(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture(name="engines")
+def _engines() -> list[FlakyEngine]:
+    return []
+
+
+@pytest.fixture(name="replica")
+async def _replica(
+    demo_dir: Path, tmp_path: Path, engines: list[FlakyEngine]
+) -> AsyncIterator[Replica]:
+    """Builds loaded ensembles (replicas) of one member on the tiny demo model, caching in
+    Redis at ``url``; each has its own event bus. Closed afterwards."""
+    built: list[tuple[Ensemble, TaskRunner]] = []
+
+    def load(spec: Any) -> Engine:
+        engine = FlakyEngine(LlamaEngine.load(spec), failing=False)  # counts calls
+        engines.append(engine)
+        return engine
+
+    def make(url: str, *, n_ctx: int = 256, bus: EventBus | None = None, **cache: Any) -> Ensemble:
+        settings = Settings.from_mapping(
+            {
+                "models": [
+                    {"name": "tiny", "path": str(demo_dir / "demo-tiny.gguf"), "n_ctx": n_ctx}
+                ],
+                "cache": {
+                    "backend": "redis",
+                    "url": url,
+                    "digest_file": str(tmp_path / "digests.json"),
+                    **cache,
+                },
+            },
+            environ={},
+        )
+        runner = TaskRunner()
+        ensemble = Ensemble(settings, bus or EventBus(), load, runner)
+        built.append((ensemble, runner))
+        return ensemble
+
+    yield make
+    for ensemble, runner in built:
+        await runner.aclose()
+        await ensemble.close(drain_timeout_s=1.0)
+
+
+class TestSharedAnswers:
+    async def test_an_answer_generated_on_one_replica_is_a_hit_on_another(
+        self, server: RedisServer, replica: Replica, engines: list[FlakyEngine]
+    ) -> None:
+        """Replica B answers A's request from Redis with A's text, without generating."""
+        a, b = replica(server.url), replica(server.url)
+        await a.load_all()
+        await b.load_all()
+        first = await a.complete(_request())
+        second = await b.complete(_request())
+        assert (first.cached, second.cached) == (False, True)
+        assert second.completion.text == first.completion.text
+        assert [e.calls for e in engines] == [1, 0]
+
+    async def test_other_settings_that_change_output_never_share(
+        self, server: RedisServer, replica: Replica
+    ) -> None:
+        """A replica serving the same file with another context size has another identity:
+        it generates instead of reading the first one's answers."""
+        a, wider = replica(server.url), replica(server.url, n_ctx=512)
+        await a.load_all()
+        await wider.load_all()
+        await a.complete(_request())
+        assert not (await wider.complete(_request())).cached
+
+    async def test_identical_requests_on_two_replicas_generate_once(
+        self, server: RedisServer, replica: Replica, engines: list[FlakyEngine]
+    ) -> None:
+        """Many identical requests arriving at two replicas together: one generation in
+        all (the lock across replicas, single flight within each), everyone gets its text."""
+        a, b = replica(server.url), replica(server.url)
+        await a.load_all()
+        await b.load_all()
+        results: list[InferenceResult] = []
+
+        async def ask(ensemble: Ensemble) -> None:
+            results.append(await ensemble.complete(_request("Once upon a time")))
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(4):
+                tasks.start_soon(ask, a)
+                tasks.start_soon(ask, b)
+        assert sum(e.calls for e in engines) == 1
+        assert sorted(r.cached for r in results) == [False] + [True] * 7
+        assert len({r.completion.text for r in results}) == 1
+
+
+class TestOutage:
+    async def test_requests_are_answered_while_redis_is_down_and_it_comes_back(
+        self, server: RedisServer, replica: Replica
+    ) -> None:
+        """Redis killed: requests are answered by the engine (misses), the cache reports
+        down with the reason; Redis back on the same port: the cache is used again."""
+        bus = EventBus()
+        changes: list[bool] = []
+        lookups: list[bool] = []
+        bus.subscribe(CacheBackendChanged, lambda e: changes.append(e.up))
+        bus.subscribe(CacheLookedUp, lambda e: lookups.append(e.hit))
+        ensemble = replica(server.url, bus=bus)
+        await ensemble.load_all()
+        await ensemble.complete(_request())
+        server.kill()
+        for prompt in ("Hello", "Hi", "Hello"):
+            result = await ensemble.complete(_request(prompt))
+            assert not result.cached
+        health = await ensemble.cache_health()
+        assert health is not None
+        assert not health.up
+        assert health.reason is not None
+        server.start()
+        await anyio.sleep(1.1)  # one retry interval
+        health = await ensemble.cache_health()
+        assert health is not None
+        assert health.up
+        await ensemble.complete(_request("Back"))
+        assert (await ensemble.complete(_request("Back"))).cached
+        assert changes == [True, False, True]
+        assert lookups == [False, False, False, False, False, True]
