@@ -22,6 +22,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 MINIMAL = '[[models]]\nname = "a"\npath = "m.gguf"\n'
+TWO = MINIMAL + '[[models]]\nname = "b"\npath = "m.gguf"\n'
 
 
 class TestExample:
@@ -36,6 +37,7 @@ class TestExample:
         assert [m.name for m in settings.models] == ["qwen", "mistral", "llama"]
         assert all(m.n_gpu_layers == -1 for m in settings.models)
         assert settings.modes["fast"].prefer == ("qwen", "mistral")
+        assert settings.splits["chat-ab"].weights == {"qwen": 90.0, "mistral": 10.0}
         assert settings.model("qwen").path == tmp_path / "models/qwen2.5-7b-instruct-q4_k_m.gguf"
 
     def test_example_without_models_names_the_missing_file(self, tmp_path: Path) -> None:
@@ -130,6 +132,43 @@ class TestErrors:
                 MINIMAL + "[server]\ndrain_delay_s = -1.0\n",
                 r"^server\.drain_delay_s: Input should be greater than or equal to 0$",
             ),
+            (
+                TWO + "[splits.ab]\nweights = {a = 1}\n",
+                r"^splits\.ab\.weights: a split needs at least two members, not 1$",
+            ),
+            (
+                TWO + "[splits.ab]\nweights = {a = 1, zz = 1}\n",
+                r"^splits\.ab\.weights: unknown model 'zz'$",
+            ),
+            (
+                TWO + "[splits.ab]\nweights = {a = 70, b = 0}\n",
+                r"^splits\.ab\.weights\.b: Input should be greater than 0$",
+            ),
+            (
+                TWO + '[splits.ab]\nweights = {a = "70", b = 30}\n',
+                r"^splits\.ab\.weights\.a: Input should be a valid number$",
+            ),
+            (
+                TWO + "[splits.ab]\nweights = {a = inf, b = 30}\n",
+                r"^splits\.ab\.weights\.a: Input should be a finite number$",
+            ),
+            (TWO + "[splits.ab]\n", r"^splits\.ab\.weights: Field required$"),
+            (
+                TWO + "[splits.ab]\nweights = {a = 1, b = 1}\nsticky = true\n",
+                r"^splits\.ab\.sticky: unknown key$",
+            ),
+            (
+                TWO + "[splits.ensemble]\nweights = {a = 1, b = 1}\n",
+                r"^splits\.ensemble: 'ensemble' is reserved for routing$",
+            ),
+            (
+                TWO + "[splits.a]\nweights = {a = 1, b = 1}\n",
+                r"^splits\.a: a model is already named 'a'$",
+            ),
+            (
+                TWO + '[splits."a b"]\nweights = {a = 1, b = 1}\n',
+                r"^splits\.a b\.\[key\]: String should match pattern",
+            ),
         ],
     )
     def test_bad_config_is_one_line_naming_the_key(
@@ -149,6 +188,36 @@ class TestErrors:
         """A config path that does not exist is named."""
         with pytest.raises(ConfigError, match="config file not found"):
             Settings.from_toml(tmp_path / "none.toml", environ={})
+
+
+class TestSplits:
+    def test_a_split_from_the_file(self, tmp_path: Path) -> None:
+        """[splits.NAME] weights name members; the others get no split."""
+        text = TWO + "[splits.ab]\nweights = {a = 70, b = 30.5}\n"
+        settings = Settings.from_toml(_write(tmp_path, text), environ={})
+        assert settings.splits["ab"].weights == {"a": 70.0, "b": 30.5}
+        assert Settings.from_toml(_write(tmp_path, TWO), environ={}).splits == {}
+
+    def test_weights_from_the_environment(self, tmp_path: Path) -> None:
+        """ENSEMBLE_OPS_SPLITS__NAME__WEIGHTS replaces a split's weights, or makes a split;
+        ..._WEIGHTS__MEMBER changes one weight."""
+        text = TWO + "[splits.ab]\nweights = {a = 70, b = 30}\n"
+        whole = {"ENSEMBLE_OPS_SPLITS__AB__WEIGHTS": "{a = 10, b = 90}"}
+        settings = Settings.from_toml(_write(tmp_path, text), environ=whole)
+        assert settings.splits["ab"].weights == {"a": 10.0, "b": 90.0}
+        one = {"ENSEMBLE_OPS_SPLITS__AB__WEIGHTS__B": "50"}
+        settings = Settings.from_toml(_write(tmp_path, text), environ=one)
+        assert settings.splits["ab"].weights == {"a": 70.0, "b": 50.0}
+        new = {"ENSEMBLE_OPS_SPLITS__BA__WEIGHTS": "{b = 1, a = 1}"}
+        settings = Settings.from_toml(_write(tmp_path, TWO), environ=new)
+        assert settings.splits["ba"].weights == {"b": 1.0, "a": 1.0}
+
+    def test_a_bad_override_names_the_key(self, tmp_path: Path) -> None:
+        """An override that breaks a split fails like the same mistake in the file."""
+        env = {"ENSEMBLE_OPS_SPLITS__AB__WEIGHTS__B": "-1"}
+        text = TWO + "[splits.ab]\nweights = {a = 70, b = 30}\n"
+        with pytest.raises(ConfigError, match=r"^splits\.ab\.weights\.b: Input should be greater"):
+            Settings.from_toml(_write(tmp_path, text), environ=env)
 
 
 class TestEnvironment:

@@ -65,7 +65,8 @@ class TestDashboard:
         )
 
     def test_twelve_panels_then_the_rows_beyond(self) -> None:
-        """The twelve panels in order and type, then the health/reload/queue and batching rows."""
+        """The twelve panels in order and type, then the health/reload/queue, batching and
+        rollout rows."""
         panels = _committed()["panels"]
         assert [(p["title"], p["type"]) for p in panels[:12]] == TWELVE
         assert panels[12]["type"] == "row"
@@ -79,11 +80,19 @@ class TestDashboard:
             "Queue depth",
         ]
         assert (panels[19]["type"], panels[19]["title"]) == ("row", "Batching")
-        assert [p["title"] for p in panels[20:]] == [
+        assert [p["title"] for p in panels[20:24]] == [
             "Batch size p50 / p95",
             "KV cache usage",
             "Time per output token p95",
             "Queue wait p95",
+        ]
+        assert (panels[24]["type"], panels[24]["title"]) == ("row", "Rollouts")
+        assert [p["title"] for p in panels[25:]] == [
+            "Candidate weight",
+            "Gate verdicts",
+            "Rollout outcomes",
+            "Request rate by copy",
+            "Latency p95 by copy",
         ]
         stacking = panels[11]["fieldConfig"]["defaults"]["custom"]["stacking"]
         assert stacking["mode"] == "normal"
@@ -109,6 +118,39 @@ class TestDashboard:
             (expr,) = exprs[title]
             assert expr.startswith("histogram_quantile(0.95, sum by (le, model, mode) (rate(")
             assert f"{series}{{" in expr
+
+    def test_rollouts_row_reads_the_rollout_series(self) -> None:
+        """Weight as 0..100 %, verdicts coded 1 pass / 2 hold / 3 fail, both copies apart."""
+        panels = {p["title"]: p for p in _committed()["panels"]}
+        exprs = {title: [t["expr"] for t in p.get("targets", [])] for title, p in panels.items()}
+        assert exprs["Candidate weight"] == ['llm_rollout_weight_percent{model=~"$model"}']
+        weight = panels["Candidate weight"]["fieldConfig"]["defaults"]
+        assert (weight["unit"], weight["min"], weight["max"]) == ("percent", 0, 100)
+        (verdicts,) = exprs["Gate verdicts"]
+        terms = [term.split(" * ") for term in verdicts.split(" + ")]
+        assert [(t[0] if len(t) == 2 else "1", t[-1].split('"')[1]) for t in terms] == [
+            ("1", "pass"),
+            ("2", "hold"),
+            ("3", "fail"),
+        ]
+        assert all(
+            t[-1].startswith("max by (model, gate) (llm_rollout_gate_verdict{") for t in terms
+        )
+        (mapping,) = panels["Gate verdicts"]["fieldConfig"]["defaults"]["mappings"]
+        assert {k: v["text"] for k, v in mapping["options"].items()} == {
+            "0": "not judged",
+            "1": "pass",
+            "2": "hold",
+            "3": "fail",
+        }
+        assert exprs["Rollout outcomes"] == [
+            'sum by (outcome) (increase(llm_rollouts_total{model=~"$model"}[$__range]))'
+        ]
+        (rate,) = exprs["Request rate by copy"]
+        assert rate.startswith("sum by (model, copy) (rate(llm_requests_total{")
+        (latency,) = exprs["Latency p95 by copy"]
+        assert latency.startswith("histogram_quantile(0.95, sum by (le, model, copy) (rate(")
+        assert "llm_inference_duration_seconds_bucket{" in latency
 
     def test_model_variable_datasource_and_refresh(self) -> None:
         """A `model` variable, every query on the provisioned datasource uid, refresh 10 s."""
@@ -139,7 +181,7 @@ class TestPrometheusFiles:
         assert config.returncode == 0, config.stdout + config.stderr
         rules = _promtool("check", "rules", "alerts.yml")
         assert rules.returncode == 0, rules.stdout + rules.stderr
-        assert "SUCCESS: 10 rules found" in rules.stdout
+        assert "SUCCESS: 11 rules found" in rules.stdout
 
     def test_promtool_unit_tests_every_alert(self) -> None:
         """Each alert fires on its condition and resolves (alerts_test.yml)."""

@@ -16,6 +16,7 @@ otherwise.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tomllib
 from collections.abc import Mapping
@@ -36,7 +37,9 @@ from pydantic import (
 from ensemble_ops.errors import ConfigError
 
 __all__ = [
+    "GATES",
     "CacheSettings",
+    "GateSpec",
     "HealthSettings",
     "LoggingSettings",
     "MetricsSettings",
@@ -44,12 +47,17 @@ __all__ = [
     "ModeSpec",
     "ModelSpec",
     "ReloadSettings",
+    "RolloutKind",
+    "RolloutSpec",
     "ServerSettings",
     "Settings",
+    "SplitSpec",
     "TracingSettings",
 ]
 
 ModeName = Literal["fast", "balanced", "creative"]
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""What a member's name, and a split's, may be: it is a ``model`` in requests and a label."""
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 ENV_PREFIX = "ENSEMBLE_OPS_"
 
@@ -172,6 +180,61 @@ class TracingSettings(_Section):
         return not self.sdk_disabled and (self.enabled or self.endpoint is not None)
 
 
+RolloutKind = Literal["switch", "canary", "shadow", "blue_green"]
+GATES = ("error_rate", "p95_latency", "ttft", "empty_share")
+"""The gates a canary or shadow rollout judges, each new copy against old."""
+
+
+class GateSpec(_Section):
+    """Limits the new copy must keep, each judged against the old copy over the same window."""
+
+    max_error_rate: Annotated[float, Field(ge=0, le=1, strict=False)] = 0.05
+    """At most this share of the new copy's requests may fail..."""
+    max_error_rate_increase: Annotated[float, Field(ge=0, le=1, strict=False)] = 0.01
+    """...and at most this much more than the old copy's share (1 point)."""
+    max_p95_ratio: Annotated[float, Field(gt=0, strict=False)] = 1.5
+    """The new copy's p95 latency over the old copy's."""
+    max_ttft_ratio: Annotated[float, Field(gt=0, strict=False)] = 1.5
+    """The new copy's p95 time to first token over the old copy's."""
+    max_empty_share: Annotated[float, Field(ge=0, le=1, strict=False)] | None = None
+    """The share of empty answers allowed; unset: the old copy's share + 5 points."""
+
+
+class RolloutSpec(_Section):
+    """How a reload hands traffic to the new copy (``[reload.rollout]``, or the reload
+    request's fields). ``switch``: all at once after warm-up; ``canary``: step by step while
+    gates compare both copies; ``shadow``: mirror a share and judge the same gates, then go on
+    to ``after_shadow``; ``blue_green``: keep both until promoted or aborted."""
+
+    kind: RolloutKind = "switch"
+    steps: Annotated[tuple[float, ...], Field(min_length=1, strict=False)] = (5.0, 25.0, 50.0)
+    """The new copy's share of requests (percent) at each canary step; 100 is implied."""
+    min_requests: Annotated[int, Field(ge=1)] = 20
+    """Each step holds until the new copy answered at least this many requests..."""
+    min_seconds: Annotated[float, Field(ge=0, strict=False)] = 30.0
+    """...and for at least this long."""
+    gates: GateSpec = GateSpec()
+    failure_budget: Annotated[int, Field(ge=1)] = 2
+    """Consecutive failed checks of a gate before the rollout rolls back."""
+    deadline_s: Annotated[float, Field(gt=0, strict=False)] = 1800.0
+    """A rollout still undecided after this long rolls back."""
+    shadow_percent: Annotated[float, Field(gt=0, le=100, strict=False)] = 10.0
+    """The share of requests mirrored to the new copy in a shadow rollout."""
+    after_shadow: Literal["switch", "canary"] = "switch"
+    """Where a shadow rollout whose gates pass goes next."""
+    promote_timeout_s: Annotated[float, Field(gt=0, strict=False)] = 3600.0
+    """A blue-green rollout not promoted within this long rolls back."""
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < step <= 100 for step in steps):
+            raise ValueError("each step must be a percentage in (0, 100]")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError("steps must increase")
+        return steps
+
+
 class ReloadSettings(_Section):
     """Zero-downtime reload: warm-up, drain and safety limits."""
 
@@ -187,6 +250,8 @@ class ReloadSettings(_Section):
     max_concurrent_loads: Annotated[int, Field(ge=1)] = 1
     memory_headroom: Annotated[float, Field(ge=1.0)] = 1.1
     """A second copy needs its size times this in free RAM (or VRAM)."""
+    rollout: RolloutSpec = RolloutSpec()
+    """How reloads hand traffic to the new copy unless the request says otherwise."""
 
 
 class ModeSpec(_Section):
@@ -209,7 +274,7 @@ _DEFAULT_MODES: dict[ModeName, ModeSpec] = {
 class ModelSpec(_Section):
     """One ensemble member: a GGUF file and how llama.cpp runs it."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    name: Annotated[str, Field(pattern=_NAME_PATTERN)]
     optional: bool = False
     """An optional member whose file is missing at start-up is reported unhealthy (and can
     be reloaded later) instead of stopping start-up. Declared before ``path``: its check
@@ -244,6 +309,25 @@ class ModelSpec(_Section):
         return path
 
 
+class SplitSpec(_Section):
+    """A model name of its own that shares requests among members by weight (A/B testing).
+
+    Each request goes to one member, picked by its session key (the same key always gets
+    the same member) in proportion to the weights; the others answer, by weight, when that
+    one cannot. Weights are relative: ``{a = 70, b = 30}`` and ``{a = 7, b = 3}`` are alike.
+    """
+
+    weights: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]]
+    """Member name -> its relative share of the split's sessions."""
+
+    @field_validator("weights")
+    @classmethod
+    def _two_members(cls, weights: dict[str, float]) -> dict[str, float]:
+        if len(weights) < 2:
+            raise ValueError(f"a split needs at least two members, not {len(weights)}")
+        return weights
+
+
 class Settings(_Section):
     """Everything the service needs; build it with :meth:`from_toml` or :meth:`from_mapping`."""
 
@@ -257,6 +341,10 @@ class Settings(_Section):
     modes: dict[ModeName, ModeSpec] = Field(default_factory=lambda: dict(_DEFAULT_MODES))
     default_mode: ModeName = "balanced"
     models: Annotated[tuple[ModelSpec, ...], Field(min_length=1, strict=False)]
+    splits: dict[Annotated[str, Field(pattern=_NAME_PATTERN)], SplitSpec] = Field(
+        default_factory=dict
+    )
+    """Virtual model names that share their requests among members by weight."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -270,6 +358,14 @@ class Settings(_Section):
             for member in spec.prefer:
                 if member not in names:
                     raise ValueError(f"modes.{mode}.prefer: unknown model {member!r}")
+        for split, shares in self.splits.items():
+            if split == "ensemble":
+                raise ValueError(f"splits.{split}: 'ensemble' is reserved for routing")
+            if split in names:
+                raise ValueError(f"splits.{split}: a model is already named {split!r}")
+            for member in shares.weights:
+                if member not in names:
+                    raise ValueError(f"splits.{split}.weights: unknown model {member!r}")
         return self
 
     def model(self, name: str) -> ModelSpec:

@@ -11,14 +11,17 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar
 
 __all__ = [
     "CacheBackendChanged",
     "CacheBackendFailed",
     "CacheLookedUp",
+    "Copy",
     "DrainTimedOut",
     "EventBus",
+    "GateJudged",
+    "GateVerdict",
     "HealthChanged",
     "InferenceFailed",
     "InferenceFinished",
@@ -30,9 +33,15 @@ __all__ = [
     "ReloadFinished",
     "ReloadProgressed",
     "ReloadStateChanged",
+    "RolloutFinished",
+    "RolloutStepped",
+    "ShadowFinished",
 ]
 
 E = TypeVar("E")
+Copy: TypeAlias = Literal["stable", "candidate"]
+"""Which copy of a member answered: the one serving (stable), or a rollout's new copy."""
+GateVerdict: TypeAlias = Literal["pass", "fail", "hold"]
 _log = logging.getLogger(__name__)
 
 
@@ -98,6 +107,7 @@ class InferenceFinished:
     """Waiting for a sequence slot of the batching engine (None for a cache hit)."""
     time_per_output_token_s: float | None = None
     """Decode time per token after the first (None for a hit or fewer than two tokens)."""
+    copy: Copy = "stable"
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,53 @@ class InferenceFailed:
     message: str
     latency_s: float
     final: bool = True
+    copy: Copy = "stable"
+
+
+@dataclass(frozen=True)
+class ShadowFinished:
+    """A mirrored request ended on a rollout's new copy; its answer was discarded. Counted in
+    no user-facing metric: only the rollout's gates read it."""
+
+    model: str
+    latency_s: float
+    time_to_first_token_s: float | None
+    completion_tokens: int
+    empty: bool
+    error_type: str | None = None
+
+
+@dataclass(frozen=True)
+class RolloutStepped:
+    """A rollout moved the share of a member's requests that its new copy answers."""
+
+    model: str
+    rollout: str
+    weight_percent: float
+    message: str
+
+
+@dataclass(frozen=True)
+class GateJudged:
+    """One gate compared the new copy with the old one over the same window."""
+
+    model: str
+    gate: str
+    verdict: GateVerdict
+    candidate: float | None
+    stable: float | None
+    limit: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class RolloutFinished:
+    """A rollout ended: the new copy took all traffic (promoted), or was rolled back."""
+
+    model: str
+    rollout: str
+    outcome: Literal["promoted", "rolled_back", "failed"]
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,7 +235,7 @@ class ReloadProgressed:
 @dataclass(frozen=True)
 class ReloadFinished:
     model: str
-    outcome: Literal["completed", "failed"]
+    outcome: Literal["completed", "failed", "rolled_back"]
     duration_s: float
     error: str | None = None
 

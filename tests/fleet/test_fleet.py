@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from subprocess import Popen
 from typing import Any
@@ -43,6 +43,8 @@ def _running_fleet(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> 
         "XDG_CACHE_HOME": str(directory / "xdg"),
         "ENSEMBLE_OPS_CACHE__BACKEND": "redis",
         "ENSEMBLE_OPS_CACHE__URL": redis.url,
+        # Three replicas and the load share 2 cores: 50 ms can pass with Redis healthy.
+        "ENSEMBLE_OPS_CACHE__TIMEOUT_S": "0.5",
         "ENSEMBLE_OPS_SERVER__DRAIN_DELAY_S": str(DRAIN_DELAY_S),
     }
     replicas = [Replica(f"r{i}", directory, env, ("--config", str(config))) for i in range(3)]
@@ -126,7 +128,9 @@ class TestSharedCache:
 
 
 class TestRollingRestart:
-    def test_rolling_restart_loses_no_request(self, fleet: Fleet) -> None:
+    def test_rolling_restart_loses_no_request(
+        self, fleet: Fleet, record_property: Callable[[str, object], None]
+    ) -> None:
         """SIGTERM, exit 0, restart on the same port, UP again: one replica at a time,
         while requests keep flowing and none is lost."""
         codes: dict[str, int] = {}
@@ -160,6 +164,9 @@ class TestRollingRestart:
                 ),
                 "answers from every restarted replica",
             )
+        # The figures for the record (pytest --junitxml): requests sent, and lost.
+        record_property("requests", len(load.outcomes()))
+        record_property("lost", len(load.lost()))
         assert not load.lost(), describe(load.lost())
         assert codes == {"r0": 0, "r1": 0, "r2": 0}
         # Readiness fails at once on SIGTERM, so HAProxy stops routing before the process goes.
@@ -169,7 +176,9 @@ class TestRollingRestart:
 
 
 class TestRedisOutage:
-    def test_redis_killed_loses_no_request_and_recovers(self, fleet: Fleet) -> None:
+    def test_redis_killed_loses_no_request_and_recovers(
+        self, fleet: Fleet, record_property: Callable[[str, object], None]
+    ) -> None:
         """With Redis gone requests still succeed and the cache reports degraded; once Redis
         is back on its port the cache is healthy and shared again by itself."""
         with SteadyLoad(fleet.url) as load:
@@ -189,11 +198,16 @@ class TestRedisOutage:
                 _wait_cache(replica, "healthy", 30)
                 assert _metric(replica, 'llm_cache_backend_up{backend="redis"}') == 1
             _shared_hit(fleet)
+        # The figures for the record (pytest --junitxml): requests sent, and lost.
+        record_property("requests", len(load.outcomes()))
+        record_property("lost", len(load.lost()))
         assert not load.lost(), describe(load.lost())
 
 
 class TestRollingReload:
-    def test_reload_one_replica_at_a_time_loses_no_request(self, fleet: Fleet) -> None:
+    def test_reload_one_replica_at_a_time_loses_no_request(
+        self, fleet: Fleet, record_property: Callable[[str, object], None]
+    ) -> None:
         """An admin reload of one member, replica after replica, completes on each (a new
         generation serves) and loses no request."""
         with SteadyLoad(fleet.url) as load:
@@ -216,6 +230,9 @@ class TestRollingReload:
                 assert (status["state"], status["progress_percent"]) == ("completed", 100), status
                 assert _generation(replica) != before
             load.wait_served(10)
+        # The figures for the record (pytest --junitxml): requests sent, and lost.
+        record_property("requests", len(load.outcomes()))
+        record_property("lost", len(load.lost()))
         assert not load.lost(), describe(load.lost())
 
 

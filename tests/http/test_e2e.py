@@ -317,6 +317,71 @@ class TestReload:
         assert refused.returncode == 1
         assert "outside the model directory" in refused.stderr
 
+    def test_cli_canary_shows_weight_and_gates_and_promotes_under_load(
+        self, server: Server, server_env: dict[str, str]
+    ) -> None:
+        """`ensemble-ops reload M --canary 20,60 --wait` against a real server under load:
+        the live line shows each step's weight and the gates, it ends completed (exit 0),
+        and every request of the load was answered."""
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    body = {
+                        "model": "demo-tiny",
+                        "prompt": f"load {n}",
+                        "max_tokens": 4,
+                        "temperature": 0.9,
+                    }
+                    statuses.append(client.post("/v1/completions", json=body).status_code)
+
+        clients = [threading.Thread(target=load) for _ in range(3)]
+        for client in clients:
+            client.start()
+        try:
+            command = [
+                sys.executable,
+                "-m",
+                "ensemble_ops",
+                "reload",
+                "demo-tiny",
+                "--url",
+                server.url,
+                "--canary",
+                "20,60",
+                "--min-requests",
+                "5",
+                "--min-seconds",
+                "0.3",
+                "--wait",
+            ]
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=120, env=server_env
+            )
+        finally:
+            stop.set()
+            for client in clients:
+                client.join(timeout=60)
+        # Identical copies on a busy machine: a latency gate may see noise and roll back;
+        # what must hold is that it ran its steps live and no request failed.
+        assert "weight  20.0%" in done.stderr, done.stderr
+        assert "error_rate=" in done.stderr
+        assert set(statuses) == {200}
+        assert done.returncode == 0 or "rolled back: gate failed" in done.stderr, done.stderr
+        decided = subprocess.run(
+            [sys.executable, "-m", "ensemble_ops", "promote", "demo-tiny", "--url", server.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=server_env,
+        )
+        assert decided.returncode == 1
+        assert "No rollout of 'demo-tiny' is running" in decided.stderr
+
     def test_sighup_reloads_changed_members(
         self, tmp_path: Path, server_env: dict[str, str], demo_dir: Path
     ) -> None:

@@ -9,10 +9,12 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from starlette.datastructures import Headers
 from structlog.testing import capture_logs
 
 from ensemble_ops.config import ModelSpec, Settings
 from ensemble_ops.http.app import create_app
+from ensemble_ops.http.protocol import ChatCompletionBody, CompletionBody, InferenceHeaders
 from ensemble_ops.serving.engine import (
     Completion,
 )
@@ -125,6 +127,16 @@ class TestCompletions:
         assert all(c["object"] == "text_completion" for c in chunks)
         assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
 
+    async def test_session_and_copy_are_accepted(self, client: httpx.AsyncClient) -> None:
+        """A user, a session header of 256 characters and X-Ensemble-Copy in any case are
+        fine on a member asked for by name."""
+        response = await client.post(
+            "/v1/completions",
+            json={**COMPLETION, "user": "u" * 256},
+            headers={"X-Session-ID": "s" * 256, "X-Ensemble-Copy": "Stable"},
+        )
+        assert response.status_code == 200
+
     async def test_models_list(self, client: httpx.AsyncClient) -> None:
         """/v1/models lists the routing entry and each member, marked as demo models."""
         body = (await client.get("/v1/models")).json()
@@ -133,6 +145,44 @@ class TestCompletions:
         for entry in body["data"][1:]:
             assert "demo model" in entry["meta"]["description"]
             assert entry["meta"]["state"] == "ready"
+
+
+class TestSessionAndCopy:
+    @pytest.mark.parametrize(
+        ("user", "headers", "session"),
+        [
+            (None, {}, None),
+            ("", {}, None),
+            ("alice", {}, "alice"),
+            (None, {"x-session-id": "conv-1"}, "conv-1"),
+            ("alice", {"X-Session-ID": "conv-1"}, "conv-1"),
+            ("alice", {"X-Session-ID": ""}, "alice"),
+        ],
+    )
+    def test_the_session_key(
+        self, settings: Settings, user: str | None, headers: dict[str, str], session: str | None
+    ) -> None:
+        """The session key is X-Session-ID (any case), else user; empty ones are no key."""
+        parsed = InferenceHeaders.parse(Headers(headers))
+        for body in (
+            CompletionBody(prompt="Hi", user=user),
+            ChatCompletionBody.model_validate({"messages": [{"role": "user"}], "user": user}),
+        ):
+            assert body.to_request(settings, headers=parsed).session == session
+
+    @pytest.mark.parametrize(
+        ("value", "copy"),
+        [(None, None), ("stable", "stable"), ("CANDIDATE", "candidate"), ("Stable", "stable")],
+    )
+    def test_the_copy_asked_for(
+        self, settings: Settings, value: str | None, copy: str | None
+    ) -> None:
+        """X-Ensemble-Copy becomes the request's copy, whatever its case."""
+        headers = Headers({"x-ensemble-copy": value} if value is not None else {})
+        request = CompletionBody(prompt="Hi").to_request(
+            settings, headers=InferenceHeaders.parse(headers)
+        )
+        assert request.copy == copy
 
 
 class TestCache:
@@ -204,6 +254,8 @@ class TestErrors:
             ({"stream": "yes"}, "stream"),
             ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
             ({"n": 2}, "n"),
+            ({"user": 42}, "user"),
+            ({"user": "u" * 257}, "user"),
         ],
     )
     async def test_invalid_parameter(
@@ -215,6 +267,26 @@ class TestErrors:
         error = _error(response)
         assert error["param"] == param
         assert error["type"] == "invalid_request_error"
+
+    @pytest.mark.parametrize(
+        ("path", "headers", "param"),
+        [
+            ("/v1/completions", {"X-Session-ID": "s" * 257}, "X-Session-ID"),
+            ("/v1/chat/completions", {"x-session-id": "s" * 300}, "X-Session-ID"),
+            ("/v1/completions", {"X-Ensemble-Copy": "blue"}, "X-Ensemble-Copy"),
+            ("/v1/chat/completions", {"X-Ensemble-Copy": ""}, "X-Ensemble-Copy"),
+        ],
+    )
+    async def test_invalid_header(
+        self, client: httpx.AsyncClient, path: str, headers: dict[str, str], param: str
+    ) -> None:
+        """An over-long session key or an unknown copy is a 400 that names the header."""
+        body = {**COMPLETION, "messages": [{"role": "user", "content": "Hi"}]}
+        response = await client.post(path, json=body, headers=headers)
+        assert response.status_code == 400
+        error = _error(response)
+        assert (error["param"], error["type"]) == (param, "invalid_request_error")
+        assert param in error["message"]
 
     async def test_missing_prompt_and_messages(self, client: httpx.AsyncClient) -> None:
         """A completion without a prompt, a chat without messages: 400 naming the field."""

@@ -163,6 +163,19 @@ class TestDocument:
         assert query[0]["schema"]["enum"] == members
         assert query[1]["schema"]["enum"] == ["true", "false"]
 
+    async def test_inference_routes_declare_their_headers(self, document: Document) -> None:
+        """The session and copy headers are documented with the limits the server checks."""
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            parameters = document["paths"][path]["post"]["parameters"]
+            assert [(p["name"], p["in"], p["required"]) for p in parameters] == [
+                ("X-Session-ID", "header", False),
+                ("X-Ensemble-Copy", "header", False),
+            ]
+            assert parameters[0]["schema"] == {"type": "string", "maxLength": 256}
+            assert "stable" in parameters[1]["description"]
+        body = document["components"]["schemas"]["CompletionBody"]
+        assert "user" in body["properties"]
+
     async def test_errors_share_one_schema(self, document: Document) -> None:
         """Every 4xx answer, and the inference routes' 5xx, reference ErrorResponse."""
         answers = [
@@ -238,6 +251,17 @@ class TestResponsesMatchTheDocument:
     ) -> None:
         """Answers, event streams and errors of the inference routes fit the document."""
         _check(document, path, "post", await client.post(path, json=body))
+
+    async def test_models_with_a_split(self, make_settings: SettingsFactory) -> None:
+        """/v1/models with a split (its own kind of entry) fits the document."""
+        settings = make_settings()
+        members = {m.name: 1.0 for m in settings.models}
+        settings = make_settings(splits={"all": {"weights": members}})
+        async with serving(create_app(settings)) as client:
+            document = (await client.get("/openapi.json")).json()
+            response = await client.get("/v1/models")
+        assert response.json()["data"][1]["meta"]["kind"] == "split"
+        _check(document, "/v1/models", "get", response)
 
     async def test_reload_and_conflict(self, client: httpx.AsyncClient, document: Document) -> None:
         """A started reload (202), one refused while it runs (409) and its status fit."""

@@ -13,7 +13,16 @@ import pytest
 
 from ensemble_ops import embedded
 from ensemble_ops.config import Settings
-from ensemble_ops.events import EventBus, InferenceFinished
+from ensemble_ops.events import (
+    EventBus,
+    GateJudged,
+    InferenceFailed,
+    InferenceFinished,
+    ReloadStateChanged,
+    RolloutFinished,
+    RolloutStepped,
+    ShadowFinished,
+)
 from ensemble_ops.http.app import create_app
 from ensemble_ops.observability.metrics import Metrics
 
@@ -45,6 +54,9 @@ CONTRACT = {
     "llm_kv_cache_usage_ratio": "gauge",
     "llm_time_per_output_token_seconds": "histogram",
     "llm_queue_wait_seconds": "histogram",
+    "llm_rollout_weight_percent": "gauge",
+    "llm_rollout_gate_verdict": "gauge",
+    "llm_rollouts_total": "counter",
     "process_resident_memory_bytes": "gauge",
     "process_cpu_seconds_total": "counter",
 }
@@ -84,13 +96,17 @@ class TestExposition:
         assert (await client.get("/health/metrics")).status_code == 200
         for name, kind in CONTRACT.items():
             assert f"# TYPE {name} {kind}" in text, name
-        assert 'llm_inference_duration_seconds_bucket{le="30.0"' in text
-        assert 'llm_requests_total{mode="fast",model="demo-tiny",status="success"} 1' in text
+        assert 'llm_inference_duration_seconds_bucket{copy="stable",le="30.0"' in text
+        assert (
+            'llm_requests_total{copy="stable",mode="fast",model="demo-tiny",status="success"} 1'
+            in text
+        )
         assert 'llm_errors_total{error_type="context_length_exceeded",model="demo-tiny"} 1' in text
         assert "llm_cache_hits_total 1" in text
         assert 'llm_reload_total{model="demo-tiny",outcome="completed"} 1' in text
         assert 'llm_reload_state{model="demo-tiny",state="completed"} 1' in text
         assert 'llm_kv_cache_usage_ratio{model="demo-base"}' in text  # every member, from start
+        assert 'llm_rollout_weight_percent{model="demo-base"} 0' in text
 
     @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
     async def test_promtool_accepts_it(self, client: httpx.AsyncClient) -> None:
@@ -109,12 +125,12 @@ class TestExposition:
         await _traffic(client)
         response = await client.get("/health/metrics/json")
         body = json.loads(response.text)  # strict: no NaN or Infinity literals
-        assert body["llm_requests_total_model=demo-tiny,mode=fast,status=success"] == 1
+        assert body["llm_requests_total_model=demo-tiny,copy=stable,mode=fast,status=success"] == 1
         assert body["llm_cache_hits_total"] == 1
-        key = "llm_inference_duration_seconds_bucket_model=demo-tiny,mode=fast,le=+Inf"
-        assert body[key] == 1
-        assert body["llm_inference_duration_seconds_count_model=demo-tiny,mode=fast"] == 1
-        assert body["llm_inference_duration_seconds_sum_model=demo-tiny,mode=fast"] > 0
+        labels = "model=demo-tiny,copy=stable,mode=fast"
+        assert body[f"llm_inference_duration_seconds_bucket_{labels},le=+Inf"] == 1
+        assert body[f"llm_inference_duration_seconds_count_{labels}"] == 1
+        assert body[f"llm_inference_duration_seconds_sum_{labels}"] > 0
 
 
 class TestCounting:
@@ -204,8 +220,8 @@ class TestRecordingApi:
             assert await async_call() == "ok"
             await anyio.sleep(0.05)  # the thread's update hops onto the loop
             flat = metrics.flat()
-        assert flat["llm_requests_total_model=mine,mode=fast,status=success"] == 3
-        assert flat["llm_requests_total_model=mine,mode=fast,status=error"] == 1
+        assert flat["llm_requests_total_model=mine,copy=stable,mode=fast,status=success"] == 3
+        assert flat["llm_requests_total_model=mine,copy=stable,mode=fast,status=error"] == 1
         assert flat["llm_errors_total_model=mine,error_type=ValueError"] == 1
         assert flat["llm_errors_total_model=mine,error_type=timeout"] == 1
         assert flat["llm_cache_hits_total"] == 1
@@ -213,8 +229,10 @@ class TestRecordingApi:
         assert flat["llm_model_memory_bytes_model=mine,memory_type=ram"] == 1234
         assert flat["llm_batch_size_count_model=mine"] == 2
         assert flat["llm_kv_cache_usage_ratio_model=mine"] == 0.5
-        assert flat["llm_inference_duration_seconds_count_model=mine,mode=fast"] == 3
-        assert flat["llm_inference_duration_seconds_count_model=mine,mode=creative"] == 1
+        assert flat["llm_inference_duration_seconds_count_model=mine,copy=stable,mode=fast"] == 3
+        assert (
+            flat["llm_inference_duration_seconds_count_model=mine,copy=stable,mode=creative"] == 1
+        )
 
     async def test_embedded_helpers_feed_the_process_wide_metrics_only(
         self, settings: Settings
@@ -230,9 +248,10 @@ class TestRecordingApi:
             process_flat = embedded.get_metrics().flat()
         finally:
             embedded.reset()
-        key = "llm_requests_total_model=mine,mode=fast,status=success"
+        key = "llm_requests_total_model=mine,copy=stable,mode=fast,status=success"
         assert process_flat[key] == 1
-        assert process_flat["llm_inference_duration_seconds_count_model=mine,mode=fast"] == 1
+        duration = "llm_inference_duration_seconds_count_model=mine,copy=stable,mode=fast"
+        assert process_flat[duration] == 1
         assert key not in app_flat
 
     async def test_two_apps_in_one_process_never_clash(self, settings: Settings) -> None:
@@ -242,7 +261,7 @@ class TestRecordingApi:
             serving(second := create_app(settings)),
         ):
             await client.post("/v1/completions", json={"model": "demo-tiny", "prompt": "x"})
-            key = "llm_requests_total_model=demo-tiny,mode=balanced,status=success"
+            key = "llm_requests_total_model=demo-tiny,copy=stable,mode=balanced,status=success"
             assert first.state.metrics.flat()[key] == 1
             assert key not in second.state.metrics.flat()
 
@@ -285,7 +304,7 @@ class TestBatching:
         bus.publish(_finished("a", "fast", stream=True, outcome="cancelled", queue_wait_s=8.0))
         flat = metrics.flat()
         assert flat["llm_queue_wait_seconds_count_model=a,mode=fast"] == 1
-        assert "llm_inference_duration_seconds_count_model=a,mode=fast" not in flat
+        assert "llm_inference_duration_seconds_count_model=a,copy=stable,mode=fast" not in flat
 
     def test_batch_sizes_and_kv_usage_in_the_exposition_and_json(self) -> None:
         """observe_batch_sizes fills llm_batch_size{model}; the KV gauge starts at 0."""
@@ -323,3 +342,189 @@ class TestBatching:
         metrics.set_kv_cache_usage("a", 0.5)
         names = ("llm_batch_size", "llm_kv_cache_usage", "llm_time_per_output", "llm_queue_wait")
         assert [k for k in metrics.flat() if k.startswith(names)] == []
+
+
+def _user_facing(metrics: Metrics) -> dict[str, float | str]:
+    """Every llm_ sample except the rollout's own series: what users' requests move."""
+    return {
+        key: value
+        for key, value in metrics.flat().items()
+        if key.startswith("llm_") and not key.startswith("llm_rollout")
+    }
+
+
+class TestCopy:
+    def test_requests_and_latency_are_labelled_by_copy(self) -> None:
+        """The copy that answered labels llm_requests_total and the latency histogram."""
+        metrics, bus = Metrics(members=["a"]), EventBus()
+        metrics.subscribe(bus)
+        bus.publish(_finished("a", "fast", latency_s=0.3))
+        bus.publish(_finished("a", "fast", latency_s=4.0, copy="candidate"))
+        bus.publish(_finished("a", "fast", latency_s=0.2, copy="candidate"))
+        bus.publish(InferenceFailed("a", "fast", "engine_error", "boom", 0.1, copy="candidate"))
+        flat = metrics.flat()
+        assert flat["llm_requests_total_model=a,copy=stable,mode=fast,status=success"] == 1
+        assert flat["llm_requests_total_model=a,copy=candidate,mode=fast,status=success"] == 2
+        assert flat["llm_requests_total_model=a,copy=candidate,mode=fast,status=error"] == 1
+        stable, candidate = "model=a,copy=stable,mode=fast", "model=a,copy=candidate,mode=fast"
+        assert flat[f"llm_inference_duration_seconds_count_{stable}"] == 1
+        assert flat[f"llm_inference_duration_seconds_count_{candidate}"] == 2
+        assert flat[f"llm_inference_duration_seconds_bucket_{candidate},le=0.5"] == 1
+        assert flat[f"llm_inference_duration_seconds_sum_{candidate}"] == pytest.approx(4.2)
+        # The other series keep their labels: both copies' tokens are the member's.
+        assert flat["llm_tokens_total_model=a,kind=completion"] == 3 * 8
+        text = metrics.render([])[0].decode()
+        assert 'llm_requests_total{copy="candidate",mode="fast",model="a",status="error"} 1' in text
+
+    def test_the_recording_helpers_record_the_stable_copy(self) -> None:
+        """record_request and observe_inference default to copy=stable; candidate on request."""
+        metrics = Metrics()
+        metrics.record_request("mine", "fast", "success")
+        metrics.record_request("mine", "fast", "success", copy="candidate")
+        metrics.observe_inference("mine", "fast", 0.2)
+        with metrics.track_inference_time("mine", "fast"):
+            pass
+        flat = metrics.flat()
+        assert flat["llm_requests_total_model=mine,copy=stable,mode=fast,status=success"] == 1
+        assert flat["llm_requests_total_model=mine,copy=candidate,mode=fast,status=success"] == 1
+        assert flat["llm_inference_duration_seconds_count_model=mine,copy=stable,mode=fast"] == 2
+
+
+class TestRollouts:
+    def test_every_member_has_its_rollout_series_from_the_start(self) -> None:
+        """Weight 0, no gate verdict, and every rollout and reload counter at 0, per member."""
+        flat = Metrics(members=["a", "b"]).flat()
+        for member in ("a", "b"):
+            assert flat[f"llm_rollout_weight_percent_model={member}"] == 0
+            verdicts = {
+                k: v
+                for k, v in flat.items()
+                if k.startswith(f"llm_rollout_gate_verdict_model={member},")
+            }
+            assert len(verdicts) == 4 * 3  # four gates, three verdicts each
+            assert set(verdicts.values()) == {0}
+            assert f"llm_rollout_gate_verdict_model={member},gate=ttft,verdict=hold" in verdicts
+            rollouts = {
+                k: v for k, v in flat.items() if k.startswith(f"llm_rollouts_total_model={member},")
+            }
+            assert len(rollouts) == 4 * 3  # switch, canary, shadow, blue_green x outcomes
+            assert set(rollouts.values()) == {0}
+            assert (
+                flat[f"llm_rollouts_total_model={member},outcome=rolled_back,rollout=canary"] == 0
+            )
+            for outcome in ("completed", "failed", "rolled_back"):
+                assert flat[f"llm_reload_total_model={member},outcome={outcome}"] == 0
+
+    def test_a_canary_steps_then_promotes(self) -> None:
+        """Each step sets the candidate's share; the promotion counts and clears it."""
+        metrics, bus = Metrics(members=["a", "b"]), EventBus()
+        metrics.subscribe(bus)
+        bus.publish(RolloutStepped("a", "canary", 10.0, "10% of requests to the new copy"))
+        assert metrics.flat()["llm_rollout_weight_percent_model=a"] == 10
+        bus.publish(RolloutStepped("a", "canary", 50.0, "50% of requests to the new copy"))
+        flat = metrics.flat()
+        assert flat["llm_rollout_weight_percent_model=a"] == 50
+        assert flat["llm_rollout_weight_percent_model=b"] == 0
+        bus.publish(RolloutFinished("a", "canary", "promoted"))
+        flat = metrics.flat()
+        assert flat["llm_rollout_weight_percent_model=a"] == 0  # the new copy is the stable one
+        assert flat["llm_rollouts_total_model=a,outcome=promoted,rollout=canary"] == 1
+        assert flat["llm_rollouts_total_model=a,outcome=rolled_back,rollout=canary"] == 0
+
+    def test_each_gate_reads_one_on_its_current_verdict(self) -> None:
+        """llm_rollout_gate_verdict is one-hot per (member, gate)."""
+        metrics, bus = Metrics(members=["a"]), EventBus()
+        metrics.subscribe(bus)
+        bus.publish(GateJudged("a", "p95_latency", "pass", 0.8, 0.7, 1.5, "within 1.5x"))
+        bus.publish(GateJudged("a", "error_rate", "hold", None, None, 0.02, "3 of 20 requests"))
+        bus.publish(GateJudged("a", "p95_latency", "fail", 2.4, 0.7, 1.5, "3.4x the stable"))
+        flat = metrics.flat()
+
+        def verdicts(gate: str) -> dict[str, float | str]:
+            prefix = f"llm_rollout_gate_verdict_model=a,gate={gate},verdict="
+            return {k.removeprefix(prefix): v for k, v in flat.items() if k.startswith(prefix)}
+
+        assert verdicts("p95_latency") == {"pass": 0, "fail": 1, "hold": 0}
+        assert verdicts("error_rate") == {"pass": 0, "fail": 0, "hold": 1}
+        assert verdicts("ttft") == {"pass": 0, "fail": 0, "hold": 0}
+
+    def test_a_rollbacks_verdicts_stay_until_the_next_rollout(self) -> None:
+        """The gate that failed still reads fail after the rollback, until a new rollout."""
+        metrics, bus = Metrics(members=["a"]), EventBus()
+        metrics.subscribe(bus)
+        bus.publish(RolloutStepped("a", "canary", 25.0, "25%"))
+        bus.publish(GateJudged("a", "empty_share", "fail", 0.4, 0.0, 0.05, "40% empty"))
+        bus.publish(RolloutFinished("a", "canary", "rolled_back", "gate empty_share failed"))
+        flat = metrics.flat()
+        assert flat["llm_rollout_weight_percent_model=a"] == 0
+        assert flat["llm_rollouts_total_model=a,outcome=rolled_back,rollout=canary"] == 1
+        assert flat["llm_rollout_gate_verdict_model=a,gate=empty_share,verdict=fail"] == 1
+        bus.publish(RolloutStepped("a", "shadow", 0.0, "mirroring 20% of requests"))
+        flat = metrics.flat()
+        assert flat["llm_rollout_gate_verdict_model=a,gate=empty_share,verdict=fail"] == 0
+        assert (
+            sum(float(v) for k, v in flat.items() if k.startswith("llm_rollout_gate_verdict_")) == 0
+        )
+
+    def test_every_reload_state_of_a_rollout_is_one_hot(self) -> None:
+        """The rollout stages are reload states like the others, each a series from the start;
+        a state this view does not know yet still reads 1 when entered."""
+        metrics, bus = Metrics(members=["a"]), EventBus()
+        metrics.subscribe(bus)
+        flat = metrics.flat()
+        for state in ("shadowing", "canary", "awaiting_promotion", "rolled_back"):
+            assert flat[f"llm_reload_state_model=a,state={state}"] == 0
+        bus.publish(ReloadStateChanged("a", "ready", "canary", 80.0, "10%", 1.0))
+        flat = metrics.flat()
+        assert flat["llm_reload_state_model=a,state=canary"] == 1
+        assert flat["llm_reload_state_model=a,state=ready"] == 0
+        bus.publish(ReloadStateChanged("a", "canary", "verifying", 90.0, "new stage", 2.0))
+        flat = metrics.flat()
+        assert flat["llm_reload_state_model=a,state=verifying"] == 1
+        assert flat["llm_reload_state_model=a,state=canary"] == 0
+        bus.publish(ReloadStateChanged("a", "verifying", "rolled_back", 100.0, "gate", 3.0))
+        flat = metrics.flat()
+        assert flat["llm_reload_state_model=a,state=verifying"] == 0
+        assert flat["llm_reload_state_model=a,state=rolled_back"] == 1
+
+    async def test_shadow_requests_move_nothing_an_app_serves(self, settings: Settings) -> None:
+        """Published on a running app's bus, ShadowFinished changes no series of its /metrics
+        (whatever the app wires to the bus); an answered request does."""
+        async with serving(app := create_app(settings)) as client:
+            request = {"model": "demo-tiny", "prompt": "x", "max_tokens": 3}
+            await client.post("/v1/completions", json=request)
+
+            async def series() -> dict[str, Any]:
+                body: dict[str, Any] = (await client.get("/health/metrics/json")).json()
+                # The watchdog's lag sample moves on its own.
+                return {
+                    k: v
+                    for k, v in body.items()
+                    if k.startswith("llm_") and not k.startswith("llm_event_loop_lag")
+                }
+
+            before = await series()
+            app.state.bus.publish(ShadowFinished("demo-tiny", 0.3, 0.02, 3, empty=False))
+            app.state.bus.publish(ShadowFinished("demo-tiny", 0.1, None, 0, True, "engine_error"))
+            after_shadow = await series()
+            await client.post("/v1/completions", json=request)
+            after_request = await series()
+        assert after_shadow == before
+        key = "llm_requests_total_model=demo-tiny,copy=stable,mode=balanced,status=success"
+        assert (before[key], after_request[key]) == (1, 2)
+
+    def test_shadow_requests_move_no_user_facing_series(self) -> None:
+        """ShadowFinished changes no series users' requests move; the same figures as an
+        answered request would (so the comparison can see a change)."""
+        metrics, bus = Metrics(members=["a"], cache_backend="memory"), EventBus()
+        metrics.subscribe(bus)
+        bus.publish(_finished("a", "fast", time_to_first_token_s=0.05, queue_wait_s=0.01))
+        before = _user_facing(metrics)
+        bus.publish(ShadowFinished("a", 0.4, 0.05, 8, empty=False))
+        bus.publish(ShadowFinished("a", 0.1, None, 0, empty=True))
+        bus.publish(ShadowFinished("a", 0.2, None, 0, empty=True, error_type="engine_error"))
+        assert _user_facing(metrics) == before
+        bus.publish(_finished("a", "fast", latency_s=0.4, time_to_first_token_s=0.05))
+        changed = {k for k, v in _user_facing(metrics).items() if before.get(k) != v}
+        assert "llm_requests_total_model=a,copy=stable,mode=fast,status=success" in changed
+        assert "llm_tokens_total_model=a,kind=completion" in changed

@@ -48,9 +48,10 @@ def _scraped(
         with prometheus(tmp, host) as prom:
             sent = _send_known_traffic(server.url)
             deadline = time.monotonic() + 30
-            # Wait for a scrape that saw the last thing sent (the failed reload).
+            # Wait for a scrape that saw the last thing sent (the failed reload; the counter
+            # is there at 0 from the start).
             while time.monotonic() < deadline and not prom.query(
-                'llm_reload_total{model="broken",outcome="failed"}'
+                'llm_reload_total{model="broken",outcome="failed"} > 0'
             ):
                 time.sleep(0.5)
             time.sleep(2.5)  # and a couple more, so every series is current
@@ -181,6 +182,34 @@ class TestScrapedByPrometheus:
         ]
         assert all(0 <= float(u["value"][1]) <= 1 for u in usage)
         assert prom.value('llm_kv_cache_usage_ratio{model="broken"}') == 0
+
+    def test_copies_and_rollouts(self, scraped: tuple[Server, Prometheus, dict[str, int]]) -> None:
+        """Without a canary every request is the stable copy's, and the rollout series are
+        there for every member: weight 0, no gate verdict, a counter per rollout and outcome."""
+        _, prom, sent = scraped
+        assert prom.value('sum(llm_requests_total{copy="stable"})') == prom.value(
+            "sum(llm_requests_total)"
+        )
+        assert not prom.query('llm_requests_total{copy!="stable"}')
+        engine_requests = sum(sent.values()) + 1 + 1  # + the cache miss + the stream
+        assert prom.value('sum(llm_inference_duration_seconds_count{copy="stable"})') == (
+            engine_requests
+        )
+        members = ["broken", "demo-base", "demo-small", "demo-tiny"]
+        weights = prom.query("llm_rollout_weight_percent")
+        assert sorted(w["metric"]["model"] for w in weights) == members
+        assert all(float(w["value"][1]) == 0 for w in weights)
+        gates = {"error_rate", "p95_latency", "ttft", "empty_share"}
+        verdicts = prom.query("llm_rollout_gate_verdict")
+        assert {v["metric"]["gate"] for v in verdicts} == gates
+        assert len(verdicts) == len(members) * len(gates) * 3
+        assert prom.value("sum(llm_rollout_gate_verdict)") == 0  # no gate has judged
+        assert prom.value("count(llm_rollouts_total)") == len(members) * 4 * 3
+        # A plain reload is a `switch` rollout: the completed one promoted, the failed one failed.
+        switch = 'llm_rollouts_total{rollout="switch",model='
+        assert prom.value(switch + '"demo-tiny",outcome="promoted"}') == 1
+        assert prom.value(switch + '"broken",outcome="failed"}') == 1
+        assert prom.value("sum(llm_rollouts_total)") == 2
 
     def test_process_metrics(self, scraped: tuple[Server, Prometheus, dict[str, int]]) -> None:
         """Event-loop lag and the standard process metrics are there."""

@@ -182,12 +182,25 @@ def _need(slot: ModelSlot, headroom: float = 1.1) -> int:
 
 class TestMachine:
     def test_a_reload_may_start_again_only_once_the_last_one_ended(self) -> None:
-        """start leaves idle, completed or failed; every running state can fail."""
+        """start leaves idle or an ended reload; every running state can fail, and only the
+        rollout states roll back."""
         start = next(t for t in TRANSITIONS if t["trigger"] == "start")
         fail = next(t for t in TRANSITIONS if t["trigger"] == "fail")
-        assert sorted(start["source"]) == ["completed", "failed", "idle"]
-        assert sorted(fail["source"]) == ["ready", "switching", "warming_up"]
-        assert set(STATES) == {"idle", "warming_up", "ready", "switching", "completed", "failed"}
+        roll_back = next(t for t in TRANSITIONS if t["trigger"] == "roll_back")
+        rolling = ["awaiting_promotion", "canary", "shadowing"]
+        assert sorted(start["source"]) == ["completed", "failed", "idle", "rolled_back"]
+        assert sorted(fail["source"]) == sorted(["ready", "switching", "warming_up", *rolling])
+        assert sorted(roll_back["source"]) == rolling
+        assert set(STATES) == {
+            "idle",
+            "warming_up",
+            "ready",
+            "switching",
+            "completed",
+            "failed",
+            "rolled_back",
+            *rolling,
+        }
 
 
 class TestProgress:

@@ -296,6 +296,7 @@ class TestHttp:
             "started_at": None,
             "completed_at": None,
             "error": None,
+            "rollout": None,
         }
         started = await client.post("/admin/models/demo-tiny/reload", json={"warmup_iterations": 2})
         assert started.status_code == 202
@@ -344,7 +345,7 @@ class TestHttp:
             ({"path": "escape.gguf"}, "outside the model directory"),
             ({"warmup_iterations": 0}, "warmup_iterations"),
             ({"warmup_iterations": "5"}, "warmup_iterations"),
-            ({"surprise": 1}, 'may hold only "path"'),
+            ({"surprise": 1}, "surprise: unknown field (known: path, warmup_iterations"),
         ],
     )
     async def test_bad_reload_requests(

@@ -47,7 +47,11 @@ def _raw(server: RedisServer) -> Iterator[redis.Redis]:
 
 
 def _settings(url: str, **changes: Any) -> CacheSettings:
-    return CacheSettings.model_validate({"backend": "redis", "url": url, **changes})
+    # A generous timeout: on a busy test machine 50 ms can pass without any fault, and
+    # these tests are about what Redis holds (the timeout has a test of its own).
+    return CacheSettings.model_validate(
+        {"backend": "redis", "url": url, "timeout_s": 1.0, **changes}
+    )
 
 
 @pytest.fixture(name="bus")

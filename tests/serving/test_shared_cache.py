@@ -61,6 +61,7 @@ async def _replica(
                 "cache": {
                     "backend": "redis",
                     "url": url,
+                    "timeout_s": 1.0,  # a busy test machine is no Redis fault
                     "digest_file": str(tmp_path / "digests.json"),
                     **cache,
                 },

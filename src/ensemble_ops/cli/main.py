@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from ensemble_ops._version import __version__
 from ensemble_ops.config import ENV_PREFIX, Settings
@@ -55,6 +55,35 @@ def _parser() -> argparse.ArgumentParser:
     reload.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
     reload.add_argument("--token", help="admin token (default: $ENSEMBLE_OPS_SERVER__ADMIN_TOKEN)")
     reload.add_argument("--wait", action="store_true", help="show progress until it ends")
+    how = reload.add_mutually_exclusive_group()
+    how.add_argument(
+        "--canary",
+        metavar="STEPS",
+        help="roll out step by step behind gates: the new copy's share at each, e.g. 5,25,50",
+    )
+    how.add_argument(
+        "--shadow",
+        metavar="PERCENT",
+        type=float,
+        help="mirror this share of requests to the new copy, then switch if the gates pass",
+    )
+    how.add_argument(
+        "--blue-green",
+        action="store_true",
+        help="keep both copies until `ensemble-ops promote` (or abort)",
+    )
+    reload.add_argument("--min-requests", type=int, help="answers per canary/shadow step")
+    reload.add_argument("--min-seconds", type=float, help="seconds per canary/shadow step")
+    for name, text in (
+        ("promote", "give a running rollout's new copy all traffic now"),
+        ("abort", "roll a running rollout back now"),
+    ):
+        decide = commands.add_parser(name, help=text)
+        decide.add_argument("model", help="the member")
+        decide.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
+        decide.add_argument(
+            "--token", help="admin token (default: $ENSEMBLE_OPS_SERVER__ADMIN_TOKEN)"
+        )
 
     demo = commands.add_parser("demo-models", help="write the demo GGUF models into DIR")
     demo.add_argument("directory", type=Path)
@@ -109,14 +138,45 @@ def _list_models(fetch: bool, out: TextIO) -> int:
     return 1 if failed else 0
 
 
+def _rollout_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The reload body's rollout fields from the flags (the server validates them)."""
+    fields: dict[str, Any] = {}
+    if args.canary:
+        try:
+            steps = [float(step) for step in args.canary.split(",")]
+        except ValueError:
+            raise SystemExit(
+                f"ensemble-ops: --canary takes percentages like 5,25,50: {args.canary!r}"
+            ) from None
+        fields = {"rollout": "canary", "steps": steps}
+    elif args.shadow is not None:
+        fields = {"rollout": "shadow", "shadow_percent": args.shadow}
+    elif args.blue_green:
+        fields = {"rollout": "blue_green"}
+    if args.min_requests is not None:
+        fields["min_requests"] = args.min_requests
+    if args.min_seconds is not None:
+        fields["min_seconds"] = args.min_seconds
+    return fields
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "reload":
         from ensemble_ops.cli.reload import run_reload
 
         return run_reload(
-            args.model, url=args.url, path=args.path, token=args.token, wait=args.wait
+            args.model,
+            url=args.url,
+            path=args.path,
+            token=args.token,
+            wait=args.wait,
+            rollout=_rollout_fields(args),
         )
+    if args.command in ("promote", "abort"):
+        from ensemble_ops.cli.reload import run_decision
+
+        return run_decision(args.model, args.command, url=args.url, token=args.token)
     if args.command == "demo-models":
         for member in DEMO_MEMBERS:
             path = write_model(member, args.directory / member.filename)

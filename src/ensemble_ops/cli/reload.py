@@ -1,4 +1,5 @@
-"""``ensemble-ops reload MODEL``: ask a running server to reload a member, and follow it.
+"""``ensemble-ops reload MODEL``: ask a running server to reload a member, and follow it;
+``promote`` and ``abort`` decide a running rollout.
 
 Uses only the standard library (urllib), so it works wherever the server is installed.
 """
@@ -13,7 +14,7 @@ import urllib.error
 import urllib.request
 from typing import Any, TextIO
 
-__all__ = ["run_reload"]
+__all__ = ["run_decision", "run_reload"]
 
 _BAR = 30
 
@@ -39,7 +40,18 @@ def _error_message(err: urllib.error.HTTPError) -> str:
 def _draw(status: dict[str, Any], out: TextIO) -> None:
     filled = round(_BAR * status["progress_percent"] / 100)
     line = f"\r[{'#' * filled}{' ' * (_BAR - filled)}] {status['progress_percent']:5.1f}% "
-    out.write(f"{line}{status['state']:<10} {status['message'][:60]:<60}")
+    rollout = status.get("rollout")
+    if rollout is None:
+        out.write(f"{line}{status['state']:<10} {status['message'][:60]:<60}")
+    else:  # the weight and each gate's verdict, live
+        gates = " ".join(f"{name}={g['verdict']}" for name, g in rollout["gates"].items())
+        copies = rollout["copies"]
+        out.write(
+            f"{line}{status['state']:<18} weight {rollout['weight_percent']:5.1f}% "
+            f"step {rollout['step'] or '-'} answers {copies['candidate']['requests']}/"
+            f"{copies['stable']['requests']} {gates or 'gates: waiting for data'}"[:160]
+            + " " * 8
+        )
     out.flush()
 
 
@@ -50,13 +62,16 @@ def run_reload(
     path: str | None,
     token: str | None,
     wait: bool,
+    rollout: dict[str, Any] | None = None,
     poll_s: float = 0.25,
     out: TextIO = sys.stderr,
 ) -> int:
-    """Start the reload; with ``wait`` show progress until it ends. Returns the exit status."""
+    """Start the reload (``rollout``: the body's rollout fields); with ``wait`` show progress,
+    and a rollout's weight and gates, until it ends. Returns the exit status."""
     token = token or os.environ.get("ENSEMBLE_OPS_SERVER__ADMIN_TOKEN")
     base = url.rstrip("/")
-    body = {"path": path} if path else {}
+    body: dict[str, Any] = {"path": path} if path else {}
+    body |= rollout or {}
     try:
         status = _call("POST", f"{base}/admin/models/{model}/reload", token, body)
     except urllib.error.HTTPError as err:
@@ -70,7 +85,7 @@ def run_reload(
         return 0
     while True:
         _draw(status, out)
-        if status["state"] in ("completed", "failed"):
+        if status["state"] in ("completed", "failed", "rolled_back"):
             break
         time.sleep(poll_s)
         try:
@@ -79,8 +94,27 @@ def run_reload(
             print(f"\nensemble-ops: lost the server while waiting: {err}", file=out)
             return 1
     out.write("\n")
-    if status["state"] == "failed":
-        print(f"ensemble-ops: reload of {model} failed: {status['error']}", file=out)
+    if status["state"] in ("failed", "rolled_back"):
+        what = "failed" if status["state"] == "failed" else "rolled back"
+        print(f"ensemble-ops: reload of {model} {what}: {status['error']}", file=out)
         return 1
     print(f"ensemble-ops: reload of {model} completed: {status['message']}", file=out)
+    return 0
+
+
+def run_decision(
+    model: str, decision: str, *, url: str, token: str | None, out: TextIO = sys.stderr
+) -> int:
+    """``promote`` or ``abort`` the member's running rollout. Returns the exit status."""
+    token = token or os.environ.get("ENSEMBLE_OPS_SERVER__ADMIN_TOKEN")
+    base = url.rstrip("/")
+    try:
+        status = _call("POST", f"{base}/admin/models/{model}/{decision}", token, {})
+    except urllib.error.HTTPError as err:
+        print(f"ensemble-ops: {decision} refused: {_error_message(err)}", file=out)
+        return 1
+    except urllib.error.URLError as err:
+        print(f"ensemble-ops: cannot reach {base}: {err.reason}", file=out)
+        return 1
+    print(f"ensemble-ops: {decision} of {model} accepted ({status['state']})", file=out)
     return 0

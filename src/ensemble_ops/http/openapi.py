@@ -68,6 +68,8 @@ class Operation:
     body_required: bool = True
     admin: bool = False
     """Needs the admin token (or a loopback client when none is set)."""
+    headers: type[BaseModel] | None = None
+    """The request headers the route reads, by alias (``X-Session-ID``)."""
 
 
 class ApiRoute(Route):
@@ -86,10 +88,11 @@ class ApiRoute(Route):
         body: type[BaseModel] | None = None,
         body_required: bool = True,
         admin: bool = False,
+        headers: type[BaseModel] | None = None,
     ) -> None:
         super().__init__(path, endpoint, methods=[method])
         self.method = method.lower()
-        self.operation = Operation(summary, responses, query, body, body_required, admin)
+        self.operation = Operation(summary, responses, query, body, body_required, admin, headers)
 
 
 _Key: TypeAlias = tuple[Any, JsonSchemaMode]
@@ -149,14 +152,16 @@ def _content(answer: Answer, made: _Made) -> dict[str, Any]:
 
 
 def _parameters(route: ApiRoute, member: dict[str, Any]) -> list[dict[str, Any]]:
-    """Path parameters, then the query model's fields; one named ``model`` names a member."""
+    """Path parameters, then the query model's fields, then the headers model's; one named
+    ``model`` names a member."""
     found: list[tuple[str, str, bool, dict[str, Any]]] = [
         (name, "path", True, {"type": "string"}) for name in route.param_convertors
     ]
-    if route.operation.query is not None:
-        query = route.operation.query.model_json_schema(mode="validation")
-        for name, prop in query["properties"].items():
-            found.append((name, "query", name in query.get("required", ()), prop))
+    for where, model in (("query", route.operation.query), ("header", route.operation.headers)):
+        if model is not None:
+            fields = model.model_json_schema(mode="validation")
+            for name, prop in fields["properties"].items():
+                found.append((name, where, name in fields.get("required", ()), prop))
     parameters = []
     for name, where, required, prop in found:
         schema = {k: v for k, v in prop.items() if k not in ("title", "description")}

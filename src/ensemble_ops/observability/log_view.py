@@ -8,6 +8,7 @@ from ensemble_ops.events import (
     CacheBackendChanged,
     DrainTimedOut,
     EventBus,
+    GateJudged,
     HealthChanged,
     InferenceFailed,
     InferenceFinished,
@@ -15,6 +16,8 @@ from ensemble_ops.events import (
     ModelLoadFailed,
     ModelUnloaded,
     ReloadStateChanged,
+    RolloutFinished,
+    RolloutStepped,
 )
 
 __all__ = ["subscribe_log"]
@@ -49,6 +52,7 @@ def _finished(event: InferenceFinished) -> None:
             mode=event.mode,
             completion_tokens=event.completion_tokens,
             latency_ms=round(event.latency_s * 1000, 2),
+            copy=event.copy,
         )
         return
     _log.debug(
@@ -56,6 +60,7 @@ def _finished(event: InferenceFinished) -> None:
         model=event.model,
         mode=event.mode,
         outcome=event.outcome,
+        copy=event.copy,
         cached=event.cached,
         stream=event.stream,
         latency_ms=round(event.latency_s * 1000, 2),
@@ -78,6 +83,7 @@ def _failed(event: InferenceFailed) -> None:
         mode=event.mode,
         error_type=event.error_type,
         error=event.message,
+        copy=event.copy,
     )
 
 
@@ -87,7 +93,7 @@ def _health_changed(event: HealthChanged) -> None:
 
 
 def _reload_state(event: ReloadStateChanged) -> None:
-    log = _log.warning if event.to_state == "failed" else _log.info
+    log = _log.warning if event.to_state in ("failed", "rolled_back") else _log.info
     log(
         "reload.state_changed",
         model=event.model,
@@ -121,9 +127,48 @@ def _drain_timeout(event: DrainTimedOut) -> None:
     )
 
 
+def _rollout_stepped(event: RolloutStepped) -> None:
+    _log.info(
+        "rollout.stepped",
+        model=event.model,
+        rollout=event.rollout,
+        weight_percent=event.weight_percent,
+        message=event.message,
+    )
+
+
+def _gate(event: GateJudged) -> None:
+    # A gate judges every window of a rollout: only a failure is news at info level.
+    log = _log.info if event.verdict == "fail" else _log.debug
+    log(
+        "rollout.gate",
+        model=event.model,
+        gate=event.gate,
+        verdict=event.verdict,
+        candidate=event.candidate,
+        stable=event.stable,
+        limit=event.limit,
+        reason=event.reason,
+    )
+
+
+def _rollout_finished(event: RolloutFinished) -> None:
+    log = _log.info if event.outcome == "promoted" else _log.warning
+    log(
+        "rollout.finished",
+        model=event.model,
+        rollout=event.rollout,
+        outcome=event.outcome,
+        reason=event.reason,
+    )
+
+
 def subscribe_log(bus: EventBus) -> None:
     bus.subscribe(ReloadStateChanged, _reload_state)
     bus.subscribe(DrainTimedOut, _drain_timeout)
+    bus.subscribe(RolloutStepped, _rollout_stepped)
+    bus.subscribe(GateJudged, _gate)
+    bus.subscribe(RolloutFinished, _rollout_finished)
     bus.subscribe(CacheBackendChanged, _cache_backend)
     bus.subscribe(HealthChanged, _health_changed)
     bus.subscribe(ModelLoaded, _loaded)

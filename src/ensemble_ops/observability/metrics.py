@@ -29,8 +29,10 @@ from ensemble_ops.events import (
     CacheBackendChanged,
     CacheBackendFailed,
     CacheLookedUp,
+    Copy,
     DrainTimedOut,
     EventBus,
+    GateJudged,
     HealthChanged,
     InferenceFailed,
     InferenceFinished,
@@ -41,6 +43,8 @@ from ensemble_ops.events import (
     ReloadFinished,
     ReloadProgressed,
     ReloadStateChanged,
+    RolloutFinished,
+    RolloutStepped,
 )
 
 __all__ = ["INFERENCE_BUCKETS", "Metrics"]
@@ -55,8 +59,25 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RELOAD_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-RELOAD_STATES = ("idle", "warming_up", "ready", "switching", "completed", "failed")
+RELOAD_STATES = (
+    "idle",
+    "warming_up",
+    "ready",
+    "shadowing",
+    "canary",
+    "awaiting_promotion",
+    "switching",
+    "completed",
+    "failed",
+    "rolled_back",
+)
+"""The reload machine's states (reload.machine.STATES), each a series from the start."""
+RELOAD_OUTCOMES = ("completed", "failed", "rolled_back")
 HEALTH_STATES = ("healthy", "degraded", "unhealthy", "unknown")
+ROLLOUT_GATES = ("error_rate", "p95_latency", "ttft", "empty_share")
+GATE_VERDICTS = ("pass", "fail", "hold")
+ROLLOUTS = ("switch", "canary", "shadow", "blue_green")
+ROLLOUT_OUTCOMES = ("promoted", "rolled_back", "failed")
 RPS_WINDOW_S = 60.0
 """llm_requests_per_second is the count of finished requests in the last minute / 60."""
 
@@ -84,6 +105,8 @@ class Metrics:
         self._collect_hooks: list[Callable[[Metrics], None]] = []
         self._rates: dict[tuple[str, str], deque[float]] = {}
         self._generations: dict[str, int] = {}
+        self._finished_rollouts: set[str] = set()
+        self._reload_states: tuple[str, ...] = RELOAD_STATES
         self._loop: Any = None
         self._loop_thread: int | None = None
         self._process = psutil.Process()
@@ -91,7 +114,8 @@ class Metrics:
 
         self.requests = Counter(
             "llm_requests_total",
-            "Requests answered, by member, mode and outcome (success, error, cancelled).",
+            "Requests answered, by member, mode, outcome (success, error, cancelled) and copy "
+            "(stable, or a rollout's candidate).",
             registry=r,
         )
         self.errors = Counter(
@@ -115,7 +139,8 @@ class Metrics:
         )
         self.inference = Histogram(
             "llm_inference_duration_seconds",
-            "Request latency through the engine (queue included, cache hits excluded).",
+            "Request latency through the engine (queue included, cache hits excluded), by "
+            "member, mode and copy.",
             buckets=INFERENCE_BUCKETS,
             registry=r,
         )
@@ -165,6 +190,19 @@ class Metrics:
             "Time to the first streamed token.",
             buckets=TTFT_BUCKETS,
             registry=r,
+        )
+        self.rollout_weight = Gauge(
+            "llm_rollout_weight_percent",
+            "Share of the member's requests its rollout's new copy answers (0: no rollout).",
+            registry=r,
+        )
+        self.gate_verdict = Gauge(
+            "llm_rollout_gate_verdict",
+            "1 on each rollout gate's latest verdict (pass, fail, hold); 0 on all: not judged.",
+            registry=r,
+        )
+        self.rollouts = Counter(
+            "llm_rollouts_total", "Rollouts ended, by kind and outcome.", registry=r
         )
         self.queue_depth = Gauge("llm_queue_depth", "Requests waiting for the member.", registry=r)
         self.batch_size = Histogram(
@@ -227,6 +265,17 @@ class Metrics:
                 _one_hot(self.health, member, "status", "unknown", HEALTH_STATES)
                 self.reload_progress.set({"model": member}, 0)
                 self.kv_cache_usage.set({"model": member}, 0)
+                self.rollout_weight.set({"model": member}, 0)
+                for gate in ROLLOUT_GATES:
+                    _one_hot(self.gate_verdict, member, "verdict", None, GATE_VERDICTS, gate=gate)
+                # Counters that exist at 0 from the start: increase() sees their first step,
+                # so an alert on a member's first failed reload or rollback can fire.
+                for outcome in RELOAD_OUTCOMES:
+                    self.reloads.set({"model": member, "outcome": outcome}, 0)
+                for rollout in ROLLOUTS:
+                    for outcome in ROLLOUT_OUTCOMES:
+                        labels = {"model": member, "rollout": rollout, "outcome": outcome}
+                        self.rollouts.set(labels, 0)
             self.cache_hits.set({}, 0)
             self.cache_misses.set({}, 0)
             if cache_backend is not None:
@@ -255,6 +304,11 @@ class Metrics:
         bus.subscribe(DrainTimedOut, self._on_drain_timeout)
         bus.subscribe(HealthChanged, self._on_health)
         bus.subscribe(LoopLagMeasured, self._on_lag)
+        bus.subscribe(RolloutStepped, self._on_rollout_stepped)
+        bus.subscribe(GateJudged, self._on_gate)
+        bus.subscribe(RolloutFinished, self._on_rollout_finished)
+        # ShadowFinished is deliberately not subscribed: a mirrored request's answer is
+        # discarded, so it counts in no user-facing series (only the rollout's gates read it).
 
     def bind_loop(self, loop: Any) -> None:
         """Remember the event loop, so helpers called from other threads hop onto it."""
@@ -275,8 +329,8 @@ class Metrics:
 
     # -- helpers (the public recording API) ----------------------------------------------
 
-    def record_request(self, model: str, mode: str, status: str) -> None:
-        self._call(self._record_request, model, mode, status)
+    def record_request(self, model: str, mode: str, status: str, copy: Copy = "stable") -> None:
+        self._call(self._record_request, model, mode, status, copy)
 
     def record_error(self, model: str, error_type: str) -> None:
         self._call(self.errors.inc, {"model": model, "error_type": error_type})
@@ -287,8 +341,11 @@ class Metrics:
     def record_cache_miss(self) -> None:
         self._call(self.cache_misses.inc, {})
 
-    def observe_inference(self, model: str, mode: str, seconds: float) -> None:
-        self._call(self.inference.observe, {"model": model, "mode": mode}, seconds)
+    def observe_inference(
+        self, model: str, mode: str, seconds: float, copy: Copy = "stable"
+    ) -> None:
+        labels = {"model": model, "mode": mode, "copy": copy}
+        self._call(self.inference.observe, labels, seconds)
 
     def observe_batch_sizes(self, model: str, sizes: Iterable[int]) -> None:
         """Observe each decode step's token count in llm_batch_size{model}.
@@ -313,7 +370,8 @@ class Metrics:
 
     @contextlib.contextmanager
     def track_inference_time(self, model: str, mode: str) -> Iterator[None]:
-        """Observe the block's duration in llm_inference_duration_seconds{model,mode}."""
+        """Observe the block's duration in llm_inference_duration_seconds{model,mode,copy}
+        (copy ``stable``)."""
         started = time.perf_counter()
         try:
             yield
@@ -413,8 +471,8 @@ class Metrics:
 
     # -- events ----------------------------------------------------------------------------------
 
-    def _record_request(self, model: str, mode: str, status: str) -> None:
-        self.requests.inc({"model": model, "mode": mode, "status": status})
+    def _record_request(self, model: str, mode: str, status: str, copy: Copy) -> None:
+        self.requests.inc({"model": model, "mode": mode, "status": status, "copy": copy})
         self._rates.setdefault((model, mode), deque()).append(time.monotonic())
 
     def _observe_batch_sizes(self, model: str, sizes: tuple[int, ...]) -> None:
@@ -422,7 +480,7 @@ class Metrics:
             self.batch_size.observe({"model": model}, size)
 
     def _on_finished(self, event: InferenceFinished) -> None:
-        self._record_request(event.model, event.mode, event.outcome)
+        self._record_request(event.model, event.mode, event.outcome, event.copy)
         labels = {"model": event.model, "mode": event.mode}
         # Before the success check: a stream the client left still waited for its slot and
         # decoded its tokens, and a long wait may be why it left.
@@ -432,7 +490,7 @@ class Metrics:
             self.tpot.observe(labels, event.time_per_output_token_s)
         if event.cached or event.outcome != "success":
             return
-        self.inference.observe(labels, event.latency_s)
+        self.inference.observe({**labels, "copy": event.copy}, event.latency_s)
         self.tokens.add({"model": event.model, "kind": "prompt"}, event.prompt_tokens)
         self.tokens.add({"model": event.model, "kind": "completion"}, event.completion_tokens)
         if event.time_to_first_token_s is not None:
@@ -441,7 +499,7 @@ class Metrics:
     def _on_failed(self, event: InferenceFailed) -> None:
         self.errors.inc({"model": event.model, "error_type": event.error_type})
         if event.final:
-            self._record_request(event.model, event.mode, "error")
+            self._record_request(event.model, event.mode, "error", event.copy)
 
     def _on_cache(self, event: CacheLookedUp) -> None:
         (self.cache_hits if event.hit else self.cache_misses).inc({})
@@ -474,7 +532,9 @@ class Metrics:
         self._update_model_status(event.model, False, 0, 0)
 
     def _on_reload_state(self, event: ReloadStateChanged) -> None:
-        _one_hot(self.reload_state, event.model, "state", event.to_state, RELOAD_STATES)
+        if event.to_state not in self._reload_states:  # a state added to the machine later
+            self._reload_states = (*self._reload_states, event.to_state)
+        _one_hot(self.reload_state, event.model, "state", event.to_state, self._reload_states)
         self.reload_progress.set({"model": event.model}, event.progress_percent)
 
     def _on_reload_progress(self, event: ReloadProgressed) -> None:
@@ -493,11 +553,45 @@ class Metrics:
     def _on_lag(self, event: LoopLagMeasured) -> None:
         self.loop_lag.set({}, event.lag_s)
 
+    def _on_rollout_stepped(self, event: RolloutStepped) -> None:
+        self._start_rollout(event.model)
+        self.rollout_weight.set({"model": event.model}, event.weight_percent)
 
-def _one_hot(gauge: Gauge, model: str, label: str, current: str, values: tuple[str, ...]) -> None:
-    """1 on ``current``, 0 on the other values: a state as PromQL can select it."""
+    def _on_gate(self, event: GateJudged) -> None:
+        self._start_rollout(event.model)
+        _one_hot(
+            self.gate_verdict, event.model, "verdict", event.verdict, GATE_VERDICTS, gate=event.gate
+        )
+
+    def _on_rollout_finished(self, event: RolloutFinished) -> None:
+        # After a promotion the new copy is simply the stable one: no candidate share remains.
+        self.rollout_weight.set({"model": event.model}, 0)
+        labels = {"model": event.model, "rollout": event.rollout, "outcome": event.outcome}
+        self.rollouts.inc(labels)
+        # The verdicts stay until the member's next rollout starts: the gate that failed a
+        # rollback would otherwise vanish before Prometheus scraped it.
+        self._finished_rollouts.add(event.model)
+
+    def _start_rollout(self, model: str) -> None:
+        """The first step or verdict of a member's next rollout clears the last one's verdicts."""
+        if model in self._finished_rollouts:
+            self._finished_rollouts.discard(model)
+            for gate in ROLLOUT_GATES:
+                _one_hot(self.gate_verdict, model, "verdict", None, GATE_VERDICTS, gate=gate)
+
+
+def _one_hot(
+    gauge: Gauge,
+    model: str,
+    label: str,
+    current: str | None,
+    values: tuple[str, ...],
+    **fixed: str,
+) -> None:
+    """1 on ``current``, 0 on the other values: a state as PromQL can select it (None: 0 on
+    all). ``fixed`` labels name one of several states a member has (a rollout gate)."""
     for value in values:
-        gauge.set({"model": model, label: value}, 1 if value == current else 0)
+        gauge.set({"model": model, **fixed, label: value}, 1 if value == current else 0)
 
 
 def _key(name: str, labels: str) -> str:

@@ -2,8 +2,18 @@
 
 ::
 
-    idle | completed | failed --start--> warming_up --warmed--> ready --switch--> switching
-    switching --complete--> completed        warming_up | ready | switching --fail--> failed
+    idle | completed | failed | rolled_back --start--> warming_up --warmed--> ready
+    ready --switch--> switching --complete--> completed          (rollout "switch")
+    ready --shadow--> shadowing --switch | canary--> ...         (rollout "shadow")
+    ready | shadowing --canary--> canary --switch--> switching   (rollout "canary")
+    ready --await_promotion--> awaiting_promotion --switch-->    (rollout "blue_green")
+    shadowing | canary | awaiting_promotion --roll_back--> rolled_back
+    any running state --fail--> failed
+
+The rollout states serve the new copy beside the old one from the same slot (a share of
+requests, mirrored requests, or only those that ask for it) while the gates compare the two
+(``reload/rollout.py``); a failed gate, an abort or the deadline rolls back: the new copy is
+withdrawn, drained and closed, and the old one never stopped serving.
 
 Each state's ``on_enter_`` callback does that state's work and fires the next trigger; with
 ``queued="model"`` the trigger waits until the callback returns, and the first ``start``
@@ -21,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,9 +43,18 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from transitions.extensions.asyncio import AsyncEventData as EventData
 from transitions.extensions.asyncio import AsyncMachine
 
-from ensemble_ops.config import ModelSpec, ReloadSettings
+from ensemble_ops.config import ModelSpec, ReloadSettings, RolloutSpec
 from ensemble_ops.errors import InvalidModelFileError
-from ensemble_ops.events import EventBus, ReloadProgressed, ReloadStateChanged
+from ensemble_ops.events import (
+    EventBus,
+    InferenceFailed,
+    InferenceFinished,
+    ReloadProgressed,
+    ReloadStateChanged,
+    RolloutStepped,
+    ShadowFinished,
+)
+from ensemble_ops.reload.rollout import LiveRollout, failed_gates, hold_until_judged
 from ensemble_ops.reload.status import RUNNING, ReloadStatus
 from ensemble_ops.reload.warmup import WarmupFailedError, WarmupFunc, warm_once
 from ensemble_ops.serving.engine import Engine
@@ -47,13 +66,37 @@ __all__ = ["STATES", "TRANSITIONS", "Plan", "ReloadJob", "mermaid_diagram", "new
 
 _log = structlog.get_logger("ensemble_ops.reload")
 
-STATES = ["idle", "warming_up", "ready", "switching", "completed", "failed"]
+STATES = [
+    "idle",
+    "warming_up",
+    "ready",
+    "shadowing",
+    "canary",
+    "awaiting_promotion",
+    "switching",
+    "completed",
+    "failed",
+    "rolled_back",
+]
+_ROLLING = ["shadowing", "canary", "awaiting_promotion"]
 TRANSITIONS: list[dict[str, Any]] = [
-    {"trigger": "start", "source": ["idle", "completed", "failed"], "dest": "warming_up"},
+    {
+        "trigger": "start",
+        "source": ["idle", "completed", "failed", "rolled_back"],
+        "dest": "warming_up",
+    },
     {"trigger": "warmed", "source": "warming_up", "dest": "ready"},
-    {"trigger": "switch", "source": "ready", "dest": "switching"},
+    {"trigger": "shadow", "source": "ready", "dest": "shadowing"},
+    {"trigger": "canary", "source": ["ready", "shadowing"], "dest": "canary"},
+    {"trigger": "await_promotion", "source": "ready", "dest": "awaiting_promotion"},
+    {"trigger": "switch", "source": ["ready", *_ROLLING], "dest": "switching"},
+    {"trigger": "roll_back", "source": _ROLLING, "dest": "rolled_back"},
     {"trigger": "complete", "source": "switching", "dest": "completed"},
-    {"trigger": "fail", "source": ["warming_up", "ready", "switching"], "dest": "failed"},
+    {
+        "trigger": "fail",
+        "source": ["warming_up", "ready", *_ROLLING, "switching"],
+        "dest": "failed",
+    },
 ]
 
 LoaderFunc = Callable[[], Engine]
@@ -72,6 +115,7 @@ class Plan:
     loader: LoaderFunc
     warmup: WarmupFunc
     iterations: int
+    rollout: RolloutSpec = field(default_factory=RolloutSpec)
     identify: Callable[[], str | None] = lambda: None
     """The new copy's cache identity (blocking: it may hash the file)."""
 
@@ -107,6 +151,10 @@ class ReloadJob:
         start: Callable[[], Awaitable[bool]]
         warmed: Callable[[], Awaitable[bool]]
         switch: Callable[[], Awaitable[bool]]
+        shadow: Callable[[], Awaitable[bool]]
+        canary: Callable[[], Awaitable[bool]]
+        await_promotion: Callable[[], Awaitable[bool]]
+        roll_back: Callable[[], Awaitable[bool]]
         complete: Callable[[], Awaitable[bool]]
         fail: Callable[[], Awaitable[bool]]
 
@@ -128,10 +176,33 @@ class ReloadJob:
         self._load_s = 0.0
         self._done: anyio.Event | None = None
         self._state_span: Span | None = None
+        self.live: LiveRollout | None = None
+        """The running rollout (shadow, canary, blue-green), else None."""
+        self._rolled_back: str | None = None  # why, once a rollout decided to roll back
+        host.bus.subscribe(InferenceFinished, self._observe)
+        host.bus.subscribe(InferenceFailed, self._observe)
+        host.bus.subscribe(ShadowFinished, self._observe)
+
+    def _observe(self, event: InferenceFinished | InferenceFailed | ShadowFinished) -> None:
+        """The member's answers, for a running rollout's window."""
+        live = self.live
+        if live is None:
+            return
+        if isinstance(event, InferenceFinished):
+            live.on_finished(event)
+        elif isinstance(event, InferenceFailed):
+            live.on_failed(event)
+        else:
+            live.on_shadow(event)
 
     @property
     def name(self) -> str:
         return self.slot.name
+
+    @property
+    def rollout_kind(self) -> str:
+        """The current (or last) reload's rollout: switch, canary, shadow or blue_green."""
+        return self._plan.rollout.kind if self._plan is not None else "switch"
 
     def status(self) -> ReloadStatus:
         state = "warming_up" if self.pending and self.state not in RUNNING else self.state
@@ -143,6 +214,7 @@ class ReloadJob:
             _iso(self.started_at),
             _iso(self.completed_at),
             self.error,
+            self.live.status() if self.live is not None else None,
         )
 
     def begin(self, plan: Plan) -> None:
@@ -153,6 +225,7 @@ class ReloadJob:
         self.started_at, self.completed_at, self.error = time.time(), None, None
         self.progress, self.message = 0.0, "Reload queued"
         self._started_mono = time.monotonic()
+        self.live, self._rolled_back = None, None
 
     def finish(self) -> None:
         self.pending = False
@@ -251,14 +324,110 @@ class ReloadJob:
             await host.retire(old, wait=True)
 
     async def on_enter_ready(self, event: EventData) -> None:
-        self._entered(80.0, "Warm-up passed; switching")
+        kind = self._current().rollout.kind
+        self._entered(80.0, f"Warm-up passed; rollout {kind}")
+        if kind == "switch":
+            await self.switch()
+            return
+        self.live = LiveRollout(self.name, self._current().rollout)
+        if kind == "shadow":
+            await self.shadow()
+        elif kind == "canary":
+            await self.canary()
+        else:
+            await self.await_promotion()
+
+    def _live(self) -> tuple[LiveRollout, Loaded]:
+        if self.live is None or self._new is None:
+            raise RuntimeError("a rollout state without a rollout")
+        return self.live, self._new
+
+    def _offer(self, weight_percent: float, shadow: float, message: str) -> None:
+        """Serve the new copy at ``weight_percent`` (and ``shadow`` mirrored), over a new
+        window; the status, the metrics and the log say so."""
+        live, new = self._live()
+        live.weight_percent, live.shadow_percent = weight_percent, shadow
+        live.open_window()
+        self.slot.offer(new, weight_percent=weight_percent, shadow=shadow)
+        self._progress(80.0 + weight_percent / 10, message)
+        self._host.bus.publish(RolloutStepped(self.name, live.spec.kind, weight_percent, message))
+
+    async def on_enter_shadowing(self, event: EventData) -> None:
+        live, _ = self._live()
+        pct = live.spec.shadow_percent
+        self._entered(80.0, f"Shadowing: {pct:g}% of requests mirrored to the new copy")
+        self._offer(0.0, pct, f"Mirroring {pct:g}% of requests to the new copy")
+        outcome = await hold_until_judged(live, self._host.bus.publish)
+        if outcome == "pass" and live.spec.after_shadow == "canary":
+            await self.canary()
+        elif outcome in ("pass", "promote"):
+            await self.switch()
+        else:
+            await self._roll_back(outcome)
+
+    async def on_enter_canary(self, event: EventData) -> None:
+        live, _ = self._live()
+        steps = live.spec.steps
+        self._entered(80.0, f"Canary: {len(steps)} step(s) to 100%")
+        for i, weight in enumerate(steps, 1):
+            live.step = f"{i}/{len(steps)}"
+            self._offer(weight, 0.0, f"Canary step {i}/{len(steps)}: {weight:g}% of requests")
+            outcome = await hold_until_judged(live, self._host.bus.publish)
+            if outcome == "promote":
+                break
+            if outcome != "pass":
+                await self._roll_back(outcome)
+                return
         await self.switch()
+
+    async def on_enter_awaiting_promotion(self, event: EventData) -> None:
+        live, new = self._live()
+        timeout = live.spec.promote_timeout_s
+        self._entered(85.0, f"Both copies serve; waiting up to {timeout:g} s for promote")
+        live.awaiting = "promote"
+        live.open_window()
+        self.slot.offer(new)  # only requests that ask for it (X-Ensemble-Copy: candidate)
+        self._host.bus.publish(
+            RolloutStepped(self.name, live.spec.kind, 0.0, "New copy ready; awaiting promote")
+        )
+        decision = await live.wait_decision(timeout)
+        live.awaiting = None
+        if decision == "promote":
+            await self.switch()
+        else:
+            await self._roll_back("abort" if decision == "abort" else "timeout")
+
+    async def _roll_back(self, why: str) -> None:
+        live, _ = self._live()
+        reasons = {
+            "fail": f"gate failed: {failed_gates(live)}",
+            "abort": "aborted by an operator",
+            "deadline": f"undecided after the deadline ({live.spec.deadline_s:g} s)",
+            "timeout": f"not promoted within {live.spec.promote_timeout_s:g} s",
+        }
+        self._rolled_back = reasons.get(why, why)
+        await self.roll_back()
+
+    async def on_enter_rolled_back(self, event: EventData) -> None:
+        self.completed_at = time.time()
+        reason = self._rolled_back or "rolled back"
+        self.error = reason
+        candidate = self.slot.withdraw()  # requests go to the old copy from here
+        new, self._new = self._new, None
+        if self.live is not None:
+            self.live.weight_percent = self.live.shadow_percent = 0.0
+        gone = candidate or new
+        if gone is not None:  # requests already on it finish there; then it is closed
+            await self._host.retire(gone, wait=False)
+        self._entered(0.0, f"Rolled back: {reason}")
 
     async def on_enter_switching(self, event: EventData) -> None:
         plan, new = self._current(), self._new
         if new is None:
             raise RuntimeError("switching without a new copy")
-        self._entered(80.0, "Switching to the new copy")
+        self._entered(max(self.progress, 80.0), "Switching to the new copy")
+        if self.live is not None:
+            self.live.weight_percent = self.live.shadow_percent = 0.0
         old = self.slot.swap(new, plan.spec)  # from here new requests use the new copy
         self._new, self._replaced = None, None
         self._host.bus.publish(loaded_event(new, self._load_s))
@@ -297,6 +466,8 @@ class ReloadJob:
             if self._state_span is not None:
                 self._state_span.end()
                 self._state_span = None
+            if self.slot.candidate is self._new:
+                self.slot.withdraw()  # shutting down mid-rollout: the old copy stays
             if self._new is not None:
                 new, self._new = self._new, None
                 await new.close()
@@ -314,6 +485,8 @@ class ReloadJob:
     async def on_enter_failed(self, event: EventData) -> None:
         self.completed_at = time.time()
         reason = self.error or "unknown error"
+        if self._new is not None and self.slot.candidate is self._new:
+            self.slot.withdraw()  # a rollout was serving it: requests go to the old copy
         if self._new is not None:  # roll back: the new copy goes, the old one stays
             new, self._new = self._new, None
             self._host.runner.spawn(new.close)

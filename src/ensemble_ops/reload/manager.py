@@ -15,11 +15,18 @@ import anyio.to_thread
 import structlog
 from opentelemetry.trace import NoOpTracer, Status, StatusCode, Tracer
 
-from ensemble_ops.config import ModelSpec, ReloadSettings, Settings
+from ensemble_ops.config import ModelSpec, ReloadSettings, RolloutSpec, Settings
 from ensemble_ops.errors import InvalidModelFileError, InvalidRequestError, ReloadConflictError
-from ensemble_ops.events import DrainTimedOut, EventBus, ModelUnloaded, ReloadFinished
+from ensemble_ops.events import (
+    DrainTimedOut,
+    EventBus,
+    ModelUnloaded,
+    ReloadFinished,
+    RolloutFinished,
+)
 from ensemble_ops.reload.machine import LoaderFunc, Plan, ReloadJob, new_machine
 from ensemble_ops.reload.memory import available_memory, release_memory
+from ensemble_ops.reload.rollout import Decision
 from ensemble_ops.reload.status import ReloadStatus
 from ensemble_ops.reload.warmup import WarmupFunc, chat_warmup
 from ensemble_ops.serving.engine import Engine
@@ -94,18 +101,28 @@ class ReloadManager:
         *,
         path: Path | str | None = None,
         spec: ModelSpec | None = None,
+        rollout: RolloutSpec | None = None,
     ) -> ReloadStatus:
         """Start reloading ``model_name`` in the background and return its status at once.
 
         By default the member's GGUF file (or ``path``, which must lie inside the model
         directory) is loaded with the member's settings and warmed up with its warm-up
-        prompt; ``loader_func``/``warmup_func`` replace either step. Raises
-        :class:`ReloadConflictError` while one runs.
+        prompt; ``loader_func``/``warmup_func`` replace either step. ``rollout`` says how the
+        new copy takes over (default ``[reload.rollout]``: a switch). Raises
+        :class:`ReloadConflictError` while one runs, :class:`InvalidRequestError` for a
+        rollout the member cannot hold.
         """
         job = self._job(model_name)
         if job.pending:
             status = job.status()
             raise ReloadConflictError(model_name, status.state, status.progress_percent)
+        rollout = rollout or self.settings.rollout
+        if rollout.kind != "switch" and job.slot.spec.reload_strategy == "replace":
+            raise InvalidRequestError(
+                f'{model_name!r} has reload_strategy = "replace", which never holds two '
+                f"copies: its reloads can only switch, not {rollout.kind}",
+                param="rollout",
+            )
         current = spec or job.slot.spec
         if path is not None:
             current = current.model_copy(update={"path": self.resolve_path(path)})
@@ -123,6 +140,7 @@ class ReloadManager:
                 iterations=(
                     warmup_iterations or current.warmup_iterations or settings.warmup_iterations
                 ),
+                rollout=rollout,
             )
         )
         try:
@@ -140,10 +158,36 @@ class ReloadManager:
         warmup_iterations: int | None = None,
         *,
         path: Path | str | None = None,
+        rollout: RolloutSpec | None = None,
     ) -> ReloadStatus:
-        """Reload ``model_name`` and wait for the outcome (completed or failed)."""
-        self.start_reload(model_name, loader_func, warmup_func, warmup_iterations, path=path)
+        """Reload ``model_name`` and wait for the outcome (completed, failed or
+        rolled_back)."""
+        self.start_reload(
+            model_name, loader_func, warmup_func, warmup_iterations, path=path, rollout=rollout
+        )
         return await self.wait_for_reload(model_name)
+
+    def promote(self, model_name: str) -> ReloadStatus:
+        """Give the new copy of a running rollout all traffic now (blue-green's promote; it
+        also ends a canary or shadow early). Raises :class:`InvalidRequestError` when no
+        rollout of the member is running."""
+        return self._decide(model_name, "promote")
+
+    def abort(self, model_name: str) -> ReloadStatus:
+        """Roll a running rollout back now: the old copy keeps serving."""
+        return self._decide(model_name, "abort")
+
+    def _decide(self, model_name: str, decision: Decision) -> ReloadStatus:
+        job = self._job(model_name)
+        live = job.live
+        if live is None or job.state not in ("shadowing", "canary", "awaiting_promotion"):
+            raise InvalidRequestError(
+                f"No rollout of {model_name!r} is running to {decision} "
+                f"(reload state: {job.status().state}).",
+                param="model",
+            )
+        live.decide(decision)
+        return job.status()
 
     async def wait_for_reload(self, model_name: str) -> ReloadStatus:
         """The status once the member's current reload (if any) has ended."""
@@ -239,10 +283,16 @@ class ReloadManager:
                 if job.state != "completed":
                     span.set_status(Status(StatusCode.ERROR, job.error or "failed"))
             elapsed = time.monotonic() - started
+            kind = job.rollout_kind
             if job.state == "completed":
                 self.bus.publish(ReloadFinished(job.name, "completed", elapsed))
+                self.bus.publish(RolloutFinished(job.name, kind, "promoted"))
+            elif job.state == "rolled_back":
+                self.bus.publish(ReloadFinished(job.name, "rolled_back", elapsed, job.error))
+                self.bus.publish(RolloutFinished(job.name, kind, "rolled_back", job.error))
             else:
                 self.bus.publish(ReloadFinished(job.name, "failed", elapsed, job.error))
+                self.bus.publish(RolloutFinished(job.name, kind, "failed", job.error))
         finally:
             job.finish()
 

@@ -79,6 +79,9 @@ class DemoModel:
     byte_tokens: bool = True
     chat_template: str | None = None
     """None: the demo template (role-prefixed lines); "" writes a file without a template."""
+    silent: bool = False
+    """A broken model that answers nothing: end-of-sequence always ranks first (tests of
+    rollouts that must catch it)."""
 
     @property
     def filename(self) -> str:
@@ -124,6 +127,8 @@ def _tensors(model: DemoModel, types: list[int]) -> dict[str, np.ndarray]:
         never = np.array([t != _NORMAL for t in types])
         output[never] = 0.0
         output[never, 0] = -8.0
+        if model.silent:
+            output[2, 0] = 8.0  # </s> above everything: every answer is empty
     tensors = {
         "token_embd.weight": embed,
         "output_norm.weight": np.ones(n_embd, dtype=np.float32),

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -34,11 +35,13 @@ from ensemble_ops.errors import (
 )
 from ensemble_ops.events import (
     CacheLookedUp,
+    Copy,
     EventBus,
     InferenceFailed,
     InferenceFinished,
     ModelLoadFailed,
     ModelUnloaded,
+    ShadowFinished,
 )
 from ensemble_ops.serving.cache import (
     CacheHealth,
@@ -53,6 +56,7 @@ from ensemble_ops.serving.cache import (
 from ensemble_ops.serving.engine import ChatMessage, Completion, Engine, GenerationParams, OnText
 from ensemble_ops.serving.slot import Lease, Loaded, ModelSlot, loaded_event
 from ensemble_ops.serving.spans import AttemptSpan
+from ensemble_ops.serving.sticky import bucket
 from ensemble_ops.tasks import TaskRunner
 
 __all__ = ["EngineLoader", "Ensemble", "InferenceRequest", "InferenceResult", "TextStream"]
@@ -77,6 +81,10 @@ class InferenceRequest:
     messages: tuple[ChatMessage, ...] = ()
     response_id: str = ""
     """The id the answer will carry (``chatcmpl-...``), for traces; empty when none."""
+    session: str | None = None
+    """Keeps a conversation on one side of a split (the ``user`` field or ``X-Session-ID``)."""
+    copy: Copy | None = None
+    """Asks for one copy of the member by name (``X-Ensemble-Copy``: blue-green testing)."""
 
     @property
     def kind(self) -> Literal["completion", "chat"]:
@@ -258,6 +266,10 @@ class Ensemble:
         """Stop every member: wait for in-flight work (bounded), then free the models."""
         self._closing = True
         for slot in self.slots.values():
+            candidate = slot.withdraw()  # a rollout's new copy: the old one is the member
+            if candidate is not None:
+                await candidate.wait_idle(drain_timeout_s)
+                await candidate.close()
             old = slot.unload("stopped")
             if old is None:
                 continue
@@ -269,15 +281,21 @@ class Ensemble:
 
     # -- routing -----------------------------------------------------------------------------
 
-    def candidates(self, model: str, mode: ModeName) -> list[ModelSlot]:
-        """Members to try in order: the named one, or the mode's preference for ``ensemble``."""
-        if model != ENSEMBLE:
+    def candidates(self, model: str, mode: ModeName, session: str | None = None) -> list[ModelSlot]:
+        """Members to try in order: the named one; for a split, the member its weights give
+        ``session`` (fixed per key, random without one), then the others by weight; for
+        ``ensemble``, the mode's preference."""
+        split = self.settings.splits.get(model)
+        if split is not None:
+            order = _split_order(split.weights, bucket(session))
+        elif model != ENSEMBLE:
             slot = self.slots.get(model)
             if slot is None:
-                raise ModelNotFoundError(model, list(self.slots))
+                raise ModelNotFoundError(model, [*self.slots, *self.settings.splits])
             return [slot]
-        preferred = self.settings.modes[mode].prefer
-        order = [*preferred, *(name for name in self.slots if name not in preferred)]
+        else:
+            preferred = self.settings.modes[mode].prefer
+            order = [*preferred, *(name for name in self.slots if name not in preferred)]
         # Unhealthy members go last, not away: when all are unhealthy one must still be
         # tried, and a success is how a member recovers.
         order.sort(key=lambda name: not self._can_serve(name))
@@ -289,13 +307,14 @@ class Ensemble:
 
     def _acquire_first(self, request: InferenceRequest) -> tuple[ModelSlot, Lease]:
         """Lease the first candidate that is loaded and not overloaded."""
-        slots = self.candidates(request.model, request.mode)
+        slots = self.candidates(request.model, request.mode, request.session)
         if len(slots) == 1:
-            return slots[0], slots[0].acquire()
+            slot = slots[0]
+            return slot, slot.acquire(slot.choose(request.session, request.copy))
         reasons: dict[str, str] = {}
         for slot in slots:
             try:
-                return slot, slot.acquire()
+                return slot, slot.acquire(slot.choose(request.session, request.copy))
             except (ModelUnavailableError, OverloadedError) as err:
                 reasons[slot.name] = _short(err)
         raise NoMemberAvailableError(reasons)
@@ -304,7 +323,7 @@ class Ensemble:
 
     async def complete(self, request: InferenceRequest) -> InferenceResult:
         """Answer ``request``, falling back to the next member for ``model: ensemble``."""
-        slots = self.candidates(request.model, request.mode)
+        slots = self.candidates(request.model, request.mode, request.session)
         if len(slots) == 1:
             return await self._complete_on(slots[0], request, fallback=False)
         started = time.perf_counter()
@@ -343,30 +362,54 @@ class Ensemble:
     async def _attempt_on(
         self, slot: ModelSlot, request: InferenceRequest, attempt: AttemptSpan, *, fallback: bool
     ) -> InferenceResult:
+        copy = slot.choose(request.session, request.copy)
+        retry = copy == "candidate" and request.copy is None
+        try:
+            result = await self._attempt_copy(
+                slot, request, attempt, copy, fallback=fallback or retry
+            )
+        except _FALLBACK_ERRORS:
+            if not retry:
+                raise
+            # The new copy failed this request: the old one answers it, the gates count it.
+            result = await self._attempt_copy(slot, request, attempt, "stable", fallback=fallback)
+        self._mirror(slot, request)
+        return result
+
+    async def _attempt_copy(
+        self,
+        slot: ModelSlot,
+        request: InferenceRequest,
+        attempt: AttemptSpan,
+        copy: Copy,
+        *,
+        fallback: bool,
+    ) -> InferenceResult:
         started = time.perf_counter()
-        key = self._deterministic_key(slot, request)
+        key = self._deterministic_key(slot, request, copy)
         leader = self._inflight.get(key) if key is not None else None
         if leader is not None:  # an identical request runs here: share its answer
             hit = await asyncio.shield(leader)  # None when it failed: try ourselves
             self._looked_up(slot, attempt, hit, "coalesced")
             if hit is not None:
-                return self._answered_from_cache(slot, request, hit, started, attempt)
+                return self._answered_from_cache(slot, request, hit, started, attempt, copy)
         with self._leading(key) as leading:
             claimed = False
             if key is not None and self.cache is not None:
                 hit, claimed = await self._shared_lookup(slot, key, attempt)
                 if hit is not None:
                     leading.set_result(hit)
-                    return self._answered_from_cache(slot, request, hit, started, attempt)
+                    return self._answered_from_cache(slot, request, hit, started, attempt, copy)
             completion: Completion | None = None
             try:
-                async with slot.lease() as loaded:
+                async with slot.lease(copy) as lease:
+                    loaded = lease.loaded
                     completion = await loaded.run(_generate, loaded.engine, request, attempt)
             except Exception as err:
                 attempt.fail(err)
                 # A failure another member will retry does not end the request.
                 final = not (fallback and isinstance(err, _FALLBACK_ERRORS))
-                self._failed(slot.name, request, err, started, final=final)
+                self._failed(slot.name, request, err, started, final=final, copy=copy)
                 raise
             finally:
                 if key is not None:
@@ -378,7 +421,9 @@ class Ensemble:
                         await self._store(stored, completion, key if claimed else None)
             leading.set_result(completion)
         attempt.done(completion)
-        self._finished(slot.name, request, completion, started, cached=False, stream=False)
+        self._finished(
+            slot.name, request, completion, started, cached=False, stream=False, copy=copy
+        )
         return InferenceResult(slot.name, completion, cached=False)
 
     def _answered_from_cache(
@@ -388,17 +433,59 @@ class Ensemble:
         hit: Completion,
         started: float,
         attempt: AttemptSpan,
+        copy: Copy,
     ) -> InferenceResult:
         attempt.done(hit)
-        self._finished(slot.name, request, hit, started, cached=True, stream=False)
+        self._finished(slot.name, request, hit, started, cached=True, stream=False, copy=copy)
         return InferenceResult(slot.name, hit, cached=True)
 
-    def _deterministic_key(self, slot: ModelSlot, request: InferenceRequest) -> str | None:
+    def _deterministic_key(
+        self, slot: ModelSlot, request: InferenceRequest, copy: Copy = "stable"
+    ) -> str | None:
         """The cache and single-flight key of a deterministic request, else None."""
-        active = slot.active
-        if self.cache is None or active is None:
+        loaded = slot.candidate if copy == "candidate" else slot.active
+        if self.cache is None or loaded is None:
             return None
-        return self._cache_key(active, request)
+        return self._cache_key(loaded, request)
+
+    # -- shadow traffic ----------------------------------------------------------------------
+
+    def _mirror(self, slot: ModelSlot, request: InferenceRequest) -> None:
+        """Mirror an answered request to a shadow rollout's new copy, in the background: the
+        user's answer never waits for it, and a busy new copy just misses the mirror."""
+        if slot.shadow_percent <= 0 or random.random() * 100 >= slot.shadow_percent:
+            return
+        try:
+            lease = slot.acquire("candidate")
+        except (ModelUnavailableError, OverloadedError):
+            return
+        self._runner.spawn(self._run_mirror, slot, request, lease)
+
+    async def _run_mirror(self, slot: ModelSlot, request: InferenceRequest, lease: Lease) -> None:
+        """The mirrored generation: not cached, not traced, counted only by the rollout."""
+        started = time.perf_counter()
+        attempt = AttemptSpan.open(NoOpTracer(), request, slot.name, stream=False)
+        try:
+            loaded = lease.loaded
+            completion = await loaded.run(_generate, loaded.engine, request, attempt)
+        except Exception as err:
+            self.bus.publish(
+                ShadowFinished(
+                    slot.name, time.perf_counter() - started, None, 0, True, error_code(err)
+                )
+            )
+        else:
+            self.bus.publish(
+                ShadowFinished(
+                    slot.name,
+                    time.perf_counter() - started,
+                    completion.time_to_first_token_s,
+                    completion.completion_tokens,
+                    completion.completion_tokens == 0,
+                )
+            )
+        finally:
+            lease.release()
 
     async def _shared_lookup(
         self, slot: ModelSlot, key: str, attempt: AttemptSpan
@@ -471,7 +558,7 @@ class Ensemble:
 
     def _follow(self, request: InferenceRequest) -> TextStream | None:
         """A stream fed by an identical deterministic request in flight, if there is one."""
-        for slot in self.candidates(request.model, request.mode):
+        for slot in self.candidates(request.model, request.mode, request.session):
             key = self._deterministic_key(slot, request)
             leader = self._inflight.get(key) if key is not None else None
             if leader is not None:
@@ -504,7 +591,7 @@ class Ensemble:
     async def _run_stream(
         self, slot: ModelSlot, lease: Lease, stream: TextStream, attempt: AttemptSpan
     ) -> None:
-        key = self._deterministic_key(slot, stream.request)
+        key = self._deterministic_key(slot, stream.request, lease.copy)
         with attempt.current(), self._leading(key) as leader:
             await self._stream_on(slot, lease, stream, attempt)
             if stream.result is not None:
@@ -513,6 +600,38 @@ class Ensemble:
     async def _stream_on(
         self, slot: ModelSlot, lease: Lease, stream: TextStream, attempt: AttemptSpan
     ) -> None:
+        result: Completion | None = None
+        error: Exception | None = None
+        try:
+            result, error = await self._stream_copy(slot, lease, stream, attempt)
+            if error is not None and self._stable_retries(lease, stream, error):
+                # The new copy failed before any text: the old copy answers the stream.
+                lease.release()
+                try:
+                    lease = slot.acquire("stable")
+                except (ModelUnavailableError, OverloadedError) as busy:
+                    error = busy
+                    self._failed(slot.name, stream.request, busy, time.perf_counter())
+                else:
+                    result, error = await self._stream_copy(slot, lease, stream, attempt)
+        finally:
+            lease.release()
+            stream.end(result, error)
+
+    @staticmethod
+    def _stable_retries(lease: Lease, stream: TextStream, error: Exception) -> bool:
+        """Whether a stream the new copy failed is tried again on the old one."""
+        return (
+            lease.copy == "candidate"
+            and stream.request.copy is None
+            and stream.produced == 0
+            and isinstance(error, _FALLBACK_ERRORS)
+        )
+
+    async def _stream_copy(
+        self, slot: ModelSlot, lease: Lease, stream: TextStream, attempt: AttemptSpan
+    ) -> tuple[Completion | None, Exception | None]:
+        """Generate ``stream`` on the leased copy: (the completion, or the error)."""
         started = time.perf_counter()
         first_piece: list[float] = []
         request = stream.request
@@ -523,8 +642,6 @@ class Ensemble:
                 attempt.first_token()
             anyio.from_thread.run_sync(stream.deliver, piece)
 
-        result: Completion | None = None
-        error: Exception | None = None
         try:
             loaded = lease.loaded
             result = await loaded.run(_generate, loaded.engine, request, attempt, on_text)
@@ -539,21 +656,29 @@ class Ensemble:
                     cached=False,
                     stream=True,
                     outcome="cancelled",
+                    copy=lease.copy,
                 )
             )
+            return None, None
         except Exception as err:
-            error = err
-            attempt.fail(err)
-            self._failed(slot.name, request, err, started)
-        else:
-            attempt.done(result)
-            ttft = first_piece[0] if first_piece else None
-            self._finished(
-                slot.name, request, result, started, cached=False, stream=True, ttft=ttft
-            )
-        finally:
-            lease.release()
-            stream.end(result, error)
+            retried = self._stable_retries(lease, stream, err)
+            if not retried:
+                attempt.fail(err)
+            self._failed(slot.name, request, err, started, final=not retried, copy=lease.copy)
+            return None, err
+        attempt.done(result)
+        ttft = first_piece[0] if first_piece else None
+        self._finished(
+            slot.name,
+            request,
+            result,
+            started,
+            cached=False,
+            stream=True,
+            ttft=ttft,
+            copy=lease.copy,
+        )
+        return result, None
 
     # -- events ------------------------------------------------------------------------------
 
@@ -567,6 +692,7 @@ class Ensemble:
         cached: bool,
         stream: bool,
         ttft: float | None = None,
+        copy: Copy = "stable",
     ) -> None:
         self.bus.publish(
             InferenceFinished(
@@ -583,6 +709,7 @@ class Ensemble:
                 engine_s=0.0 if cached else completion.engine_s,
                 queue_wait_s=None if cached else completion.queue_wait_s,
                 time_per_output_token_s=None if cached else completion.time_per_output_token_s,
+                copy=copy,
             )
         )
 
@@ -594,6 +721,7 @@ class Ensemble:
         started: float,
         *,
         final: bool = True,
+        copy: Copy = "stable",
     ) -> None:
         self.bus.publish(
             InferenceFailed(
@@ -603,11 +731,28 @@ class Ensemble:
                 str(err),
                 time.perf_counter() - started,
                 final=final,
+                copy=copy,
             )
         )
 
 
 _FALLBACK_ERRORS = (ModelUnavailableError, OverloadedError, EngineError)
+
+
+def _split_order(weights: dict[str, float], point: float) -> list[str]:
+    """A split's members in the order to try them: the one whose slice of [0, 100) holds
+    ``point`` (slices in config order, each as wide as its share of the weights), then the
+    others, heaviest first (config order among equals)."""
+    total = sum(weights.values())
+    edge = 0.0
+    chosen = list(weights)[-1]  # a point that rounding puts past the last edge
+    for name, weight in weights.items():
+        edge += weight / total * 100
+        if point < edge:
+            chosen = name
+            break
+    others = sorted((name for name in weights if name != chosen), key=lambda n: -weights[n])
+    return [chosen, *others]
 
 
 def _short(err: Exception) -> str:

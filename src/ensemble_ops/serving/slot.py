@@ -21,9 +21,10 @@ import anyio
 import anyio.to_thread
 
 from ensemble_ops.config import ModelSpec
-from ensemble_ops.errors import ModelUnavailableError, OverloadedError
-from ensemble_ops.events import ModelLoaded
+from ensemble_ops.errors import InvalidRequestError, ModelUnavailableError, OverloadedError
+from ensemble_ops.events import Copy, ModelLoaded
 from ensemble_ops.serving.engine import Engine
+from ensemble_ops.serving.sticky import bucket
 
 __all__ = ["Lease", "Loaded", "ModelSlot", "SlotState", "loaded_event"]
 
@@ -169,8 +170,10 @@ def loaded_event(loaded: Loaded, load_s: float) -> ModelLoaded:
 class Lease:
     """A request's hold on one instance; ``release`` is idempotent."""
 
-    def __init__(self, loaded: Loaded) -> None:
+    def __init__(self, loaded: Loaded, copy: Copy = "stable") -> None:
         self.loaded = loaded
+        self.copy = copy
+        """Which of the member's copies it holds (a rollout serves two)."""
         self.acquired_at = time.monotonic()
         self._released = False
         loaded._enter(self)
@@ -189,6 +192,11 @@ class ModelSlot:
         self.state: SlotState = "loading"
         self.error: str | None = None
         self._active: Loaded | None = None
+        self._candidate: Loaded | None = None
+        self.weight_percent = 0.0
+        """The share of requests the candidate answers (a canary's step)."""
+        self.shadow_percent = 0.0
+        """The share of requests mirrored to the candidate, answers discarded (a shadow)."""
 
     @property
     def name(self) -> str:
@@ -210,25 +218,61 @@ class ModelSlot:
             return "the model is being reloaded (its old copy was unloaded first)"
         return "the model is not loaded"
 
-    def acquire(self) -> Lease:
-        """Lease the active instance, or raise if there is none or its queue is full."""
-        active = self._active
-        if active is None:
-            raise ModelUnavailableError(self.name, self.unavailable_reason() or "not loaded")
-        # One runs, queue_size wait; one more would wait without a place in line.
-        if active.in_flight >= active.capacity:
-            raise OverloadedError(
-                self.name, self.spec.queue_size, retry_after_s=active.retry_after_s()
+    @property
+    def candidate(self) -> Loaded | None:
+        """A rollout's new copy while it serves beside the active one."""
+        return self._candidate
+
+    def choose(self, session: str | None, asked: Copy | None = None) -> Copy:
+        """Which copy answers a request: the one it asks for, else the candidate for the
+        canary's share of session keys (sticky: a key always gets the same copy)."""
+        if asked is not None:
+            if asked == "candidate" and self._candidate is None:
+                raise InvalidRequestError(
+                    f"X-Ensemble-Copy asks for the new copy of {self.name!r}, but no rollout "
+                    "of it is serving one.",
+                    param="X-Ensemble-Copy",
+                )
+            return asked
+        if self._candidate is not None and bucket(session) < self.weight_percent:
+            return "candidate"
+        return "stable"
+
+    def acquire(self, copy: Copy = "stable") -> Lease:
+        """Lease the copy (the active instance by default), or raise if there is none or its
+        queue is full."""
+        loaded = self._candidate if copy == "candidate" else self._active
+        if loaded is None:
+            reason = "no new copy is being rolled out" if copy == "candidate" else None
+            raise ModelUnavailableError(
+                self.name, reason or self.unavailable_reason() or "not loaded"
             )
-        return Lease(active)
+        # One runs, queue_size wait; one more would wait without a place in line.
+        if loaded.in_flight >= loaded.capacity:
+            raise OverloadedError(
+                self.name, self.spec.queue_size, retry_after_s=loaded.retry_after_s()
+            )
+        return Lease(loaded, copy)
 
     @asynccontextmanager
-    async def lease(self) -> AsyncIterator[Loaded]:
-        held = self.acquire()
+    async def lease(self, copy: Copy = "stable") -> AsyncIterator[Lease]:
+        held = self.acquire(copy)
         try:
-            yield held.loaded
+            yield held
         finally:
             held.release()
+
+    def offer(self, candidate: Loaded, *, weight_percent: float = 0.0, shadow: float = 0.0) -> None:
+        """Serve ``candidate`` beside the active copy: it answers ``weight_percent`` of the
+        requests (0: only those that ask for it) and sees ``shadow`` percent mirrored."""
+        self._candidate = candidate
+        self.weight_percent, self.shadow_percent = weight_percent, shadow
+
+    def withdraw(self) -> Loaded | None:
+        """Stop serving the candidate (requests already on it finish); return it."""
+        candidate, self._candidate = self._candidate, None
+        self.weight_percent = self.shadow_percent = 0.0
+        return candidate
 
     def swap(self, new: Loaded, spec: ModelSpec | None = None) -> Loaded | None:
         """Make ``new`` the active instance in one step; return the one it replaced.
@@ -236,6 +280,8 @@ class ModelSlot:
         ``spec`` is the member's spec from now on (a reload may change its file or settings).
         """
         old, self._active = self._active, new
+        if self._candidate is new:  # a rollout's promotion: the candidate is the copy now
+            self.withdraw()
         self.state = "ready"
         if spec is not None:
             self.spec = spec

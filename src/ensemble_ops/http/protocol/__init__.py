@@ -8,13 +8,14 @@ document is generated from these models and the routes (``http/openapi.py``), so
 documented, validated and sent cannot drift apart.
 """
 
+from ensemble_ops.http.protocol.admin import ReloadBody
 from ensemble_ops.http.protocol.requests import (
     ChatCompletionBody,
     CompletionBody,
     EnsembleHealthQuery,
     InferenceBody,
+    InferenceHeaders,
     ModelHealthQuery,
-    ReloadBody,
     parse_body,
     parse_query,
 )
@@ -44,6 +45,7 @@ from ensemble_ops.http.protocol.responses import (
     ModelList,
     Readiness,
     Reply,
+    SplitMeta,
     StreamError,
     StreamErrorDetail,
     Usage,
@@ -72,6 +74,7 @@ __all__ = [
     "ErrorDetail",
     "ErrorResponse",
     "InferenceBody",
+    "InferenceHeaders",
     "KubeProbe",
     "Liveness",
     "Member",
@@ -83,6 +86,7 @@ __all__ = [
     "Readiness",
     "ReloadBody",
     "Reply",
+    "SplitMeta",
     "StreamError",
     "StreamErrorDetail",
     "Usage",

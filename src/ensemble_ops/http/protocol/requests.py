@@ -12,12 +12,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
 
 from ensemble_ops.config import ModeName, Settings
 from ensemble_ops.errors import InvalidRequestError
+from ensemble_ops.events import Copy
 from ensemble_ops.serving.engine import ChatMessage, GenerationParams
 from ensemble_ops.serving.ensemble import ENSEMBLE, InferenceRequest
 
@@ -26,8 +26,8 @@ __all__ = [
     "CompletionBody",
     "EnsembleHealthQuery",
     "InferenceBody",
+    "InferenceHeaders",
     "ModelHealthQuery",
-    "ReloadBody",
     "parse_body",
     "parse_query",
 ]
@@ -35,6 +35,72 @@ __all__ = [
 T = TypeVar("T")
 B = TypeVar("B", bound="InferenceBody")
 Q = TypeVar("Q", bound=BaseModel)
+
+MAX_SESSION_CHARS = 256
+"""The longest session key (``user`` or ``X-Session-ID``): a key, not a payload."""
+# X-Ensemble-Copy in any case, spelt out: JSON Schema patterns take no flags.
+_COPY_PATTERN = r"^([Ss][Tt][Aa][Bb][Ll][Ee]|[Cc][Aa][Nn][Dd][Ii][Dd][Aa][Tt][Ee])$"
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+class InferenceHeaders(BaseModel):
+    """The headers the inference routes read; the others are ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    session_id: Annotated[str, Field(max_length=MAX_SESSION_CHARS)] | SkipJsonSchema[None] = Field(
+        default=None,
+        alias="X-Session-ID",
+        description="The session key of a conversation, kept on one side of a split; "
+        "wins over the body's user field. Empty: no key.",
+        json_schema_extra=_no_default,
+    )
+    ensemble_copy: Annotated[str, Field(pattern=_COPY_PATTERN)] | SkipJsonSchema[None] = Field(
+        default=None,
+        alias="X-Ensemble-Copy",
+        description="stable or candidate (any case): which copy of the member answers "
+        "while a blue-green rollout holds both.",
+        json_schema_extra=_no_default,
+    )
+
+    _PROBLEMS: ClassVar[dict[str, str]] = {
+        "session_id": "The header {name} is {length} characters long; at most "
+        f"{MAX_SESSION_CHARS} are allowed.",
+        "ensemble_copy": "The header {name} must be 'stable' or 'candidate' (any case), "
+        "not {value!r}.",
+    }
+
+    @classmethod
+    def parse(cls, headers: Mapping[str, str]) -> InferenceHeaders:
+        """Validate the headers this model reads (looked up in ``headers``: Starlette's are
+        case-insensitive); raise :class:`InvalidRequestError` naming the header."""
+        names = [field.alias for field in cls.model_fields.values() if field.alias is not None]
+        present = {name: headers[name] for name in names if name in headers}
+        try:
+            return cls.model_validate(present)
+        except ValidationError as err:
+            name = str(err.errors()[0]["loc"][0])
+            field = next(f for f, info in cls.model_fields.items() if info.alias == name)
+            value = present[name]
+            message = cls._PROBLEMS[field].format(name=name, length=len(value), value=value[:40])
+            raise InvalidRequestError(message, param=name) from err
+
+    def session(self, user: str | None) -> str | None:
+        """The request's session key: this header's, else the body's ``user``; empty is none."""
+        return self.session_id or user or None
+
+    @property
+    def copy_asked(self) -> Copy | None:
+        """``X-Ensemble-Copy`` as a copy's name, None when absent."""
+        if self.ensemble_copy is None:
+            return None
+        return "stable" if self.ensemble_copy.lower() == "stable" else "candidate"
+
+
+_NO_HEADERS = InferenceHeaders()
 
 
 class _StreamOptions(BaseModel):
@@ -57,6 +123,11 @@ class InferenceBody(BaseModel):
     stream: bool = False
     stream_options: _StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
+    user: Annotated[str, Field(max_length=MAX_SESSION_CHARS)] | None = Field(
+        default=None,
+        description="The session key: keeps a conversation on one side of a split "
+        "(X-Session-ID wins over it). Empty: no key.",
+    )
 
     def params(self, settings: Settings, max_tokens: int | None) -> GenerationParams:
         preset = settings.modes[self.mode or settings.default_mode]
@@ -73,9 +144,11 @@ class InferenceBody(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def to_request(self, settings: Settings, response_id: str = "") -> InferenceRequest:
-        """The core request this body asks for; ``response_id`` is the id its answer will
-        carry (traces record it)."""
+    def to_request(
+        self, settings: Settings, response_id: str = "", headers: InferenceHeaders = _NO_HEADERS
+    ) -> InferenceRequest:
+        """The core request this body asks for with these ``headers``; ``response_id`` is the
+        id its answer will carry (traces record it)."""
         raise NotImplementedError
 
 
@@ -84,7 +157,9 @@ class CompletionBody(InferenceBody):
 
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
 
-    def to_request(self, settings: Settings, response_id: str = "") -> InferenceRequest:
+    def to_request(
+        self, settings: Settings, response_id: str = "", headers: InferenceHeaders = _NO_HEADERS
+    ) -> InferenceRequest:
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         return InferenceRequest(
             model=self.model,
@@ -92,6 +167,8 @@ class CompletionBody(InferenceBody):
             params=self.params(settings, self.max_tokens),
             prompt=prompt,
             response_id=response_id,
+            session=headers.session(self.user),
+            copy=headers.copy_asked,
         )
 
 
@@ -120,13 +197,17 @@ class ChatCompletionBody(InferenceBody):
     messages: Annotated[list[_Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
 
-    def to_request(self, settings: Settings, response_id: str = "") -> InferenceRequest:
+    def to_request(
+        self, settings: Settings, response_id: str = "", headers: InferenceHeaders = _NO_HEADERS
+    ) -> InferenceRequest:
         return InferenceRequest(
             model=self.model,
             mode=self.mode or settings.default_mode,
             params=self.params(settings, self.max_completion_tokens or self.max_tokens),
             messages=tuple(ChatMessage(m.role, m.text()) for m in self.messages),
             response_id=response_id,
+            session=headers.session(self.user),
+            copy=headers.copy_asked,
         )
 
 
@@ -150,56 +231,6 @@ def parse_body(model: type[B], data: Any) -> B:
         raise InvalidRequestError(
             f"Invalid value for '{param}': {message}" if param else message, param=param
         ) from err
-
-
-def _no_default(schema: dict[str, Any]) -> None:
-    schema.pop("default", None)
-
-
-class ReloadBody(BaseModel):
-    """``POST /admin/models/{model}/reload``: both fields optional, nothing else allowed."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    # Left out means the member's own setting; null is not a value (a 400, like any other).
-    path: Annotated[str, Field(min_length=1)] | SkipJsonSchema[None] = Field(
-        default=None,
-        description="A GGUF file inside the model directory (default: the member's).",
-        json_schema_extra=_no_default,
-    )
-    warmup_iterations: Annotated[int, Field(ge=1, le=100)] | SkipJsonSchema[None] = Field(
-        default=None, json_schema_extra=_no_default
-    )
-
-    _PROBLEMS: ClassVar[dict[str, str]] = {
-        "path": "path must be a non-empty string.",
-        "warmup_iterations": "warmup_iterations must be an integer from 1 to 100.",
-    }
-
-    @field_validator("path", "warmup_iterations", mode="before")
-    @classmethod
-    def reject_null(cls, value: object) -> object:
-        if value is None:
-            raise ValueError("null is not a value; leave the field out")
-        return value
-
-    @classmethod
-    def parse(cls, data: Any) -> ReloadBody:
-        """Validate a decoded JSON body; raise :class:`InvalidRequestError` naming the field."""
-        general = InvalidRequestError(
-            'The body may hold only "path" (a GGUF file inside the model directory) and '
-            '"warmup_iterations" (1-100).'
-        )
-        if not isinstance(data, dict):
-            raise general
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            problems = err.errors()
-            if any(p["type"] == "extra_forbidden" for p in problems):
-                raise general from err
-            param = str(problems[0]["loc"][0])
-            raise InvalidRequestError(cls._PROBLEMS[param], param=param) from err
 
 
 RunInference: TypeAlias = Annotated[

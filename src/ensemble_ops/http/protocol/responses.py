@@ -50,6 +50,7 @@ __all__ = [
     "ModelList",
     "Readiness",
     "Reply",
+    "SplitMeta",
     "StreamError",
     "StreamErrorDetail",
     "Usage",
@@ -255,6 +256,14 @@ class EnsembleMeta(_Response):
     members: list[str]
 
 
+class SplitMeta(_Response):
+    """A split (A/B): each session goes to one member, in proportion to the weights."""
+
+    kind: Literal["split"] = "split"
+    description: str
+    weights: dict[str, float] = Field(description="Member -> its relative share, as configured.")
+
+
 class MemberMeta(_Response):
     """A member's spec; the loaded copy's figures only while one is loaded."""
 
@@ -269,17 +278,18 @@ class MemberMeta(_Response):
 
 
 class ModelCard(_Response):
-    """The routing entry (``ensemble``) or a member."""
+    """A routing entry (``ensemble`` or a split) or a member."""
 
     id: str
     object: Literal["model"] = "model"
     created: int = Field(description="Unix seconds the loaded copy loaded at; 0 if none.")
     owned_by: Literal["ensemble-ops"] = "ensemble-ops"
-    meta: EnsembleMeta | MemberMeta
+    meta: EnsembleMeta | SplitMeta | MemberMeta
 
 
 class ModelList(_Response):
-    """``GET /v1/models``: the routing entry first, then every member."""
+    """``GET /v1/models``: the routing entries first (``ensemble``, then each split), then
+    every member."""
 
     object: Literal["list"] = "list"
     data: list[ModelCard]

@@ -70,13 +70,32 @@ async def start_reload(request: Request) -> Response:
     _known(manager, model)
     options = ReloadBody.parse(await read_json(request, empty={}))
     status = manager.start_reload(
-        model, warmup_iterations=options.warmup_iterations, path=options.path
+        model,
+        warmup_iterations=options.warmup_iterations,
+        path=options.path,
+        rollout=options.rollout_spec(manager.settings.rollout),
     )
     return JSONResponse(
         dump_reload_status(status),
         status_code=202,
         headers={"Location": f"/health/llm/reload/{model}"},
     )
+
+
+async def promote(request: Request) -> Response:
+    require_admin(request)
+    manager = _manager(request)
+    model = request.path_params["model"]
+    _known(manager, model)
+    return JSONResponse(dump_reload_status(manager.promote(model)))
+
+
+async def abort(request: Request) -> Response:
+    require_admin(request)
+    manager = _manager(request)
+    model = request.path_params["model"]
+    _known(manager, model)
+    return JSONResponse(dump_reload_status(manager.abort(model)))
 
 
 async def reload_status(request: Request) -> Response:
@@ -120,6 +139,28 @@ routes = [
         responses={
             202: Answer("Started; poll Location.", ReloadStatus),
             **errors(400, 401, 403, 404, 409, 413),
+        },
+    ),
+    ApiRoute(
+        "/admin/models/{model}/promote",
+        promote,
+        method="POST",
+        summary="Give a rollout's new copy all traffic now",
+        admin=True,
+        responses={
+            200: Answer("Promoting; poll the reload status.", ReloadStatus),
+            **errors(400, 401, 403, 404),
+        },
+    ),
+    ApiRoute(
+        "/admin/models/{model}/abort",
+        abort,
+        method="POST",
+        summary="Roll a running rollout back now",
+        admin=True,
+        responses={
+            200: Answer("Rolling back; poll the reload status.", ReloadStatus),
+            **errors(400, 401, 403, 404),
         },
     ),
     ApiRoute(

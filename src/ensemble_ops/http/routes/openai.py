@@ -30,10 +30,12 @@ from ensemble_ops.http.protocol import (
     CompletionChunk,
     EnsembleMeta,
     InferenceBody,
+    InferenceHeaders,
     MemberMeta,
     ModelCard,
     ModelList,
     Reply,
+    SplitMeta,
     StreamError,
     StreamErrorDetail,
     Usage,
@@ -89,7 +91,8 @@ def _inference_route(
     async def answer(request: Request) -> Response:
         settings: Settings = request.app.state.settings
         parsed = parse_body(body, await read_json(request))
-        inference = parsed.to_request(settings, response_id=reply.new_id())
+        headers = InferenceHeaders.parse(request.headers)
+        inference = parsed.to_request(settings, response_id=reply.new_id(), headers=headers)
         _note(request, inference, stream=parsed.stream)
         if parsed.stream:
             return await _stream(request, inference, chunk, parsed.include_usage)
@@ -107,6 +110,7 @@ def _inference_route(
         method="POST",
         summary=summary,
         body=body,
+        headers=InferenceHeaders,
         responses={
             200: Answer("The answer; server-sent events with stream: true.", reply, chunk),
             **errors(400, 404, 413, 500, 503),
@@ -212,7 +216,20 @@ async def list_models(request: Request) -> Response:
             members=list(ensemble.slots),
         ),
     )
-    cards = [routing, *(_model_card(request, name) for name in ensemble.slots)]
+    splits = [
+        ModelCard(
+            id=name,
+            created=0,
+            meta=SplitMeta(
+                description="Sends each session to one member, in proportion to the "
+                "weights (sticky by the user field or X-Session-ID), falling back to the "
+                "others when that one is busy or failing.",
+                weights=split.weights,
+            ),
+        )
+        for name, split in ensemble.settings.splits.items()
+    ]
+    cards = [routing, *splits, *(_model_card(request, name) for name in ensemble.slots)]
     return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
 
@@ -231,7 +248,7 @@ routes = [
         "/v1/models",
         list_models,
         method="GET",
-        summary="The routing entry and the members",
+        summary="The routing entries (ensemble and the splits) and the members",
         responses={200: Answer("Models.", ModelList)},
     ),
 ]
