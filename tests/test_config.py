@@ -125,6 +125,10 @@ class TestErrors:
                 r"^cache\.url: must start with redis://, rediss:// or unix://$",
             ),
             (
+                MINIMAL + '[cache]\nbackend = "redis"\nurl = "redis://:pw@cache:port/0"\n',
+                r"^cache\.url: the port is not a number$",
+            ),
+            (
                 MINIMAL + '[cache]\nbackend = "memcached"\n',
                 r"^cache\.backend: Input should be 'memory' or 'redis'$",
             ),

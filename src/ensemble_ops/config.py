@@ -22,6 +22,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -121,8 +122,15 @@ class CacheSettings(_Section):
     def _url_for_redis(cls, url: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if url is None and info.data.get("backend") == "redis":
             raise ValueError('required when backend = "redis" (redis://host:6379/0)')
-        if url is not None and url.get_secret_value().split("://")[0] not in _REDIS_SCHEMES:
+        if url is None:
+            return url
+        text = url.get_secret_value()
+        if text.split("://")[0] not in _REDIS_SCHEMES:
             raise ValueError("must start with redis://, rediss:// or unix://")
+        try:
+            urlsplit(text).port  # noqa: B018 (parsing it is the check)
+        except ValueError:
+            raise ValueError("the port is not a number") from None  # never the URL: a secret
         return url
 
 
@@ -208,7 +216,8 @@ class RolloutSpec(_Section):
 
     kind: RolloutKind = "switch"
     steps: Annotated[tuple[float, ...], Field(min_length=1, strict=False)] = (5.0, 25.0, 50.0)
-    """The new copy's share of requests (percent) at each canary step; 100 is implied."""
+    """The new copy's share of requests (percent) at each canary step, each under 100: the
+    last step passing switches all traffic."""
     min_requests: Annotated[int, Field(ge=1)] = 20
     """Each step holds until the new copy answered at least this many requests..."""
     min_seconds: Annotated[float, Field(ge=0, strict=False)] = 30.0
@@ -228,8 +237,8 @@ class RolloutSpec(_Section):
     @field_validator("steps")
     @classmethod
     def _increasing(cls, steps: tuple[float, ...]) -> tuple[float, ...]:
-        if any(not 0 < step <= 100 for step in steps):
-            raise ValueError("each step must be a percentage in (0, 100]")
+        if any(not 0 < step < 100 for step in steps):
+            raise ValueError("each step must be a percentage in (0, 100); 100 is implied")
         if any(b <= a for a, b in itertools.pairwise(steps)):
             raise ValueError("steps must increase")
         return steps

@@ -353,6 +353,80 @@ class TestBlueGreen:
         assert "not promoted within 0.3 s" in (status.error or "")
 
 
+class TestIsolation:
+    async def test_a_failing_new_copy_leaves_the_member_healthy_and_ready(
+        self, settings: Settings
+    ) -> None:
+        """Requests that fail on a blue-green's new copy never make the member unhealthy or
+        the replica unready: the old copy serves, and the gates are the new copy's judge."""
+        app = create_app(settings)
+        async with serving(app) as client:
+            slot = app.state.ensemble.slots[MEMBER]
+            manager = app.state.reload
+            loaded: list[FlakyEngine] = []
+
+            def flaky() -> Engine:
+                loaded.append(FlakyEngine(LlamaEngine.load(slot.spec), failing=False))
+                return loaded[0]
+
+            manager.start_reload(MEMBER, loader_func=flaky, rollout=_fast(kind="blue_green"))
+            while manager.get_reload_status(MEMBER).state != "awaiting_promotion":
+                await anyio.sleep(0.02)
+            loaded[0].failing = True
+            body = {"model": MEMBER, "prompt": "Hi", "max_tokens": 2, "temperature": 0.5}
+            tried = [
+                await client.post(
+                    "/v1/completions", json=body, headers={"X-Ensemble-Copy": "candidate"}
+                )
+                for _ in range(5)
+            ]
+            health = await client.get("/health/llm", params={"model": MEMBER})
+            ready = await client.get("/health/ready")
+            manager.abort(MEMBER)
+            await manager.wait_for_reload(MEMBER)
+        assert {t.status_code for t in tried} == {500}
+        assert health.json()["status"] == "healthy"
+        assert ready.status_code == 200
+
+    async def test_asking_for_a_copy_needs_the_admin_token(
+        self, make_settings: SettingsFactory
+    ) -> None:
+        """With an admin token set, X-Ensemble-Copy without it is a 401; with it, served."""
+        settings = make_settings(cache={"enabled": False}, server={"admin_token": "s3cret"})
+        body = {"model": MEMBER, "prompt": "Hi", "max_tokens": 2}
+        async with serving(create_app(settings)) as client:
+            refused = await client.post(
+                "/v1/completions", json=body, headers={"X-Ensemble-Copy": "stable"}
+            )
+            allowed = await client.post(
+                "/v1/completions",
+                json=body,
+                headers={"X-Ensemble-Copy": "stable", "Authorization": "Bearer s3cret"},
+            )
+        assert (refused.status_code, allowed.status_code) == (401, 200)
+
+    async def test_a_split_members_sessions_reach_its_canary(
+        self, make_settings: SettingsFactory
+    ) -> None:
+        """A member behind an A/B split still sends its canary's share of sessions to the
+        new copy: the rollout's draw is not the split's draw."""
+        settings = make_settings(
+            cache={"enabled": False},
+            splits={"ab": {"weights": {"demo-tiny": 50, "demo-small": 50}}},
+        )
+        app = create_app(settings)
+        async with serving(app):
+            slot = app.state.ensemble.slots[MEMBER]
+            slot.offer(slot.active, weight_percent=50)  # the same copy twice: only routing
+            ensemble = app.state.ensemble
+            keys = [f"user-{i}" for i in range(2000)]
+            split_side = [k for k in keys if ensemble.candidates("ab", "fast", k)[0] is slot]
+            chosen = [slot.choose(k) for k in split_side]
+            slot.withdraw()
+        share = chosen.count("candidate") / len(chosen)
+        assert 0.4 < share < 0.6, share
+
+
 class TestSticky:
     async def test_a_session_stays_on_one_copy(self, settings: Settings) -> None:
         """At a 50% step, each session key always lands on the same copy, and keys spread
@@ -388,6 +462,7 @@ class TestBadInput:
             ({"rollout": "canary", "steps": [50, 25]}, "steps: steps must increase"),
             ({"rollout": "canary", "steps": [0, 50]}, "steps: each step must be a percentage"),
             ({"rollout": "canary", "steps": [50, 150]}, "steps: each step must be a percentage"),
+            ({"rollout": "canary", "steps": [50, 100]}, "100 is implied"),
             (
                 {"rollout": "canary", "gates": {"max_p99_ratio": 2}},
                 "gates.max_p99_ratio: unknown gate",

@@ -158,7 +158,8 @@ class HealthView:
 
     def _on_finished(self, event: InferenceFinished) -> None:
         r = self._records.get(event.model)
-        if r is None or event.cached or event.outcome != "success":
+        # A rollout's new copy says nothing of the member's health: its gates judge it.
+        if r is None or event.cached or event.outcome != "success" or event.copy != "stable":
             return
         r.last_inference_s = event.engine_s
         if event.time_per_output_token_s is not None:
@@ -169,6 +170,8 @@ class HealthView:
     def _on_failed(self, event: InferenceFailed) -> None:
         r = self._records.get(event.model)
         if r is None or event.error_type != "engine_error":  # a client's mistake is no fault
+            return
+        if event.copy != "stable":  # a rollout's new copy: its gates judge it, and roll back
             return
         r.failures += 1
         r.last_error = event.message

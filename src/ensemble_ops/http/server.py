@@ -44,6 +44,14 @@ def _hypercorn_config(settings: Settings) -> Config:
     return config
 
 
+def _in_terminal() -> bool:
+    """Whether a person at a terminal runs the server (stdin may be closed or absent)."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (ValueError, OSError):
+        return False
+
+
 async def _reread_config(config_path: Path | None, reload: ReloadManager) -> None:
     """SIGHUP: re-read the config and reload the members whose spec changed."""
     if config_path is None:
@@ -81,7 +89,7 @@ async def serve(settings: Settings, config_path: Path | None = None) -> int:
             stop.set()
             return
         delay = settings.server.drain_delay_s
-        if signum == signal.SIGINT and sys.stdin.isatty():
+        if signum == signal.SIGINT and _in_terminal():
             delay = 0.0  # Ctrl-C in a terminal: a person is waiting, no load balancer
         app.state.health.begin_shutdown()
         _log.info("server.draining", signal=signum.name, drain_delay_s=delay)

@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import anyio.to_thread
@@ -41,7 +41,6 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from transitions.extensions.asyncio import AsyncEventData as EventData
-from transitions.extensions.asyncio import AsyncMachine
 
 from ensemble_ops.config import ModelSpec, ReloadSettings, RolloutSpec
 from ensemble_ops.errors import InvalidModelFileError
@@ -55,6 +54,7 @@ from ensemble_ops.events import (
     ShadowFinished,
 )
 from ensemble_ops.reload.rollout import LiveRollout, failed_gates, hold_until_judged
+from ensemble_ops.reload.states import STATES, TRANSITIONS, mermaid_diagram, new_machine
 from ensemble_ops.reload.status import RUNNING, ReloadStatus
 from ensemble_ops.reload.warmup import WarmupFailedError, WarmupFunc, warm_once
 from ensemble_ops.serving.engine import Engine
@@ -65,39 +65,7 @@ from ensemble_ops.tasks import TaskRunner
 __all__ = ["STATES", "TRANSITIONS", "Plan", "ReloadJob", "mermaid_diagram", "new_machine"]
 
 _log = structlog.get_logger("ensemble_ops.reload")
-
-STATES = [
-    "idle",
-    "warming_up",
-    "ready",
-    "shadowing",
-    "canary",
-    "awaiting_promotion",
-    "switching",
-    "completed",
-    "failed",
-    "rolled_back",
-]
-_ROLLING = ["shadowing", "canary", "awaiting_promotion"]
-TRANSITIONS: list[dict[str, Any]] = [
-    {
-        "trigger": "start",
-        "source": ["idle", "completed", "failed", "rolled_back"],
-        "dest": "warming_up",
-    },
-    {"trigger": "warmed", "source": "warming_up", "dest": "ready"},
-    {"trigger": "shadow", "source": "ready", "dest": "shadowing"},
-    {"trigger": "canary", "source": ["ready", "shadowing"], "dest": "canary"},
-    {"trigger": "await_promotion", "source": "ready", "dest": "awaiting_promotion"},
-    {"trigger": "switch", "source": ["ready", *_ROLLING], "dest": "switching"},
-    {"trigger": "roll_back", "source": _ROLLING, "dest": "rolled_back"},
-    {"trigger": "complete", "source": "switching", "dest": "completed"},
-    {
-        "trigger": "fail",
-        "source": ["warming_up", "ready", *_ROLLING, "switching"],
-        "dest": "failed",
-    },
-]
+_ROLLING = frozenset({"shadowing", "canary", "awaiting_promotion"})
 
 LoaderFunc = Callable[[], Engine]
 """Loads the new copy (blocking; runs in a worker thread)."""
@@ -186,7 +154,7 @@ class ReloadJob:
     def _observe(self, event: InferenceFinished | InferenceFailed | ShadowFinished) -> None:
         """The member's answers, for a running rollout's window."""
         live = self.live
-        if live is None:
+        if live is None or self.state not in _ROLLING:  # ended: its figures stay as they were
             return
         if isinstance(event, InferenceFinished):
             live.on_finished(event)
@@ -494,43 +462,3 @@ class ReloadJob:
             self._host.runner.spawn(self._host.restore, self.slot, self._replaced)
             self._replaced = None
         self._entered(0.0, f"Reload failed: {reason}")
-
-
-def new_machine() -> AsyncMachine:
-    """The machine every member's job is added to.
-
-    ``queued="model"``: each member's triggers are queued, so a state's callback can fire the
-    next trigger, and reloads of different members may overlap (``queued=True`` would make
-    one queue for all).
-    """
-    return AsyncMachine(
-        model=None,
-        states=STATES,
-        transitions=TRANSITIONS,
-        initial="idle",
-        queued="model",
-        auto_transitions=False,
-        on_exception="on_exception",
-        send_event=True,  # callbacks get the EventData: on_exception reads the error from it
-    )
-
-
-def mermaid_diagram() -> str:
-    """The machine drawn by transitions itself, as Mermaid (docs/reload.md embeds it)."""
-    from transitions.extensions import GraphMachine
-
-    class _Drawing:
-        pass
-
-    drawing = _Drawing()
-    GraphMachine(
-        model=drawing,
-        states=STATES,
-        transitions=TRANSITIONS,
-        initial="idle",
-        graph_engine="mermaid",
-        auto_transitions=False,
-        title="Reload state machine",
-    )
-    graph: Any = drawing.get_graph()  # type: ignore[attr-defined]
-    return str(graph.draw(None))

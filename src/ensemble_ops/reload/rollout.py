@@ -50,9 +50,12 @@ class LiveRollout:
         self.decision: Decision | None = None
         self._decided = anyio.Event()
 
-    def open_window(self) -> None:
-        """Start counting afresh (a new step: both copies over the same new window)."""
-        self.window, self.verdicts, self.failed_checks = Window(), {}, 0
+    def open_window(self, *, keep_failures: bool = False) -> None:
+        """Start counting afresh: a new step, or the next check after a failed one (both
+        copies over the same new window)."""
+        self.window = Window()
+        if not keep_failures:
+            self.verdicts, self.failed_checks = {}, 0
 
     def decide(self, decision: Decision) -> None:
         """An operator's promote or abort; the holding state acts on it at once."""
@@ -107,7 +110,7 @@ class LiveRollout:
 async def hold_until_judged(live: LiveRollout, publish: Callable[[object], None]) -> Outcome:
     """Check the gates over ``live``'s window until there is an outcome. A check needs
     ``min_seconds`` and ``min_requests`` on the new copy, else it holds; a failed gate counts
-    against the failure budget (consecutive checks), a passing check resets it."""
+    against the failure budget (consecutive checks, each over fresh answers)."""
     spec = live.spec
     interval = min(1.0, max(0.05, spec.min_seconds / 4))
     while True:
@@ -136,6 +139,8 @@ async def hold_until_judged(live: LiveRollout, publish: Callable[[object], None]
             live.failed_checks += 1
             if live.failed_checks >= spec.failure_budget:
                 return "fail"
+            # The next check judges fresh answers: one bad moment is not counted twice.
+            live.open_window(keep_failures=True)
         elif verdicts == {"pass"}:
             return "pass"
 

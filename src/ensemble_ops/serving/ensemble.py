@@ -8,24 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Iterator
 
 import anyio
 import anyio.abc
 import anyio.from_thread
 import anyio.to_thread
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from opentelemetry.trace import NoOpTracer, Tracer
 
 from ensemble_ops.config import ModelSpec, ModeName, Settings
 from ensemble_ops.errors import (
-    ContextLengthExceededError,
     EngineError,
     ModelNotFoundError,
     ModelUnavailableError,
@@ -53,135 +47,30 @@ from ensemble_ops.serving.cache import (
     model_identity,
     open_cache,
 )
-from ensemble_ops.serving.engine import ChatMessage, Completion, Engine, GenerationParams, OnText
+from ensemble_ops.serving.engine import Completion, Engine
+from ensemble_ops.serving.inference import (
+    ENSEMBLE,
+    InferenceRequest,
+    InferenceResult,
+    TextStream,
+    generate,
+)
 from ensemble_ops.serving.slot import Lease, Loaded, ModelSlot, loaded_event
 from ensemble_ops.serving.spans import AttemptSpan
 from ensemble_ops.serving.sticky import bucket
 from ensemble_ops.tasks import TaskRunner
 
-__all__ = ["EngineLoader", "Ensemble", "InferenceRequest", "InferenceResult", "TextStream"]
+__all__ = [
+    "ENSEMBLE",
+    "EngineLoader",
+    "Ensemble",
+    "InferenceRequest",
+    "InferenceResult",
+    "TextStream",
+]
 
-ENSEMBLE = "ensemble"
-HEAD_START_S: dict[str, float] = {"fast": 2.0, "balanced": 1.0, "creative": 0.0}
-"""How far ahead of its arrival a request of each mode is admitted into a member's batch:
-a fast request overtakes balanced ones that arrived up to 1 s before it, creative ones up to
-2 s, and nothing waits more than 2 s behind later arrivals (no starvation)."""
 EngineLoader = Callable[[ModelSpec], Engine]
 """Loads a member's engine from its ModelSpec (blocking; run in a worker thread)."""
-
-
-@dataclass(frozen=True)
-class InferenceRequest:
-    """A validated request: either a prompt or chat messages, with final parameters."""
-
-    model: str
-    mode: ModeName
-    params: GenerationParams
-    prompt: str | None = None
-    messages: tuple[ChatMessage, ...] = ()
-    response_id: str = ""
-    """The id the answer will carry (``chatcmpl-...``), for traces; empty when none."""
-    session: str | None = None
-    """Keeps a conversation on one side of a split (the ``user`` field or ``X-Session-ID``)."""
-    copy: Copy | None = None
-    """Asks for one copy of the member by name (``X-Ensemble-Copy``: blue-green testing)."""
-
-    @property
-    def kind(self) -> Literal["completion", "chat"]:
-        return "completion" if self.prompt is not None else "chat"
-
-
-@dataclass(frozen=True)
-class InferenceResult:
-    member: str
-    completion: Completion
-    cached: bool
-
-
-def _generate(
-    engine: Engine,
-    request: InferenceRequest,
-    attempt: AttemptSpan,
-    on_text: OnText | None = None,
-) -> Completion:
-    """The work of one request, in the worker thread that holds the instance."""
-    attempt.running()
-    params = request.params
-    if request.prompt is not None:
-        tokens = engine.tokenize(request.prompt)
-    else:
-        chat = engine.render_chat(request.messages)
-        tokens = chat.tokens
-        params = GenerationParams(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            seed=params.seed,
-            stop=params.stop + tuple(s for s in chat.stop if s not in params.stop),
-        )
-    n_ctx = engine.info.n_ctx
-    if len(tokens) + params.max_tokens > n_ctx:
-        raise ContextLengthExceededError(request.model, len(tokens), params.max_tokens, n_ctx)
-    started = time.perf_counter()
-    completion = engine.complete(
-        tokens, params, on_text, head_start_s=HEAD_START_S.get(request.mode, 0.0)
-    )
-    return dataclasses.replace(completion, engine_s=time.perf_counter() - started)
-
-
-class TextStream:
-    """A streaming completion running on one member.
-
-    ``await first()`` waits for the first piece (or the end), so errors found before any
-    text (context too long, engine failure) can still become a proper HTTP error; then
-    iterate ``pieces()``; ``result`` holds the completion once it ends. The generation runs
-    in a task of the ensemble's task group, which holds the lease until the worker thread has
-    really stopped. ``close()`` (idempotent) says the client is gone: the worker's next piece
-    fails to send and generation stops within one token.
-    """
-
-    def __init__(self, member: str, request: InferenceRequest) -> None:
-        self.member = member
-        self.request = request
-        self.result: Completion | None = None
-        self.error: Exception | None = None
-        self.produced = 0
-        self._first = anyio.Event()
-        # Unbounded (max_tokens bounds it): a slow reader never holds the model.
-        send, receive = anyio.create_memory_object_stream[str](math.inf)
-        self._send: MemoryObjectSendStream[str] = send
-        self._receive: MemoryObjectReceiveStream[str] = receive
-
-    async def first(self) -> None:
-        """Wait for the first piece or the end; raise the error if it ended with no text."""
-        await self._first.wait()
-        if self.error is not None and self.produced == 0:
-            raise self.error
-
-    async def pieces(self) -> AsyncIterator[str]:
-        async with self._receive:
-            async for piece in self._receive:
-                yield piece
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        """The consumer's side: the client is gone (idempotent)."""
-        self._receive.close()
-
-    def deliver(self, piece: str) -> None:
-        """The producer's side: one more piece. Raises ``BrokenResourceError`` once the client
-        is gone, which is how the generation learns to stop."""
-        self._send.send_nowait(piece)
-        self.produced += 1
-        self._first.set()
-
-    def end(self, result: Completion | None, error: Exception | None) -> None:
-        """The producer's side: no more pieces; how the generation ended (both None when the
-        client left first)."""
-        self.result, self.error = result, error
-        self._send.close()
-        self._first.set()
 
 
 class Ensemble:
@@ -309,15 +198,26 @@ class Ensemble:
         """Lease the first candidate that is loaded and not overloaded."""
         slots = self.candidates(request.model, request.mode, request.session)
         if len(slots) == 1:
-            slot = slots[0]
-            return slot, slot.acquire(slot.choose(request.session, request.copy))
+            return slots[0], self._acquire_copy(slots[0], request)
         reasons: dict[str, str] = {}
         for slot in slots:
             try:
-                return slot, slot.acquire(slot.choose(request.session, request.copy))
+                return slot, self._acquire_copy(slot, request)
             except (ModelUnavailableError, OverloadedError) as err:
                 reasons[slot.name] = _short(err)
         raise NoMemberAvailableError(reasons)
+
+    @staticmethod
+    def _acquire_copy(slot: ModelSlot, request: InferenceRequest) -> Lease:
+        """Lease the copy the request goes to; a rollout's new copy that is full or gone
+        leaves it to the old one, unless the request asked for the new one."""
+        copy = slot.choose(request.session, request.copy)
+        try:
+            return slot.acquire(copy)
+        except (ModelUnavailableError, OverloadedError):
+            if copy != "candidate" or request.copy is not None:
+                raise
+            return slot.acquire("stable")
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -404,7 +304,7 @@ class Ensemble:
             try:
                 async with slot.lease(copy) as lease:
                     loaded = lease.loaded
-                    completion = await loaded.run(_generate, loaded.engine, request, attempt)
+                    completion = await loaded.run(generate, loaded.engine, request, attempt)
             except Exception as err:
                 attempt.fail(err)
                 # A failure another member will retry does not end the request.
@@ -467,7 +367,7 @@ class Ensemble:
         attempt = AttemptSpan.open(NoOpTracer(), request, slot.name, stream=False)
         try:
             loaded = lease.loaded
-            completion = await loaded.run(_generate, loaded.engine, request, attempt)
+            completion = await loaded.run(generate, loaded.engine, request, attempt)
         except Exception as err:
             self.bus.publish(
                 ShadowFinished(
@@ -498,7 +398,10 @@ class Ensemble:
         claimed = False
         how = "hit"
         if hit is None:
-            claimed = await self.cache.claim(key)
+            # Shielded (and bounded by the backend's timeout): a claim taken must be
+            # remembered, or it would hold other replicas until it expires.
+            with anyio.CancelScope(shield=True):
+                claimed = await self.cache.claim(key)
             if not claimed:
                 hit = await self.cache.wait_for(key)
                 how = "coalesced"
@@ -644,7 +547,7 @@ class Ensemble:
 
         try:
             loaded = lease.loaded
-            result = await loaded.run(_generate, loaded.engine, request, attempt, on_text)
+            result = await loaded.run(generate, loaded.engine, request, attempt, on_text)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self.bus.publish(
                 InferenceFinished(

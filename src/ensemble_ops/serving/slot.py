@@ -234,7 +234,10 @@ class ModelSlot:
                     param="X-Ensemble-Copy",
                 )
             return asked
-        if self._candidate is not None and bucket(session) < self.weight_percent:
+        # Salted with the member: a split of members uses the same keys, and an unsalted
+        # draw would send one split side's sessions all to one copy.
+        key = None if session is None else f"{self.name}/rollout/{session}"
+        if self._candidate is not None and bucket(key) < self.weight_percent:
             return "candidate"
         return "stable"
 

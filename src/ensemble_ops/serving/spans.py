@@ -29,7 +29,7 @@ from ensemble_ops.errors import error_code
 
 if TYPE_CHECKING:
     from ensemble_ops.serving.engine import Completion
-    from ensemble_ops.serving.ensemble import InferenceRequest
+    from ensemble_ops.serving.inference import InferenceRequest
 
 __all__ = ["PROVIDER", "SEMCONV_VERSION", "AttemptSpan"]
 

@@ -41,7 +41,7 @@ class ReloadBody(BaseModel):
         "switch or canary) or blue_green (wait for promote)."
     )
     steps: list[Annotated[float, Field(strict=False)]] | SkipJsonSchema[None] = _optional(
-        "Canary: the new copy's share of requests at each step, increasing, in (0, 100]."
+        "Canary: the new copy's share of requests at each step, increasing, each under 100."
     )
     min_requests: int | SkipJsonSchema[None] = _optional(
         "Canary/shadow: answers from the new copy before a step is judged."

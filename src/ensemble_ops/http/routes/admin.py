@@ -7,15 +7,11 @@ bearer token when one is configured; without one they answer loopback clients on
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
-
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ensemble_ops.config import Settings
 from ensemble_ops.errors import ModelNotFoundError
+from ensemble_ops.http.auth import require_admin
 from ensemble_ops.http.openapi import Answer, ApiRoute, errors
 from ensemble_ops.http.protocol import Member, MemberList, ReloadBody, dump_reload_status
 from ensemble_ops.http.routes.openai import read_json
@@ -28,34 +24,6 @@ __all__ = ["routes"]
 def _manager(request: Request) -> ReloadManager:
     manager: ReloadManager = request.app.state.reload
     return manager
-
-
-def require_admin(request: Request) -> None:
-    """Bearer token when configured (compared in constant time), else loopback only."""
-    settings: Settings = request.app.state.settings
-    token = settings.server.admin_token
-    if token is not None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), token.get_secret_value().encode()
-        ):
-            raise HTTPException(
-                401,
-                "A valid admin token is required (Authorization: Bearer <token>).",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return
-    host = request.client.host if request.client else ""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise HTTPException(
-            403,
-            "Admin routes answer loopback clients only when no admin token is set "
-            "(set server.admin_token to allow remote admins).",
-        )
 
 
 def _known(manager: ReloadManager, model: str) -> None:

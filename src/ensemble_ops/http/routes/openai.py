@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ensemble_ops.config import Settings
 from ensemble_ops.errors import InvalidRequestError
+from ensemble_ops.http.auth import require_admin
 from ensemble_ops.http.middleware import log_fields
 from ensemble_ops.http.openapi import Answer, ApiRoute, errors
 from ensemble_ops.http.protocol import (
@@ -92,6 +93,9 @@ def _inference_route(
         settings: Settings = request.app.state.settings
         parsed = parse_body(body, await read_json(request))
         headers = InferenceHeaders.parse(request.headers)
+        if headers.copy_asked is not None:
+            # Choosing a rollout's copy feeds its gates: an operator's tool, not a client's.
+            require_admin(request)
         inference = parsed.to_request(settings, response_id=reply.new_id(), headers=headers)
         _note(request, inference, stream=parsed.stream)
         if parsed.stream:
@@ -113,7 +117,8 @@ def _inference_route(
         headers=InferenceHeaders,
         responses={
             200: Answer("The answer; server-sent events with stream: true.", reply, chunk),
-            **errors(400, 404, 413, 500, 503),
+            # 401/403: X-Ensemble-Copy is for admins (the bearer token, or loopback).
+            **errors(400, 401, 403, 404, 413, 500, 503),
         },
     )
 
