@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 
 from ensemble_ops.config import Settings
 from ensemble_ops.errors import EngineError
+from ensemble_ops.events import EventBus
 from ensemble_ops.http.app import create_app
 from ensemble_ops.serving.builtin import demo_settings
 from ensemble_ops.serving.demo import DemoModel, ensure_demo_models, write_model
@@ -124,6 +125,18 @@ def process_env() -> dict[str, str]:
 def _clean_env() -> dict[str, str]:
     """:func:`process_env`, for subprocesses."""
     return process_env()
+
+
+class Recorded:
+    """Every event of ``kinds`` published on ``bus``, in order (``of`` picks one kind)."""
+
+    def __init__(self, bus: EventBus, *kinds: type[Any]) -> None:
+        self.seen: list[Any] = []
+        for kind in kinds:
+            bus.subscribe(kind, self.seen.append)
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [e for e in self.seen if isinstance(e, kind)]
 
 
 class EngineWrapper:

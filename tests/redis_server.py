@@ -60,13 +60,21 @@ class RedisServer:
             )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
+            if self.answers():
+                return
             time.sleep(0.02)
         raise AssertionError(
             f"redis-server did not start: {(self.folder / 'redis.log').read_text()}"
         )
+
+    def answers(self) -> bool:
+        """Whether it answers PING (RESP over a plain socket): up, not just listening."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def kill(self) -> None:
         """SIGKILL: gone at once, like a crashed or partitioned Redis."""

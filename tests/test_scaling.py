@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ import pytest
 import yaml  # type: ignore[import-untyped, unused-ignore]
 
 from .conftest import process_env
-from .processes import Prometheus, Server, launch, prometheus
+from .processes import Prometheus, Server, launch, prometheus, wait_until
 
 KUBERNETES = Path(__file__).parent.parent / "docs" / "kubernetes"
 SCALED_OBJECT = KUBERNETES / "autoscaling" / "keda" / "scaledobject.yaml"
@@ -90,14 +90,6 @@ def _adapter_queries(series_names: set[str], namespace: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- real processes
-
-
-def _wait(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def _replica_config(tmp_path: Path, demo_dir: Path) -> Path:
@@ -211,10 +203,11 @@ def _observed(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Itera
         }
         labels = {host: {"namespace": namespace, "pod": pod} for pod, host in targets.items()}
         with prometheus(tmp, labels, endpoint["path"], job=service) as prom:
-            _wait(
+            wait_until(
                 lambda: len(prom.query(f'{{job="{service}",__name__="llm_queue_depth"}}')) == 2,
                 30,
                 "both replicas' queue depth in Prometheus",
+                interval_s=0.2,
             )
             series = _series(prom)
             queries = {**keda, **_adapter_queries({s["__name__"] for s in series}, namespace)}

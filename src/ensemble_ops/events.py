@@ -11,9 +11,11 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar, get_args
 
 __all__ = [
+    "RELOAD_STATES",
+    "ROLLING_STATES",
     "CacheBackendChanged",
     "CacheBackendFailed",
     "CacheLookedUp",
@@ -31,9 +33,12 @@ __all__ = [
     "ModelUnloaded",
     "ProbeFinished",
     "ReloadFinished",
+    "ReloadOutcome",
     "ReloadProgressed",
+    "ReloadState",
     "ReloadStateChanged",
     "RolloutFinished",
+    "RolloutOutcome",
     "RolloutStepped",
     "ShadowFinished",
 ]
@@ -42,6 +47,24 @@ E = TypeVar("E")
 Copy: TypeAlias = Literal["stable", "candidate"]
 """Which copy of a member answered: the one serving (stable), or a rollout's new copy."""
 GateVerdict: TypeAlias = Literal["pass", "fail", "hold"]
+ReloadState: TypeAlias = Literal[
+    "idle",
+    "warming_up",
+    "ready",
+    "shadowing",
+    "canary",
+    "awaiting_promotion",
+    "switching",
+    "completed",
+    "failed",
+    "rolled_back",
+]
+"""The reload machine's states (``reload/states.py`` declares its transitions)."""
+RELOAD_STATES: tuple[str, ...] = get_args(ReloadState)
+ROLLING_STATES = ("shadowing", "canary", "awaiting_promotion")
+"""The states in which a rollout serves the new copy beside the old one."""
+ReloadOutcome: TypeAlias = Literal["completed", "failed", "rolled_back"]
+RolloutOutcome: TypeAlias = Literal["promoted", "rolled_back", "failed"]
 _log = logging.getLogger(__name__)
 
 
@@ -169,7 +192,7 @@ class RolloutFinished:
 
     model: str
     rollout: str
-    outcome: Literal["promoted", "rolled_back", "failed"]
+    outcome: RolloutOutcome
     reason: str | None = None
 
 
@@ -235,7 +258,7 @@ class ReloadProgressed:
 @dataclass(frozen=True)
 class ReloadFinished:
     model: str
-    outcome: Literal["completed", "failed", "rolled_back"]
+    outcome: ReloadOutcome
     duration_s: float
     error: str | None = None
 

@@ -11,42 +11,20 @@ import csv
 import signal
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 
 from ..conftest import free_port
-from ..processes import Server, required_binary, start_serve, wait_loaded
+from ..processes import Server, required_binary, start_serve, wait_loaded, wait_until
 from ..redis_server import RedisServer
 
-__all__ = ["Fleet", "HAProxy", "Replica", "fleet_config", "redis_answers", "wait_until"]
+__all__ = ["Fleet", "HAProxy", "Replica", "fleet_config", "wait_until"]
 
 DRAIN_DELAY_S = 2.0
 """The replicas' ``server.drain_delay_s``: several HAProxy check intervals."""
 CHECK_INTERVAL_S = 0.25
-
-
-def wait_until(
-    condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1
-) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
-
-
-def redis_answers(port: int) -> bool:
-    """Whether the Redis on ``port`` answers PING (RESP over a plain socket)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 class Replica:
@@ -253,8 +231,7 @@ class Fleet:
         return self.haproxy.url
 
     def start(self) -> None:
-        self.redis.start()
-        wait_until(lambda: redis_answers(self.redis.port), 10, "redis to answer PING")
+        self.redis.start()  # returns once it answers PING
         for replica in self.replicas:
             replica.start()
         self.haproxy.start()
@@ -262,7 +239,7 @@ class Fleet:
 
     def ensure_up(self) -> None:
         """Restart whatever a test left stopped; return when HAProxy sees every replica UP."""
-        if not redis_answers(self.redis.port):
+        if not self.redis.answers():
             self.redis.start()
         for replica in self.replicas:
             if not replica.running:

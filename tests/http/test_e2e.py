@@ -277,42 +277,19 @@ class TestProcess:
 class TestReload:
     def test_cli_reload_with_progress(self, server: Server, server_env: dict[str, str]) -> None:
         """`ensemble-ops reload --wait` follows the reload to completed and exits 0."""
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ensemble_ops",
-                "reload",
-                "demo-tiny",
-                "--url",
-                server.url,
-                "--wait",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=server_env,
-        )
+        done = _cli(server_env, "reload", "demo-tiny", "--url", server.url, "--wait")
         assert done.returncode == 0, done.stderr
         assert "100.0% completed" in done.stderr
         assert "reload of demo-tiny completed" in done.stderr
-        refused = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ensemble_ops",
-                "reload",
-                "demo-tiny",
-                "--url",
-                server.url,
-                "--path",
-                "/etc/hostname",
-                "--wait",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=server_env,
+        refused = _cli(
+            server_env,
+            "reload",
+            "demo-tiny",
+            "--url",
+            server.url,
+            "--path",
+            "/etc/hostname",
+            "--wait",
         )
         assert refused.returncode == 1
         assert "outside the model directory" in refused.stderr
@@ -343,10 +320,8 @@ class TestReload:
         for client in clients:
             client.start()
         try:
-            command = [
-                sys.executable,
-                "-m",
-                "ensemble_ops",
+            done = _cli(
+                server_env,
                 "reload",
                 "demo-tiny",
                 "--url",
@@ -358,9 +333,6 @@ class TestReload:
                 "--min-seconds",
                 "0.3",
                 "--wait",
-            ]
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=120, env=server_env
             )
         finally:
             stop.set()
@@ -372,13 +344,7 @@ class TestReload:
         assert "error_rate=" in done.stderr
         assert set(statuses) == {200}
         assert done.returncode == 0 or "rolled back: gate failed" in done.stderr, done.stderr
-        decided = subprocess.run(
-            [sys.executable, "-m", "ensemble_ops", "promote", "demo-tiny", "--url", server.url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=server_env,
-        )
+        decided = _cli(server_env, "promote", "demo-tiny", "--url", server.url)
         assert decided.returncode == 1
         assert "No rollout of 'demo-tiny' is running" in decided.stderr
 
@@ -438,3 +404,9 @@ def _until(ask: Callable[[], httpx.Response], status: int) -> httpx.Response:
             assert answer.status_code == status, answer.text
             return answer
         time.sleep(0.05)
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``ensemble-ops ARGS`` as a user runs it (output captured, 120 s at most)."""
+    command = [sys.executable, "-m", "ensemble_ops", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)

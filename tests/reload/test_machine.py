@@ -31,7 +31,7 @@ from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.serving.slot import ModelSlot
 from ensemble_ops.tasks import TaskRunner
 
-from ..conftest import FlakyEngine
+from ..conftest import FlakyEngine, Recorded
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 MIB = 2**20
@@ -53,18 +53,12 @@ class _Memory:
         return self.free, self.kind
 
 
-class _Events:
+class _Events(Recorded):
     """What the reload publishes, in order."""
 
     def __init__(self, bus: EventBus) -> None:
-        self.seen: list[Any] = []
-        for kind in (ReloadStateChanged, ReloadProgressed, ReloadFinished, ModelLoaded):
-            bus.subscribe(kind, self.seen.append)
-        bus.subscribe(ModelUnloaded, self.seen.append)
-        bus.subscribe(DrainTimedOut, self.seen.append)
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [e for e in self.seen if isinstance(e, kind)]
+        kinds = (ReloadStateChanged, ReloadProgressed, ReloadFinished, ModelLoaded)
+        super().__init__(bus, *kinds, ModelUnloaded, DrainTimedOut)
 
     @property
     def states(self) -> list[tuple[str, str, float]]:

@@ -29,27 +29,17 @@ from ensemble_ops.serving.demo import DemoModel, write_model
 from ensemble_ops.serving.engine import Completion, Engine, GenerationParams, OnText
 from ensemble_ops.serving.llama_engine import LlamaEngine
 
-from ..conftest import EngineWrapper, FlakyEngine, SettingsFactory, serving
+from ..conftest import EngineWrapper, FlakyEngine, Recorded, SettingsFactory, serving
 
 MEMBER = "demo-tiny"
 
 
-class _Recorder:
-    """Events of the app's bus, by type."""
+class _Recorder(Recorded):
+    """What the app's members and rollouts publish, in order."""
 
     def __init__(self, app: Starlette) -> None:
-        self.seen: list[Any] = []
-        for kind in (
-            InferenceFinished,
-            RolloutStepped,
-            GateJudged,
-            RolloutFinished,
-            ShadowFinished,
-        ):
-            app.state.bus.subscribe(kind, self.seen.append)
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [e for e in self.seen if isinstance(e, kind)]
+        kinds = (InferenceFinished, RolloutStepped, GateJudged, RolloutFinished, ShadowFinished)
+        super().__init__(app.state.bus, *kinds)
 
 
 class _Traffic:

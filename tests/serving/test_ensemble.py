@@ -40,30 +40,26 @@ from ensemble_ops.serving.ensemble import Ensemble, InferenceRequest, InferenceR
 from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.tasks import TaskRunner
 
-from ..conftest import FlakyEngine
+from ..conftest import FlakyEngine, Recorded
 
 MEMBERS = ("a", "b", "c")
 GREEDY = GenerationParams(max_tokens=4, temperature=0.0, top_p=1.0)
 SAMPLED = GenerationParams(max_tokens=4, temperature=0.9, top_p=1.0)
 
 
-class _Events:
+class _Events(Recorded):
     """Everything the ensemble publishes, in order."""
 
     def __init__(self, bus: EventBus) -> None:
-        self.seen: list[Any] = []
-        for kind in (
+        super().__init__(
+            bus,
             CacheLookedUp,
             InferenceFailed,
             InferenceFinished,
             ModelLoaded,
             ModelLoadFailed,
             ModelUnloaded,
-        ):
-            bus.subscribe(kind, self.seen.append)
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [e for e in self.seen if isinstance(e, kind)]
+        )
 
 
 class _Member(FlakyEngine):

@@ -15,22 +15,21 @@ from ensemble_ops.events import CacheBackendChanged, CacheBackendFailed, EventBu
 from ensemble_ops.serving.cache.redis_cache import RedisCache
 from ensemble_ops.serving.engine import Completion
 
+from ..conftest import Recorded
 from ..redis_server import RedisServer, redis_server
 
 ANSWER = Completion("Paris.", "stop", 9, 3)
 
 
-class _Events:
+class _Events(Recorded):
     def __init__(self, bus: EventBus) -> None:
-        self.seen: list[Any] = []
-        bus.subscribe(CacheBackendFailed, self.seen.append)
-        bus.subscribe(CacheBackendChanged, self.seen.append)
+        super().__init__(bus, CacheBackendFailed, CacheBackendChanged)
 
     def changes(self) -> list[bool]:
-        return [e.up for e in self.seen if isinstance(e, CacheBackendChanged)]
+        return [e.up for e in self.of(CacheBackendChanged)]
 
     def failures(self) -> list[CacheBackendFailed]:
-        return [e for e in self.seen if isinstance(e, CacheBackendFailed)]
+        return self.of(CacheBackendFailed)
 
 
 @pytest.fixture(name="server")

@@ -37,6 +37,23 @@ def _error_message(err: urllib.error.HTTPError) -> str:
         return f"{err.code}: {err.reason}"
 
 
+def _post(
+    url: str, token: str | None, body: dict[str, Any], what: str, out: TextIO
+) -> dict[str, Any] | None:
+    """POST to an admin route: the reload status it answers, or None once the refusal or
+    the unreachable server has been said."""
+    try:
+        status: dict[str, Any] = _call("POST", url, token, body)
+    except urllib.error.HTTPError as err:
+        print(f"ensemble-ops: {what} refused: {_error_message(err)}", file=out)
+        return None
+    except urllib.error.URLError as err:
+        server = url.split("/admin/")[0]
+        print(f"ensemble-ops: cannot reach {server}: {err.reason}", file=out)
+        return None
+    return status
+
+
 def _draw(status: dict[str, Any], out: TextIO) -> None:
     filled = round(_BAR * status["progress_percent"] / 100)
     line = f"\r[{'#' * filled}{' ' * (_BAR - filled)}] {status['progress_percent']:5.1f}% "
@@ -72,13 +89,8 @@ def run_reload(
     base = url.rstrip("/")
     body: dict[str, Any] = {"path": path} if path else {}
     body |= rollout or {}
-    try:
-        status = _call("POST", f"{base}/admin/models/{model}/reload", token, body)
-    except urllib.error.HTTPError as err:
-        print(f"ensemble-ops: reload refused: {_error_message(err)}", file=out)
-        return 1
-    except urllib.error.URLError as err:
-        print(f"ensemble-ops: cannot reach {base}: {err.reason}", file=out)
+    status = _post(f"{base}/admin/models/{model}/reload", token, body, "reload", out)
+    if status is None:
         return 1
     if not wait:
         print(json.dumps(status), file=sys.stdout)
@@ -107,14 +119,8 @@ def run_decision(
 ) -> int:
     """``promote`` or ``abort`` the member's running rollout. Returns the exit status."""
     token = token or os.environ.get("ENSEMBLE_OPS_SERVER__ADMIN_TOKEN")
-    base = url.rstrip("/")
-    try:
-        status = _call("POST", f"{base}/admin/models/{model}/{decision}", token, {})
-    except urllib.error.HTTPError as err:
-        print(f"ensemble-ops: {decision} refused: {_error_message(err)}", file=out)
-        return 1
-    except urllib.error.URLError as err:
-        print(f"ensemble-ops: cannot reach {base}: {err.reason}", file=out)
+    status = _post(f"{url.rstrip('/')}/admin/models/{model}/{decision}", token, {}, decision, out)
+    if status is None:
         return 1
     print(f"ensemble-ops: {decision} of {model} accepted ({status['state']})", file=out)
     return 0

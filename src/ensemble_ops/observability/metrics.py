@@ -18,14 +18,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast, get_args
 
 import psutil
 from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
 from aioprometheus.renderer import render
 
 from ensemble_ops._version import __version__
+from ensemble_ops.config import GATES, RolloutKind
 from ensemble_ops.events import (
+    RELOAD_STATES,
     CacheBackendChanged,
     CacheBackendFailed,
     CacheLookedUp,
@@ -33,6 +35,7 @@ from ensemble_ops.events import (
     DrainTimedOut,
     EventBus,
     GateJudged,
+    GateVerdict,
     HealthChanged,
     InferenceFailed,
     InferenceFinished,
@@ -41,9 +44,11 @@ from ensemble_ops.events import (
     ModelLoadFailed,
     ModelUnloaded,
     ReloadFinished,
+    ReloadOutcome,
     ReloadProgressed,
     ReloadStateChanged,
     RolloutFinished,
+    RolloutOutcome,
     RolloutStepped,
 )
 
@@ -59,25 +64,12 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RELOAD_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-RELOAD_STATES = (
-    "idle",
-    "warming_up",
-    "ready",
-    "shadowing",
-    "canary",
-    "awaiting_promotion",
-    "switching",
-    "completed",
-    "failed",
-    "rolled_back",
-)
-"""The reload machine's states (reload.machine.STATES), each a series from the start."""
-RELOAD_OUTCOMES = ("completed", "failed", "rolled_back")
+# Each value a series from the start, taken from the vocabularies the events declare.
+RELOAD_OUTCOMES: tuple[str, ...] = get_args(ReloadOutcome)
 HEALTH_STATES = ("healthy", "degraded", "unhealthy", "unknown")
-ROLLOUT_GATES = ("error_rate", "p95_latency", "ttft", "empty_share")
-GATE_VERDICTS = ("pass", "fail", "hold")
-ROLLOUTS = ("switch", "canary", "shadow", "blue_green")
-ROLLOUT_OUTCOMES = ("promoted", "rolled_back", "failed")
+GATE_VERDICTS: tuple[str, ...] = get_args(GateVerdict)
+ROLLOUTS: tuple[str, ...] = get_args(RolloutKind)
+ROLLOUT_OUTCOMES: tuple[str, ...] = get_args(RolloutOutcome)
 RPS_WINDOW_S = 60.0
 """llm_requests_per_second is the count of finished requests in the last minute / 60."""
 
@@ -266,7 +258,7 @@ class Metrics:
                 self.reload_progress.set({"model": member}, 0)
                 self.kv_cache_usage.set({"model": member}, 0)
                 self.rollout_weight.set({"model": member}, 0)
-                for gate in ROLLOUT_GATES:
+                for gate in GATES:
                     _one_hot(self.gate_verdict, member, "verdict", None, GATE_VERDICTS, gate=gate)
                 # Counters that exist at 0 from the start: increase() sees their first step,
                 # so an alert on a member's first failed reload or rollback can fire.
@@ -576,7 +568,7 @@ class Metrics:
         """The first step or verdict of a member's next rollout clears the last one's verdicts."""
         if model in self._finished_rollouts:
             self._finished_rollouts.discard(model)
-            for gate in ROLLOUT_GATES:
+            for gate in GATES:
                 _one_hot(self.gate_verdict, model, "verdict", None, GATE_VERDICTS, gate=gate)
 
 

@@ -45,6 +45,7 @@ from transitions.extensions.asyncio import AsyncEventData as EventData
 from ensemble_ops.config import ModelSpec, ReloadSettings, RolloutSpec
 from ensemble_ops.errors import InvalidModelFileError
 from ensemble_ops.events import (
+    ROLLING_STATES,
     EventBus,
     InferenceFailed,
     InferenceFinished,
@@ -65,7 +66,6 @@ from ensemble_ops.tasks import TaskRunner
 __all__ = ["STATES", "TRANSITIONS", "Plan", "ReloadJob", "mermaid_diagram", "new_machine"]
 
 _log = structlog.get_logger("ensemble_ops.reload")
-_ROLLING = frozenset({"shadowing", "canary", "awaiting_promotion"})
 
 LoaderFunc = Callable[[], Engine]
 """Loads the new copy (blocking; runs in a worker thread)."""
@@ -154,7 +154,7 @@ class ReloadJob:
     def _observe(self, event: InferenceFinished | InferenceFailed | ShadowFinished) -> None:
         """The member's answers, for a running rollout's window."""
         live = self.live
-        if live is None or self.state not in _ROLLING:  # ended: its figures stay as they were
+        if live is None or self.state not in ROLLING_STATES:  # ended: its figures stay as they were
             return
         if isinstance(event, InferenceFinished):
             live.on_finished(event)

@@ -18,6 +18,7 @@ from opentelemetry.trace import NoOpTracer, Status, StatusCode, Tracer
 from ensemble_ops.config import ModelSpec, ReloadSettings, RolloutSpec, Settings
 from ensemble_ops.errors import InvalidModelFileError, InvalidRequestError, ReloadConflictError
 from ensemble_ops.events import (
+    ROLLING_STATES,
     DrainTimedOut,
     EventBus,
     ModelUnloaded,
@@ -180,7 +181,7 @@ class ReloadManager:
     def _decide(self, model_name: str, decision: Decision) -> ReloadStatus:
         job = self._job(model_name)
         live = job.live
-        if live is None or job.state not in ("shadowing", "canary", "awaiting_promotion"):
+        if live is None or job.state not in ROLLING_STATES:
             raise InvalidRequestError(
                 f"No rollout of {model_name!r} is running to {decision} "
                 f"(reload state: {job.status().state}).",

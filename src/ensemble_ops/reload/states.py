@@ -7,21 +7,12 @@ from typing import Any
 
 from transitions.extensions.asyncio import AsyncMachine
 
+from ensemble_ops.events import RELOAD_STATES, ROLLING_STATES
+
 __all__ = ["STATES", "TRANSITIONS", "mermaid_diagram", "new_machine"]
 
-STATES = [
-    "idle",
-    "warming_up",
-    "ready",
-    "shadowing",
-    "canary",
-    "awaiting_promotion",
-    "switching",
-    "completed",
-    "failed",
-    "rolled_back",
-]
-_ROLLING = ["shadowing", "canary", "awaiting_promotion"]
+STATES = list(RELOAD_STATES)
+_ROLLING = list(ROLLING_STATES)
 TRANSITIONS: list[dict[str, Any]] = [
     {
         "trigger": "start",

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ensemble_ops.events import ROLLING_STATES
 from ensemble_ops.reload.gates import CopyFigures, GateResult
 
 __all__ = ["RUNNING", "ReloadStatus", "RolloutStatus"]
 
-RUNNING = frozenset(
-    {"warming_up", "ready", "shadowing", "canary", "awaiting_promotion", "switching"}
-)
+RUNNING = frozenset({"warming_up", "ready", *ROLLING_STATES, "switching"})
 """The states of a reload in progress."""
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ensemble_ops.serving.paths import cache_home
+
 __all__ = [
     "DEMO_MEMBERS",
     "DemoModel",
@@ -196,8 +198,7 @@ def write_model(model: DemoModel, path: Path) -> Path:
 
 def default_cache_dir() -> Path:
     """Where ``serve`` keeps demo models: ``$XDG_CACHE_HOME/ensemble-ops`` or ``~/.cache``."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ensemble-ops" / "demo-models"
+    return cache_home() / "demo-models"
 
 
 def _fingerprint(members: tuple[DemoModel, ...]) -> str:

@@ -286,7 +286,8 @@ class Ensemble:
         fallback: bool,
     ) -> InferenceResult:
         started = time.perf_counter()
-        key = self._deterministic_key(slot, request, copy)
+        keyed = slot.serving(copy)
+        key = self._deterministic_key(keyed, request)
         leader = self._inflight.get(key) if key is not None else None
         if leader is not None:  # an identical request runs here: share its answer
             hit = await asyncio.shield(leader)  # None when it failed: try ourselves
@@ -316,7 +317,9 @@ class Ensemble:
                     # Under the key of the copy that answered (a reload may have changed it
                     # meanwhile); bounded by the backend's timeout, and done even when the
                     # request is cancelled, so waiting replicas are never left to time out.
-                    stored = self._cache_key(loaded, request) if completion is not None else None
+                    stored = None
+                    if completion is not None:
+                        stored = key if loaded is keyed else self._cache_key(loaded, request)
                     with anyio.CancelScope(shield=True):
                         await self._store(stored, completion, key if claimed else None)
             leading.set_result(completion)
@@ -339,11 +342,9 @@ class Ensemble:
         self._finished(slot.name, request, hit, started, cached=True, stream=False, copy=copy)
         return InferenceResult(slot.name, hit, cached=True)
 
-    def _deterministic_key(
-        self, slot: ModelSlot, request: InferenceRequest, copy: Copy = "stable"
-    ) -> str | None:
-        """The cache and single-flight key of a deterministic request, else None."""
-        loaded = slot.candidate if copy == "candidate" else slot.active
+    def _deterministic_key(self, loaded: Loaded | None, request: InferenceRequest) -> str | None:
+        """The cache and single-flight key of a deterministic request on ``loaded``, else
+        None."""
         if self.cache is None or loaded is None:
             return None
         return self._cache_key(loaded, request)
@@ -462,7 +463,7 @@ class Ensemble:
     def _follow(self, request: InferenceRequest) -> TextStream | None:
         """A stream fed by an identical deterministic request in flight, if there is one."""
         for slot in self.candidates(request.model, request.mode, request.session):
-            key = self._deterministic_key(slot, request)
+            key = self._deterministic_key(slot.active, request)
             leader = self._inflight.get(key) if key is not None else None
             if leader is not None:
                 stream = TextStream(slot.name, request)
@@ -494,7 +495,7 @@ class Ensemble:
     async def _run_stream(
         self, slot: ModelSlot, lease: Lease, stream: TextStream, attempt: AttemptSpan
     ) -> None:
-        key = self._deterministic_key(slot, stream.request, lease.copy)
+        key = self._deterministic_key(lease.loaded, stream.request)
         with attempt.current(), self._leading(key) as leader:
             await self._stream_on(slot, lease, stream, attempt)
             if stream.result is not None:

@@ -11,13 +11,14 @@ directory; later starts find it there and touch no network.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from ensemble_ops.serving.paths import cache_home
 
 __all__ = [
     "GEMMA3_270M",
@@ -119,8 +120,7 @@ REAL_MEMBERS: tuple[RealModel, ...] = (SMOLLM2_135M, GEMMA3_270M)
 
 def model_cache_dir() -> Path:
     """Where fetched models live: ``$XDG_CACHE_HOME/ensemble-ops/models`` or ``~/.cache``."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ensemble-ops" / "models"
+    return cache_home() / "models"
 
 
 def cached_path(model: RealModel, directory: Path | None = None) -> Path | None:

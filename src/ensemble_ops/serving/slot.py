@@ -241,10 +241,14 @@ class ModelSlot:
             return "candidate"
         return "stable"
 
+    def serving(self, copy: Copy = "stable") -> Loaded | None:
+        """The instance behind ``copy``: the active one, or a rollout's candidate."""
+        return self._candidate if copy == "candidate" else self._active
+
     def acquire(self, copy: Copy = "stable") -> Lease:
         """Lease the copy (the active instance by default), or raise if there is none or its
         queue is full."""
-        loaded = self._candidate if copy == "candidate" else self._active
+        loaded = self.serving(copy)
         if loaded is None:
             reason = "no new copy is being rolled out" if copy == "candidate" else None
             raise ModelUnavailableError(

@@ -9,16 +9,13 @@ from pydantic.json_schema import SkipJsonSchema
 
 from ensemble_ops.config import GateSpec, RolloutKind, RolloutSpec
 from ensemble_ops.errors import InvalidRequestError
+from ensemble_ops.http.protocol.responses import no_default
 
 __all__ = ["ReloadBody"]
 
 
-def _no_default(schema: dict[str, Any]) -> None:
-    schema.pop("default", None)
-
-
 def _optional(description: str) -> Any:
-    return Field(default=None, description=description, json_schema_extra=_no_default)
+    return Field(default=None, description=description, json_schema_extra=no_default)
 
 
 class ReloadBody(BaseModel):

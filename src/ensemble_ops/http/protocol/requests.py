@@ -18,6 +18,7 @@ from pydantic.json_schema import SkipJsonSchema
 from ensemble_ops.config import ModeName, Settings
 from ensemble_ops.errors import InvalidRequestError
 from ensemble_ops.events import Copy
+from ensemble_ops.http.protocol.responses import no_default
 from ensemble_ops.serving.engine import ChatMessage, GenerationParams
 from ensemble_ops.serving.ensemble import ENSEMBLE, InferenceRequest
 
@@ -42,10 +43,6 @@ MAX_SESSION_CHARS = 256
 _COPY_PATTERN = r"^([Ss][Tt][Aa][Bb][Ll][Ee]|[Cc][Aa][Nn][Dd][Ii][Dd][Aa][Tt][Ee])$"
 
 
-def _no_default(schema: dict[str, Any]) -> None:
-    schema.pop("default", None)
-
-
 class InferenceHeaders(BaseModel):
     """The headers the inference routes read; the others are ignored."""
 
@@ -56,14 +53,14 @@ class InferenceHeaders(BaseModel):
         alias="X-Session-ID",
         description="The session key of a conversation, kept on one side of a split; "
         "wins over the body's user field. Empty: no key.",
-        json_schema_extra=_no_default,
+        json_schema_extra=no_default,
     )
     ensemble_copy: Annotated[str, Field(pattern=_COPY_PATTERN)] | SkipJsonSchema[None] = Field(
         default=None,
         alias="X-Ensemble-Copy",
         description="stable or candidate (any case): which copy of the member answers "
         "while a blue-green rollout holds both.",
-        json_schema_extra=_no_default,
+        json_schema_extra=no_default,
     )
 
     _PROBLEMS: ClassVar[dict[str, str]] = {

@@ -62,7 +62,8 @@ T = TypeVar("T")
 ChoiceT = TypeVar("ChoiceT", bound=BaseModel)
 
 
-def _no_default(schema: dict[str, Any]) -> None:
+def no_default(schema: dict[str, Any]) -> None:
+    """``json_schema_extra`` for a field whose default (None: left out) is no value."""
     schema.pop("default", None)
 
 
@@ -71,7 +72,7 @@ def _is_none(value: object) -> bool:
 
 
 Omittable: TypeAlias = Annotated[
-    T | SkipJsonSchema[None], Field(exclude_if=_is_none, json_schema_extra=_no_default)
+    T | SkipJsonSchema[None], Field(exclude_if=_is_none, json_schema_extra=no_default)
 ]
 """A response field left out of the JSON when None (declare it ``= None``): optional and
 never null in the schema. Every other response field is always sent, null included, and

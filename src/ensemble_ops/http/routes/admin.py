@@ -7,6 +7,8 @@ bearer token when one is configured; without one they answer loopback clients on
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -19,6 +21,8 @@ from ensemble_ops.reload.manager import ReloadManager
 from ensemble_ops.reload.status import ReloadStatus
 
 __all__ = ["routes"]
+
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def _manager(request: Request) -> ReloadManager:
@@ -50,20 +54,17 @@ async def start_reload(request: Request) -> Response:
     )
 
 
-async def promote(request: Request) -> Response:
-    require_admin(request)
-    manager = _manager(request)
-    model = request.path_params["model"]
-    _known(manager, model)
-    return JSONResponse(dump_reload_status(manager.promote(model)))
+def _decision(decide: Callable[[ReloadManager, str], ReloadStatus]) -> Endpoint:
+    """The route of an operator's decision on a running rollout (promote, abort)."""
 
+    async def decision(request: Request) -> Response:
+        require_admin(request)
+        manager = _manager(request)
+        model = request.path_params["model"]
+        _known(manager, model)
+        return JSONResponse(dump_reload_status(decide(manager, model)))
 
-async def abort(request: Request) -> Response:
-    require_admin(request)
-    manager = _manager(request)
-    model = request.path_params["model"]
-    _known(manager, model)
-    return JSONResponse(dump_reload_status(manager.abort(model)))
+    return decision
 
 
 async def reload_status(request: Request) -> Response:
@@ -111,7 +112,7 @@ routes = [
     ),
     ApiRoute(
         "/admin/models/{model}/promote",
-        promote,
+        _decision(ReloadManager.promote),
         method="POST",
         summary="Give a rollout's new copy all traffic now",
         admin=True,
@@ -122,7 +123,7 @@ routes = [
     ),
     ApiRoute(
         "/admin/models/{model}/abort",
-        abort,
+        _decision(ReloadManager.abort),
         method="POST",
         summary="Roll a running rollout back now",
         admin=True,

@@ -17,6 +17,8 @@ from typing import Any
 
 import structlog
 
+from ensemble_ops.serving.paths import cache_home
+
 __all__ = ["DigestStore", "default_digest_file"]
 
 _log = structlog.get_logger("ensemble_ops.cache")
@@ -24,8 +26,7 @@ _log = structlog.get_logger("ensemble_ops.cache")
 
 def default_digest_file() -> Path:
     """``$XDG_CACHE_HOME/ensemble-ops/digests.json`` (``~/.cache`` without it)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ensemble-ops" / "digests.json"
+    return cache_home() / "digests.json"
 
 
 class DigestStore:
