@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
-from ..conftest import process_env
-from ..processes import Server, launch
+from ..conftest import free_port, process_env
+from ..processes import Server, launch, start_serve, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -251,6 +251,22 @@ class TestProcess:
         assert (draining["signal"], draining["drain_delay_s"]) == ("SIGTERM", 3.0)
         assert events.index("server.draining") < events.index("server.stopped")
 
+    def test_sigterm_while_models_load_exits_0(
+        self, tmp_path: Path, server_env: dict[str, str]
+    ) -> None:
+        """SIGTERM before every member has loaded is a clean stop (exit 0), not "no model
+        loaded": the members the shutdown unloads did not fail."""
+        stdout, stderr = tmp_path / "stdout.log", tmp_path / "stderr.log"
+        env = server_env | {"ENSEMBLE_OPS_SERVER__DRAIN_DELAY_S": "0"}
+        server = start_serve(stdout, stderr, env, free_port(), "--demo")
+        wait_until(lambda: _answers(f"{server.url}/health/live"), 60, "the server to listen")
+        loading = httpx.get(f"{server.url}/health/ready", timeout=5).json()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0, stderr.read_text() + stdout.read_text()
+        assert loading == {"status": "not_ready", "reason": "models are still loading"}
+        events = [line["event"] for line in server.log_lines()]
+        assert "ensemble.no_model_loaded" not in events
+
     def test_a_second_sigterm_skips_the_drain_delay(
         self, tmp_path: Path, server_env: dict[str, str]
     ) -> None:
@@ -410,3 +426,10 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """``ensemble-ops ARGS`` as a user runs it (output captured, 120 s at most)."""
     command = [sys.executable, "-m", "ensemble_ops", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False

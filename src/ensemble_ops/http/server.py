@@ -109,6 +109,8 @@ async def serve(settings: Settings, config_path: Path | None = None) -> int:
     async def stop_when_nothing_loads() -> None:
         nonlocal exit_code
         await ensemble.loading_done.wait()
+        if delays or stop.is_set():
+            return  # stopping already: members the shutdown unloaded did not fail to load
         if not any(slot.active for slot in ensemble.slots.values()):
             _log.error(
                 "ensemble.no_model_loaded",
