@@ -54,7 +54,7 @@ def dashboard(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     """schemathesis against a live server with at least 5,000 generated requests."""
     session.install("-e", ".[test]")
-    session.run("pytest", "tests/test_fuzz.py", env={"ENSEMBLE_OPS_FUZZ_EXAMPLES": "800"})
+    session.run("pytest", "tests/http/test_fuzz.py", env={"ENSEMBLE_OPS_FUZZ_EXAMPLES": "800"})
 
 
 @nox.session

@@ -32,16 +32,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
-import json
+import itertools
 import multiprocessing
-import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -51,12 +49,30 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import psutil
 
-from benchmarks.serving import N_CTX, PROMPTS, _stop, start_server
+from benchmarks.harness import (
+    N_CTX,
+    PROMPTS,
+    RESULTS_DIR,
+    LoadRun,
+    PeakSampler,
+    Reloaded,
+    Server,
+    closed_loop,
+    completion_bodies,
+    completion_load,
+    direct_run,
+    in_process,
+    machine,
+    ratio,
+    reload_member,
+    save,
+    until,
+    utc_now,
+)
 from ensemble_ops.serving.demo import DemoModel, _vocabulary, ensure_demo_models, write_model
 
-RESULTS = Path(__file__).parent / "results" / "gpu_check.json"
+RESULTS = RESULTS_DIR / "gpu_check.json"
 MEMBER = "gpu-large"
 MAX_TOKENS = 64
 MIB = 2**20
@@ -146,11 +162,9 @@ def smi_gpus() -> list[dict[str, str]] | None:
 
 def smi_device_used_mb() -> float | None:
     """``memory.used`` summed over the GPUs (MiB), None without nvidia-smi."""
-    rows = _smi("--query-gpu=memory.used")
-    if not rows:
-        return None
-    values = [_number(row[0]) for row in rows]
-    return sum(v for v in values if v is not None) if any(v is not None for v in values) else None
+    values = [_number(row[0]) for row in _smi("--query-gpu=memory.used") or []]
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def smi_process_used_mb(pid: int) -> tuple[float | None, str]:
@@ -162,48 +176,14 @@ def smi_process_used_mb(pid: int) -> tuple[float | None, str]:
     rows = _smi("--query-compute-apps=pid,used_memory")
     if rows is None:
         return None, "n/a"
-    total = 0.0
-    seen = False
-    for row in rows:
-        if len(row) >= 2 and row[0] == str(pid):
-            seen = True
-            total += _number(row[1]) or 0.0
-    if seen:
-        return total, "process"
+    mine = [_number(row[1]) or 0.0 for row in rows if len(row) >= 2 and row[0] == str(pid)]
+    if mine:
+        return sum(mine), "process"
     listed = ", ".join(f"{r[0]}={r[1]}" for r in rows if len(r) >= 2) or "none"
     return None, f"not listed (apps: {listed})"
 
 
-class VramSampler:
-    """Peak of the device's ``memory.used`` sampled by nvidia-smi in a thread."""
-
-    def __init__(self, interval_s: float = 0.2) -> None:
-        self.peak: float | None = None
-        self._interval = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            used = smi_device_used_mb()
-            if used is not None:
-                self.peak = used if self.peak is None else max(self.peak, used)
-            self._stop.wait(self._interval)
-
-    def __enter__(self) -> VramSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 # -- helpers ------------------------------------------------------------------------------
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b is not None and b > 0 else None
 
 
 def show(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
@@ -229,49 +209,37 @@ def in_child(step: Callable[..., T], *args: Any) -> T:
         return pool.submit(step, *args).result()
 
 
+def _rates(run: LoadRun) -> dict[str, Any]:
+    return {
+        "requests": len(run.records),
+        "tokens": run.tokens,
+        "seconds": run.seconds,
+        "tokens_per_s": run.tokens_per_s,
+    }
+
+
 # -- throughput ---------------------------------------------------------------------------
 
 
 def direct_tokens(path: Path, n_gpu_layers: int, requests: int) -> dict[str, Any]:
     """Tokens/s of 64-token completions calling llama_cpp in-process, one after another."""
-    import llama_cpp
-
     device_before = smi_device_used_mb()
     started = time.perf_counter()
-    llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_gpu_layers=n_gpu_layers, verbose=False)
-    load_s = time.perf_counter() - started
-    try:
+    with in_process(path, n_gpu_layers=n_gpu_layers) as llm:
+        load_s = time.perf_counter() - started
         loaded_vram = smi_device_used_mb()
-        llm.create_completion(PROMPTS[0], max_tokens=MAX_TOKENS)  # warm-up
-        tokens = 0
-        started = time.perf_counter()
-        for i in range(requests):
-            out: Any = llm.create_completion(
-                PROMPTS[i % len(PROMPTS)], max_tokens=MAX_TOKENS, temperature=0.8
-            )
-            tokens += int(out["usage"]["completion_tokens"])
-        elapsed = time.perf_counter() - started
-    finally:
-        llm.close()
-    result = {
-        "n_gpu_layers": n_gpu_layers,
-        "requests": requests,
-        "tokens": tokens,
-        "seconds": elapsed,
-        "tokens_per_s": tokens / elapsed,
-        "requests_per_s": requests / elapsed,
-        "load_s": load_s,
-        # What the loaded copy adds to the device (memory.used delta): weights, KV cache,
-        # compute buffers and this fresh process's CUDA context.
-        "vram_delta_mb": (
-            loaded_vram - device_before
-            if loaded_vram is not None and device_before is not None
-            else None
-        ),
-    }
+        warmup = {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS}
+        run = direct_run(llm, completion_bodies(None, MAX_TOKENS, requests), warmup=warmup)
+    # What the loaded copy adds to the device (memory.used delta): weights, KV cache,
+    # compute buffers and this fresh process's CUDA context.
+    delta = None
+    if loaded_vram is not None and device_before is not None:
+        delta = loaded_vram - device_before
+    result = {"n_gpu_layers": n_gpu_layers} | _rates(run)
+    result |= {"requests_per_s": run.requests_per_s, "load_s": load_s, "vram_delta_mb": delta}
     print(
-        f"direct n_gpu_layers={n_gpu_layers}: {result['tokens_per_s']:.1f} tokens/s "
-        f"({requests} requests, {tokens} tokens, {elapsed:.1f} s; load {load_s:.1f} s; "
+        f"direct n_gpu_layers={n_gpu_layers}: {run.tokens_per_s:.1f} tokens/s "
+        f"({requests} requests, {run.tokens} tokens, {run.seconds:.1f} s; load {load_s:.1f} s; "
         f"VRAM +{show(result['vram_delta_mb'], '.0f')} MiB)",
         flush=True,
     )
@@ -280,75 +248,39 @@ def direct_tokens(path: Path, n_gpu_layers: int, requests: int) -> dict[str, Any
 
 async def served_tokens(url: str, member: str, requests: int, concurrency: int) -> dict[str, Any]:
     """Tokens/s of 64-token completions through the server with ``concurrency`` clients."""
-    counter = iter(range(requests))
-    tokens = 0
-    failures = 0
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal tokens, failures
-        for i in counter:
-            body = {
-                "model": member,
-                "prompt": PROMPTS[i % len(PROMPTS)],
-                "max_tokens": MAX_TOKENS,
-                "temperature": 0.8,
-            }
-            response = await client.post(f"{url}/v1/completions", json=body)
-            if response.status_code == 200:
-                tokens += int(response.json()["usage"]["completion_tokens"])
-            else:
-                failures += 1
-
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        await client.post(
-            f"{url}/v1/completions",
-            json={"model": member, "prompt": "warm", "max_tokens": MAX_TOKENS},
-        )
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    result = {
-        "concurrency": concurrency,
-        "requests": requests,
-        "failed": failures,
-        "tokens": tokens,
-        "seconds": elapsed,
-        "tokens_per_s": tokens / elapsed,
-        "requests_per_s": (requests - failures) / elapsed,
-    }
+    run = await completion_load(
+        url,
+        member,
+        requests=requests,
+        concurrency=concurrency,
+        max_tokens=MAX_TOKENS,
+        timeout_s=300,
+    )
+    result = {"concurrency": concurrency, "requests": requests, "failed": run.failed}
+    result |= _rates(run) | {"requests_per_s": (requests - run.failed) / run.seconds}
     print(
-        f"served c={concurrency}: {result['tokens_per_s']:.1f} tokens/s ({requests} requests, "
-        f"{failures} failed, {elapsed:.1f} s)",
+        f"served c={concurrency}: {run.tokens_per_s:.1f} tokens/s ({requests} requests, "
+        f"{run.failed} failed, {run.seconds:.1f} s)",
         flush=True,
     )
     return result
 
 
-# -- the server ---------------------------------------------------------------------------
+# -- GPU memory ---------------------------------------------------------------------------
 
 
-def start_gpu_server(
-    models: dict[str, Path], n_gpu_layers: int, workdir: Path
-) -> tuple[subprocess.Popen[bytes], str]:
-    """``ensemble-ops serve`` on ``models``, every one with ``n_gpu_layers``, until ready."""
-    return start_server(models, None, workdir, model_fields={"n_gpu_layers": n_gpu_layers})
-
-
-def memory_snapshot(url: str, pid: int, members: list[str]) -> dict[str, Any]:
+def memory_snapshot(server: Server) -> dict[str, Any]:
     """The server's GPU figures next to nvidia-smi's, and its RSS."""
-    with httpx.Client(timeout=60) as client:
-        health = {m: client.get(f"{url}/health/llm", params={"model": m}).json() for m in members}
-        every = client.get(f"{url}/health/llm/all").json()
-    per_member = [health[m].get("gpu_memory_mb") for m in members]
-    process_mb, source = smi_process_used_mb(pid)
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        health = {m: client.get("/health/llm", params={"model": m}).json() for m in server.members}
+        every = client.get("/health/llm/all").json()
+    per_member = [health[m].get("gpu_memory_mb") for m in server.members]
+    process_mb, source = smi_process_used_mb(server.pid)
     return {
         "health_gpu_large_gpu_memory_mb": health[MEMBER].get("gpu_memory_mb"),
         "health_gpu_large_memory_mb": health[MEMBER].get("memory_mb"),
         "health_members_gpu_memory_mb": (
-            sum(v for v in per_member if v is not None)
-            if all(v is not None for v in per_member)
-            else None
+            sum(per_member) if all(v is not None for v in per_member) else None
         ),
         "health_all_gpu_available": every.get("gpu_available"),
         "health_all_gpu_memory_mb": every.get("gpu_memory_mb"),
@@ -356,11 +288,27 @@ def memory_snapshot(url: str, pid: int, members: list[str]) -> dict[str, Any]:
         "smi_process_mb": process_mb,
         "smi_process_source": source,
         "smi_device_used_mb": smi_device_used_mb(),
-        "rss_mb": psutil.Process(pid).memory_info().rss / MIB,
+        "rss_mb": server.rss_bytes() / MIB,
     }
 
 
-def print_memory(snap: dict[str, Any]) -> None:
+# The server's figures over nvidia-smi's: (key, numerator, denominator, label).
+RATIOS = [
+    ("ratio_all_vs_smi_process", "health_all_gpu_memory_mb", "smi_process_mb",
+     "/health/llm/all / nvidia-smi process"),
+    ("ratio_all_vs_smi_device", "health_all_gpu_memory_mb", "smi_device_used_mb",
+     "/health/llm/all / nvidia-smi device"),
+    ("ratio_gpu_large_vs_smi_process", "health_gpu_large_gpu_memory_mb", "smi_process_mb",
+     f"/health/llm {MEMBER} / nvidia-smi process"),
+    ("ratio_members_vs_smi_process", "health_members_gpu_memory_mb", "smi_process_mb",
+     "all members' /health/llm / nvidia-smi process"),
+]  # fmt: skip
+
+
+def memory_check(server: Server) -> dict[str, Any]:
+    """``memory_snapshot`` with the server's figures as ratios to nvidia-smi's, printed."""
+    snap = memory_snapshot(server)
+    snap |= {key: ratio(snap[a], snap[b]) for key, a, b, _ in RATIOS}
     print(
         f"/health/llm?model={MEMBER}: gpu_memory_mb {show(snap['health_gpu_large_gpu_memory_mb'])}"
         f", memory_mb {show(snap['health_gpu_large_memory_mb'])}; all members' gpu_memory_mb "
@@ -375,97 +323,62 @@ def print_memory(snap: dict[str, Any]) -> None:
         f"({snap['smi_process_source']}), device memory.used "
         f"{show(snap['smi_device_used_mb'])} MiB; server RSS {snap['rss_mb']:.0f} MiB"
     )
-    for key, label in (
-        ("ratio_all_vs_smi_process", "/health/llm/all / nvidia-smi process"),
-        ("ratio_all_vs_smi_device", "/health/llm/all / nvidia-smi device"),
-        ("ratio_gpu_large_vs_smi_process", f"/health/llm {MEMBER} / nvidia-smi process"),
-        ("ratio_members_vs_smi_process", "all members' /health/llm / nvidia-smi process"),
-    ):
-        print(f"  {label}: {show(snap.get(key), '.3f')}")
-
-
-def memory_check(url: str, pid: int, members: list[str]) -> dict[str, Any]:
-    snap = memory_snapshot(url, pid, members)
-    snap |= {
-        "ratio_all_vs_smi_process": ratio(snap["health_all_gpu_memory_mb"], snap["smi_process_mb"]),
-        "ratio_all_vs_smi_device": ratio(
-            snap["health_all_gpu_memory_mb"], snap["smi_device_used_mb"]
-        ),
-        "ratio_gpu_large_vs_smi_process": ratio(
-            snap["health_gpu_large_gpu_memory_mb"], snap["smi_process_mb"]
-        ),
-        "ratio_members_vs_smi_process": ratio(
-            snap["health_members_gpu_memory_mb"], snap["smi_process_mb"]
-        ),
-    }
-    print_memory(snap)
+    for key, _, _, label in RATIOS:
+        print(f"  {label}: {show(snap[key], '.3f')}")
     return snap
 
 
 # -- reloads ------------------------------------------------------------------------------
 
 
-def _reload_sync(client: httpx.Client, url: str, timeout_s: float) -> tuple[str, float, Any]:
-    """Start a reload of gpu-large and wait for its end: (state, seconds, error)."""
-    started = time.perf_counter()
-    answer = client.post(f"{url}/admin/models/{MEMBER}/reload")
-    if answer.status_code != 202:
-        return "refused", 0.0, f"{answer.status_code} {answer.text}"
-    while time.perf_counter() - started < timeout_s:
-        status = client.get(f"{url}/health/llm/reload/{MEMBER}").json()
-        if status["state"] in ("completed", "failed"):
-            return str(status["state"]), time.perf_counter() - started, status.get("error")
-        time.sleep(0.05)
-    return "timeout", time.perf_counter() - started, f"not done after {timeout_s:.0f} s"
+async def _reload(url: str, poll_s: float) -> Reloaded:
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await reload_member(client, url, MEMBER, poll_s=poll_s)
 
 
-def reload_leak(url: str, pid: int, members: list[str], reloads: int) -> dict[str, Any]:
+def reload_leak(server: Server, reloads: int) -> dict[str, Any]:
     """memory.used (and the server's own figures) before and after sequential reloads."""
     time.sleep(1.0)
-    before = memory_snapshot(url, pid, members)
-    outcomes, seconds, errors, device_after, process_after = [], [], [], [], []
-    with httpx.Client(timeout=60) as client:
-        for i in range(reloads):
-            state, took, error = _reload_sync(client, url, timeout_s=300)
-            outcomes.append(state)
-            seconds.append(took)
-            if error:
-                errors.append(f"reload {i + 1}: {error}")
-            time.sleep(0.5)  # the old copy closes once idle: let its memory go back
-            device_after.append(smi_device_used_mb())
-            process_after.append(smi_process_used_mb(pid)[0])
-            print(
-                f"  reload {i + 1}/{reloads}: {state} in {took:.2f} s; memory.used "
-                f"{show(device_after[-1], '.0f')} MiB, server pid "
-                f"{show(process_after[-1], '.0f')} MiB",
-                flush=True,
-            )
+    before = memory_snapshot(server)
+    done: list[Reloaded] = []
+    device_after, process_after = [], []
+    for i in range(reloads):
+        done.append(asyncio.run(_reload(server.url, poll_s=0.05)))
+        time.sleep(0.5)  # the old copy closes once idle: let its memory go back
+        device_after.append(smi_device_used_mb())
+        process_after.append(smi_process_used_mb(server.pid)[0])
+        print(
+            f"  reload {i + 1}/{reloads}: {done[-1].outcome} in {done[-1].seconds:.2f} s; "
+            f"memory.used {show(device_after[-1], '.0f')} MiB, server pid "
+            f"{show(process_after[-1], '.0f')} MiB",
+            flush=True,
+        )
     time.sleep(1.0)
-    after = memory_snapshot(url, pid, members)
-    device_ratio = ratio(after["smi_device_used_mb"], before["smi_device_used_mb"])
+    after = memory_snapshot(server)
+
+    def change(stem: str, key: str) -> dict[str, Any]:
+        old, new = before[key], after[key]
+        return {f"{stem}_mb_before": old, f"{stem}_mb_after": new, f"{stem}_ratio": ratio(new, old)}
+
+    outcomes = [r.outcome for r in done]
     result = {
         "reloads": reloads,
         "outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))},
-        "errors": errors,
-        "seconds_each": seconds,
-        "device_used_mb_before": before["smi_device_used_mb"],
-        "device_used_mb_after": after["smi_device_used_mb"],
-        "device_used_ratio": device_ratio,
+        "errors": [f"reload {i + 1}: {r.error}" for i, r in enumerate(done) if r.error],
+        "seconds_each": [r.seconds for r in done],
+        **change("device_used", "smi_device_used_mb"),
         "device_used_mb_series": device_after,
-        "process_mb_before": before["smi_process_mb"],
-        "process_mb_after": after["smi_process_mb"],
-        "process_ratio": ratio(after["smi_process_mb"], before["smi_process_mb"]),
+        **change("process", "smi_process_mb"),
         "process_mb_series": process_after,
         "health_all_gpu_memory_mb_before": before["health_all_gpu_memory_mb"],
         "health_all_gpu_memory_mb_after": after["health_all_gpu_memory_mb"],
         "health_gpu_large_gpu_memory_mb_after": after["health_gpu_large_gpu_memory_mb"],
-        "rss_mb_before": before["rss_mb"],
-        "rss_mb_after": after["rss_mb"],
-        "rss_ratio": ratio(after["rss_mb"], before["rss_mb"]),
-        "within_tolerance": (
-            abs(device_ratio - 1) <= VRAM_TOLERANCE if device_ratio is not None else None
-        ),
+        **change("rss", "rss_mb"),
     }
+    device_ratio = result["device_used_ratio"]
+    result["within_tolerance"] = (
+        abs(device_ratio - 1) <= VRAM_TOLERANCE if device_ratio is not None else None
+    )
     print(
         f"{reloads} reloads: outcomes {result['outcomes']}; memory.used "
         f"{show(result['device_used_mb_before'], '.0f')} -> "
@@ -479,62 +392,39 @@ def reload_leak(url: str, pid: int, members: list[str], reloads: int) -> dict[st
 
 async def reload_under_load(url: str, baseline_s: float) -> dict[str, Any]:
     """One reload of gpu-large while 4 clients send completions before, during and after."""
-    records: list[tuple[float, float, int]] = []  # (start, end, status; 0: transport error)
     stop = asyncio.Event()
     body = {"model": MEMBER, "prompt": "Reload me", "max_tokens": MAX_TOKENS, "temperature": 0.8}
-
-    async def user(client: httpx.AsyncClient) -> None:
-        while not stop.is_set():
-            started = time.perf_counter()
-            try:
-                code = (await client.post(f"{url}/v1/completions", json=body)).status_code
-            except httpx.HTTPError:
-                code = 0
-            records.append((started, time.perf_counter(), code))
-
-    async def reload_once(client: httpx.AsyncClient) -> tuple[str, float, float, Any]:
-        started = time.perf_counter()
-        answer = await client.post(f"{url}/admin/models/{MEMBER}/reload")
-        if answer.status_code != 202:
-            return "refused", started, time.perf_counter(), answer.text
-        while time.perf_counter() - started < 300:
-            status = (await client.get(f"{url}/health/llm/reload/{MEMBER}")).json()
-            if status["state"] in ("completed", "failed"):
-                return str(status["state"]), started, time.perf_counter(), status.get("error")
-            await asyncio.sleep(0.02)
-        return "timeout", started, time.perf_counter(), "not done after 300 s"
-
-    limits = httpx.Limits(max_connections=LOAD_CLIENTS)
-    async with (
-        httpx.AsyncClient(timeout=300, limits=limits) as users,
-        httpx.AsyncClient(timeout=60) as admin,
-    ):
-        tasks = [asyncio.create_task(user(users)) for _ in range(LOAD_CLIENTS)]
-        await asyncio.sleep(baseline_s)
-        steady = await asyncio.to_thread(smi_device_used_mb)
-        with VramSampler() as sampler:
-            state, start, end, error = await reload_once(admin)
-        await asyncio.sleep(baseline_s / 2)  # the clients keep going past the switch
-        stop.set()
-        await asyncio.gather(*tasks)
-    overlapping = [r for r in records if r[0] <= end and r[1] >= start]
-    failed = [r for r in records if r[2] != 200]
+    users = asyncio.create_task(
+        closed_loop(
+            url, until(stop, itertools.repeat(body)), concurrency=LOAD_CLIENTS, timeout_s=300
+        )
+    )
+    await asyncio.sleep(baseline_s)
+    steady = await asyncio.to_thread(smi_device_used_mb)
+    with PeakSampler(smi_device_used_mb, 0.2) as sampler:
+        reloaded = await _reload(url, poll_s=0.02)
+    await asyncio.sleep(baseline_s / 2)  # the clients keep going past the switch
+    stop.set()
+    records = (await users).records
+    start, end = reloaded.started, reloaded.ended
+    overlapping = [r for r in records if r.started <= end and r.ended >= start]
+    failed = [r for r in records if r.status != 200]
     result = {
         "clients": LOAD_CLIENTS,
-        "outcome": state,
-        "error": error,
-        "reload_s": end - start,
+        "outcome": reloaded.outcome,
+        "error": reloaded.error,
+        "reload_s": reloaded.seconds,
         "requests": len(records),
         "requests_overlapping_reload": len(overlapping),
         "failed_requests": len(failed),
-        "failed_statuses": sorted({r[2] for r in failed}),
+        "failed_statuses": sorted({r.status or 0 for r in failed}),  # 0: no answer
         "device_used_mb_steady": steady,
         "device_used_mb_peak_during_reload": sampler.peak,
     }
     print(
-        f"reload under {LOAD_CLIENTS} clients: {state} in {end - start:.2f} s; requests "
-        f"{len(records)} ({len(overlapping)} overlapping the reload), failed {len(failed)}; "
-        f"memory.used steady {show(steady, '.0f')} MiB, peak during reload "
+        f"reload under {LOAD_CLIENTS} clients: {reloaded.outcome} in {reloaded.seconds:.2f} s; "
+        f"requests {len(records)} ({len(overlapping)} overlapping the reload), failed "
+        f"{len(failed)}; memory.used steady {show(steady, '.0f')} MiB, peak during reload "
         f"{show(sampler.peak, '.0f')} MiB"
     )
     return result
@@ -661,10 +551,7 @@ def machine_info(offload: bool) -> dict[str, Any]:
         "gpu_offload": offload,
         "llama_cpp": getattr(llama_cpp, "__version__", "?"),
         "llama_system_info": info.decode(errors="replace") if isinstance(info, bytes) else info,
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    }
+    } | machine()
 
 
 def main() -> int:
@@ -700,12 +587,12 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    machine = machine_info(offload)
-    print(f"nvidia-smi: {machine['gpus'] if machine['gpus'] is not None else 'n/a'}")
-    print(f"llama.cpp system info: {machine['llama_system_info']}", flush=True)
+    host = machine_info(offload)
+    print(f"nvidia-smi: {host['gpus'] if host['gpus'] is not None else 'n/a'}")
+    print(f"llama.cpp system info: {host['llama_system_info']}", flush=True)
 
     errors: dict[str, str] = {}
-    results: dict[str, Any] = {"machine": machine, "size": args.size}
+    results: dict[str, Any] = {"machine": host, "size": args.size}
     expected_mb = expected_file_bytes(plan.model) / 1e6
     with tempfile.TemporaryDirectory(prefix="gpu_check.") as tmp:
         workdir = Path(tmp)
@@ -737,56 +624,28 @@ def main() -> int:
 
         throughput: dict[str, Any] = {"served": {}}
         results["throughput"] = throughput
-        throughput["direct_gpu"] = attempt(
-            errors,
-            "direct llama_cpp, n_gpu_layers=-1",
-            lambda: in_child(direct_tokens, path, -1, gpu_requests),
-        )
-        throughput["direct_cpu"] = attempt(
-            errors,
-            "direct llama_cpp, n_gpu_layers=0",
-            lambda: in_child(direct_tokens, path, 0, cpu_requests),
-        )
-        server = attempt(
-            errors, "start ensemble-ops serve", lambda: start_gpu_server(models, -1, workdir)
-        )
+        for key, layers, requests in (("gpu", -1, gpu_requests), ("cpu", 0, cpu_requests)):
+            throughput[f"direct_{key}"] = attempt(
+                errors,
+                f"direct llama_cpp, n_gpu_layers={layers}",
+                functools.partial(in_child, direct_tokens, path, layers, requests),
+            )
+        with contextlib.ExitStack() as running:
+            server = attempt(
+                errors,
+                "start ensemble-ops serve",
+                lambda: running.enter_context(
+                    Server.start(workdir, models, model_fields={"n_gpu_layers": -1})
+                ),
+            )
+            if server is not None:
+                measure(server, results, errors, served_requests, args.reloads, plan.baseline_s)
         if server is not None:
-            process, url = server
-            try:
-
-                def served_cell(concurrency: int) -> dict[str, Any]:
-                    return asyncio.run(served_tokens(url, MEMBER, served_requests, concurrency))
-
-                for c in (1, LOAD_CLIENTS):
-                    throughput["served"][f"c{c}"] = attempt(
-                        errors, f"served, concurrency {c}", functools.partial(served_cell, c)
-                    )
-                members = list(models)
-                results["memory"] = attempt(
-                    errors, "GPU memory figures", lambda: memory_check(url, process.pid, members)
-                )
-                results["reloads"] = attempt(
-                    errors,
-                    f"{args.reloads} sequential reloads",
-                    lambda: reload_leak(url, process.pid, members, args.reloads),
-                )
-                results["reload_under_load"] = attempt(
-                    errors,
-                    "reload under load",
-                    lambda: asyncio.run(reload_under_load(url, plan.baseline_s)),
-                )
-            finally:
-                _stop(process)
-                log = workdir / "server.log"
-                problems = [
-                    line
-                    for line in log.read_text(errors="replace").splitlines()
-                    if '"level": "error"' in line or '"level": "critical"' in line
-                ]
-                if problems:
-                    print(f"\nserver logged {len(problems)} error lines; the last ones:")
-                    print(*problems[-10:], sep="\n")
-                results["server_error_lines"] = problems[-50:]
+            problems = server.error_lines()
+            if problems:
+                print(f"\nserver logged {len(problems)} error lines; the last ones:")
+                print(*problems[-10:], sep="\n")
+            results["server_error_lines"] = problems[-50:]
 
     gpu, cpu = throughput.get("direct_gpu"), throughput.get("direct_cpu")
     gpu_tps = gpu["tokens_per_s"] if gpu else None
@@ -802,15 +661,9 @@ def main() -> int:
         f"{show(throughput[f'served_c{LOAD_CLIENTS}_vs_direct_gpu'], '.2f')}"
     )
     rows = goals(results)
-    results |= {
-        "goals": rows,
-        "errors": errors,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    results |= {"goals": rows, "errors": errors, "when": utc_now()}
     print("\n" + markdown(results, rows) + "\n")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written to {args.output}")
+    save(args.output, results)
     missed = [r["figure"] for r in rows if r["met"] is False]
     if not offload:
         missed = [m for m in missed if m != "llama_cpp GPU offload"]  # --allow-cpu said so
@@ -819,6 +672,34 @@ def main() -> int:
     for name, error in errors.items():
         print(f"FAILED: {name}: {error}")
     return 1 if missed or errors else 0
+
+
+def measure(
+    server: Server,
+    results: dict[str, Any],
+    errors: dict[str, str],
+    requests: int,
+    reloads: int,
+    baseline_s: float,
+) -> None:
+    """Every step that needs the server, each an ``attempt``."""
+
+    def served(concurrency: int) -> dict[str, Any]:
+        return asyncio.run(served_tokens(server.url, MEMBER, requests, concurrency))
+
+    for c in (1, LOAD_CLIENTS):
+        results["throughput"]["served"][f"c{c}"] = attempt(
+            errors, f"served, concurrency {c}", functools.partial(served, c)
+        )
+    results["memory"] = attempt(errors, "GPU memory figures", lambda: memory_check(server))
+    results["reloads"] = attempt(
+        errors, f"{reloads} sequential reloads", lambda: reload_leak(server, reloads)
+    )
+    results["reload_under_load"] = attempt(
+        errors,
+        "reload under load",
+        lambda: asyncio.run(reload_under_load(server.url, baseline_s)),
+    )
 
 
 if __name__ == "__main__":

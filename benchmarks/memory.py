@@ -10,65 +10,56 @@ its whole RSS with ``-np N -c n_ctx x N``, after one answer too. Writes
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import httpx
-import psutil
 
+from benchmarks.harness import (
+    N_CTX,
+    RESULTS_DIR,
+    Server,
+    Service,
+    build_llama_server,
+    llama_server,
+    save,
+)
 from ensemble_ops.serving.demo import ensure_demo_models
 from ensemble_ops.serving.real_models import SMOLLM2_135M, ensure_real_models
 
-from .real_models import llama_server
-from .serving import N_CTX, _stop, start_server
-
-RESULTS = Path(__file__).parent / "results" / "memory.json"
+RESULTS = RESULTS_DIR / "memory.json"
 
 
-def _rss_after_one_answer(process: Any, url: str, model: str) -> int:
+def _rss_after_one_answer(server: Service, model: str) -> int:
     body = {"model": model, "prompt": "Hello", "max_tokens": 8}
-    httpx.post(f"{url}/v1/completions", json=body, timeout=120).raise_for_status()
-    return int(psutil.Process(process.pid).memory_info().rss)
+    httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).raise_for_status()
+    return server.rss_bytes()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=RESULTS, help="results JSON file")
     args = parser.parse_args()
     path = ensure_real_models()[SMOLLM2_135M.name]
+    binary = build_llama_server()
     fields = {"parallel": args.parallel}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tiny = ensure_demo_models(work / "demo")["demo-tiny"]
-        process, url = start_server({"demo-tiny": tiny}, args.threads, work, model_fields=fields)
-        try:
-            base = _rss_after_one_answer(process, url, "demo-tiny")
-        finally:
-            _stop(process)
-        process, url = start_server({"smollm2": path}, args.threads, work, model_fields=fields)
-        try:
-            loaded = _rss_after_one_answer(process, url, "smollm2")
-        finally:
-            _stop(process)
-    built = subprocess.run(
-        ["bash", str(Path(__file__).parent / "build_llama_server.sh")],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=os.environ | {"PYTHON": sys.executable},
-    )
-    binary = Path(built.stdout.strip().splitlines()[-1])
-    server, server_url = llama_server(binary, path, args.parallel, args.threads)
-    try:
-        peer = _rss_after_one_answer(server, server_url, "peer")
-    finally:
-        _stop(server)
+        members = {"demo-tiny": tiny, "smollm2": path}
+        rss = {}
+        for name, model in members.items():
+            with Server.start(
+                work, {name: model}, threads=args.threads, model_fields=fields
+            ) as server:
+                rss[name] = _rss_after_one_answer(server, name)
+        with llama_server(
+            binary, path, slots=args.parallel, threads=args.threads, workdir=work
+        ) as cpp:
+            peer = _rss_after_one_answer(cpp, "peer")
+    base, loaded = rss["demo-tiny"], rss["smollm2"]
     member = loaded - base
     result = {
         "model": SMOLLM2_135M.name,
@@ -86,7 +77,7 @@ def main() -> None:
         f"{loaded / 2**20:.0f}); llama-server -np {args.parallel}: {peer / 2**20:.0f} MiB "
         f"(ratio {member / peer:.2f})"
     )
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    save(args.output, result)
 
 
 if __name__ == "__main__":

@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
-from benchmarks.serving import _percentile, _stop, http_throughput, start_server
+from benchmarks.harness import (
+    RESULTS_DIR,
+    ProbeSampler,
+    Server,
+    completion_load,
+    machine,
+    median,
+    save,
+    spread,
+)
 from ensemble_ops.events import EventBus, InferenceFinished
 from ensemble_ops.observability.metrics import Metrics
 from ensemble_ops.serving.demo import ensure_demo_models
 
-RESULTS = Path(__file__).parent / "results" / "metrics.json"
+RESULTS = RESULTS_DIR / "metrics.json"
 MEMBERS = ["demo-tiny", "demo-small", "demo-base"]
 MODES = ["fast", "balanced", "creative"]
 
@@ -65,11 +70,7 @@ def render_times(samples: int) -> dict[str, float]:
         started = time.perf_counter()
         metrics.render([])
         times.append((time.perf_counter() - started) * 1000)
-    return {
-        "p50_ms": _percentile(times, 50),
-        "p99_ms": _percentile(times, 99),
-        "series_lines": float(metrics.render([])[0].count(b"\n")),
-    }
+    return spread(times) | {"series_lines": float(metrics.render([])[0].count(b"\n"))}
 
 
 def handler_cost_us(samples: int) -> float:
@@ -85,18 +86,27 @@ def handler_cost_us(samples: int) -> float:
 
 
 def live_render(url: str, samples: int) -> dict[str, float]:
-    inside = []
-    with httpx.Client(timeout=30) as client:
-        for _ in range(samples):
-            timing = client.get(f"{url}/health/metrics").headers["server-timing"]
-            inside.append(float(timing.split("dur=")[1]))
-    return {"server_p50_ms": _percentile(inside, 50), "server_p99_ms": _percentile(inside, 99)}
+    """The app's own time (Server-Timing) of ``samples`` GETs of /health/metrics."""
+    sampler = ProbeSampler(url, ["/health/metrics"], every_s=0, rounds=samples, timeout_s=30)
+    inside = [s.server_ms for s in sampler.run()["/health/metrics"] if s.server_ms is not None]
+    if len(inside) < samples:
+        raise RuntimeError("/health/metrics answered without Server-Timing")
+    return spread(inside, prefix="server_")
+
+
+async def throughput(url: str, requests: int) -> float:
+    """Requests per second of 16-token completions on demo-tiny, one client."""
+    run = await completion_load(url, "demo-tiny", requests=requests, concurrency=1, max_tokens=16)
+    if run.failed:
+        raise RuntimeError(f"{run.failed} requests failed during the throughput run")
+    return run.requests_per_s
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=300, help="per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=RESULTS, help="results JSON file")
     args = parser.parse_args()
     render = render_times(2000)
     handler_us = handler_cost_us(20000)
@@ -109,14 +119,12 @@ def main() -> None:
         tiny = {"demo-tiny": models["demo-tiny"]}
         for _ in range(args.rounds):
             for enabled, rates in ((True, on_rates), (False, off_rates)):
-                process, url = start_server(tiny, None, workdir, metrics=enabled)
-                try:
-                    rates.append(asyncio.run(http_throughput(url, "demo-tiny", args.requests, 1)))
+                metrics = {"metrics": {"enabled": enabled}}
+                with Server.start(workdir, tiny, sections=metrics) as server:
+                    rates.append(asyncio.run(throughput(server.url, args.requests)))
                     if enabled and not live:
-                        live = live_render(url, 300)
-                finally:
-                    _stop(process)
-    on, off = sorted(on_rates)[len(on_rates) // 2], sorted(off_rates)[len(off_rates) // 2]
+                        live = live_render(server.url, 300)
+    on, off = median(on_rates), median(off_rates)
     request_us = 1e6 / on
     result = {
         "render_in_process": render,
@@ -126,7 +134,7 @@ def main() -> None:
         "median_on_vs_off": on / off,
         "metrics_handler_us_per_request": handler_us,
         "handler_share_of_request": handler_us / request_us,
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine(),
     }
     print(
         f"\nrender ({render['series_lines']:.0f} lines): p50 {render['p50_ms']:.2f} ms, "
@@ -141,9 +149,7 @@ def main() -> None:
         f"metrics view per request: {handler_us:.1f} us = {handler_us / request_us:.2%} of a "
         f"{request_us / 1000:.2f} ms request"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten to {RESULTS}")
+    save(args.output, result)
 
 
 if __name__ == "__main__":

@@ -22,24 +22,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from benchmarks.harness import (
+    N_CTX,
+    RESULTS_DIR,
+    Server,
+    Service,
+    build_llama_server,
+    closed_loop,
+    direct_run,
+    in_process,
+    llama_cpp_server,
+    llama_server,
+    save,
+)
 from ensemble_ops.serving.real_models import REAL_MEMBERS, RealModel, ensure_real_models
 
-from .serving import N_CTX, _free_port, _stop, _wait_until_up, start_peer, start_server
-
-RESULTS = Path(__file__).parent / "results" / "real_models.json"
+RESULTS = RESULTS_DIR / "real_models.json"
 MAX_TOKENS = 64
 CONCURRENCY = (1, 4, 8)
 SAMPLER = {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
@@ -57,60 +61,33 @@ def _prompt(model: RealModel, i: int) -> dict[str, Any]:
     return {"prompt": f"Here is a short story about {topic}. Once upon a time,"}
 
 
+def _bodies(model: RealModel, member: str, count: int) -> list[dict[str, Any]]:
+    return [
+        {"model": member, "max_tokens": MAX_TOKENS, **SAMPLER} | _prompt(model, i)
+        for i in range(count)
+    ]
+
+
 async def served(url: str, model: RealModel, member: str, requests: int, c: int) -> float:
     """Completion tokens per second of ``requests`` requests sent by ``c`` clients."""
-    path = "/v1/chat/completions" if model.instruct else "/v1/completions"
-    counter = iter(range(requests))
-    tokens = 0
-
-    async def client(http: httpx.AsyncClient) -> None:
-        nonlocal tokens
-        for i in counter:
-            body = {"model": member, "max_tokens": MAX_TOKENS, **SAMPLER}
-            answer = await http.post(path, json=body | _prompt(model, i))
-            answer.raise_for_status()
-            tokens += answer.json()["usage"]["completion_tokens"]
-
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        await http.post(path, json={"model": member, "max_tokens": 4} | _prompt(model, 0))
-        started = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(c)))
-        return tokens / (time.perf_counter() - started)
+    run = await closed_loop(
+        url,
+        _bodies(model, member, requests),
+        concurrency=c,
+        path="/v1/chat/completions" if model.instruct else "/v1/completions",
+        warmup={"model": member, "max_tokens": 4} | _prompt(model, 0),
+        timeout_s=600,
+    )
+    if run.failed:
+        raise RuntimeError(f"{run.failed} of {requests} requests failed")
+    return run.tokens_per_s
 
 
 def direct(path: Path, model: RealModel, requests: int, threads: int) -> float:
     """The same requests through llama-cpp-python's own API, one after another."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(
-        str(path), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False
-    )
-    try:
-        run: Callable[..., Any] = (
-            llm.create_chat_completion if model.instruct else llm.create_completion
-        )
-        run(max_tokens=4, **_prompt(model, 0))
-        tokens = 0
-        started = time.perf_counter()
-        for i in range(requests):
-            out = run(max_tokens=MAX_TOKENS, **SAMPLER, **_prompt(model, i))
-            tokens += out["usage"]["completion_tokens"]
-        return tokens / (time.perf_counter() - started)
-    finally:
-        llm.close()
-
-
-def llama_server(binary: Path, path: Path, slots: int, threads: int) -> tuple[Any, str]:
-    """The C++ server with ``slots`` slots of N_CTX tokens each."""
-    port = _free_port()
-    command = [
-        str(binary), "-m", str(path), "-np", str(slots), "-c", str(N_CTX * slots),
-        "-t", str(threads), "-tb", str(threads), "--port", str(port), "--log-disable",
-    ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    _wait_until_up(process, url, lambda r: r.status_code == 200)
-    return process, url
+    with in_process(path, threads=threads) as llm:
+        warmup = {"max_tokens": 4} | _prompt(model, 0)
+        return direct_run(llm, _bodies(model, "direct", requests), warmup=warmup).tokens_per_s
 
 
 def _cell(name: str, tps: float) -> None:
@@ -128,36 +105,32 @@ def bench_model(
         figures.setdefault(system, {})[str(c)] = round(tps, 2)
         _cell(f"{system} c={c}", tps)
 
+    def measure(system: str, server: Service, levels: tuple[int, ...]) -> None:
+        for c in levels:
+            record(system, c, asyncio.run(served(server.url, model, "peer", requests * c, c)))
+
     record("direct", 1, direct(path, model, requests, threads))
     with tempfile.TemporaryDirectory() as work:
+        workdir = Path(work)
         # As many sequence slots as the most clients here, like llama-server -np N at c=N.
         fields = {"parallel": max(CONCURRENCY)}
-        process, url = start_server({model.name: path}, threads, Path(work), model_fields=fields)
-        try:
+        with Server.start(
+            workdir, {model.name: path}, threads=threads, model_fields=fields
+        ) as server:
             for c in CONCURRENCY:
-                record(
-                    "ensemble_ops", c, asyncio.run(served(url, model, model.name, requests * c, c))
-                )
-        finally:
-            _stop(process)
-    peer = start_peer(path, threads)
-    if peer is not None:
-        try:
-            for c in CONCURRENCY:
-                tps = asyncio.run(served(peer[1], model, "peer", requests * c, c))
-                record("llama_cpp_server", c, tps)
-        finally:
-            _stop(peer[0])
-    if binary is not None:
+                tps = asyncio.run(served(server.url, model, model.name, requests * c, c))
+                record("ensemble_ops", c, tps)
+        with llama_cpp_server(path, threads=threads, workdir=workdir) as peer:
+            if peer is not None:
+                measure("llama_cpp_server", peer, CONCURRENCY)
         for slots in (1, *(c for c in CONCURRENCY if c > 1)):
-            process, url = llama_server(binary, path, slots, threads)
-            try:
-                levels = CONCURRENCY if slots == 1 else (slots,)
-                for c in levels:
-                    tps = asyncio.run(served(url, model, "peer", requests * c, c))
-                    record("llama_server_np1" if slots == 1 else "llama_server_npN", c, tps)
-            finally:
-                _stop(process)
+            if binary is None:  # --no-cpp
+                break
+            with llama_server(binary, path, slots=slots, threads=threads, workdir=workdir) as cpp:
+                if slots == 1:  # -np 1 at every level; -np N at c=N only
+                    measure("llama_server_np1", cpp, CONCURRENCY)
+                else:
+                    measure("llama_server_npN", cpp, (slots,))
     ours = figures["ensemble_ops"]
     ratios = {
         system: {c: round(ours[c] / value, 3) for c, value in cells.items() if c in ours}
@@ -209,17 +182,7 @@ def main() -> None:
     args = parser.parse_args()
 
     paths = ensure_real_models()
-    binary = None
-    if not args.no_cpp:
-        build = Path(__file__).parent / "build_llama_server.sh"
-        built = subprocess.run(
-            ["bash", str(build)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=os.environ | {"PYTHON": sys.executable},
-        )
-        binary = Path(built.stdout.strip().splitlines()[-1])
+    binary = None if args.no_cpp else build_llama_server()
     results: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -239,8 +202,7 @@ def main() -> None:
             if model.name in args.models
         },
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    save(args.output, results)
     print(markdown(results))
 
 

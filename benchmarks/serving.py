@@ -20,99 +20,69 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import random
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from benchmarks.harness import (
+    N_CTX,
+    PROMPTS,
+    RESULTS_DIR,
+    ProbeSample,
+    ProbeSampler,
+    Record,
+    Server,
+    closed_loop,
+    completion_bodies,
+    completion_load,
+    direct_run,
+    in_process,
+    llama_cpp_server,
+    machine,
+    percentile,
+    save,
+    server_ms,
+    spread,
+    until,
+    utc_now,
+)
 from ensemble_ops.serving.demo import DEMO_MEMBERS, ensure_demo_models
 
-RESULTS = Path(__file__).parent / "results" / "serving.json"
-PROMPTS = [f"Request number {i} asks the ensemble about the weather" for i in range(64)]
-N_CTX = 2048
+RESULTS = RESULTS_DIR / "serving.json"
 MAX_TOKENS = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))
-    return ordered[index]
-
-
-def server_ms(response: httpx.Response) -> float | None:
-    """The app's own time for ``response`` from ``Server-Timing: app;dur=<ms>``, if given."""
-    for metric in response.headers.get("server-timing", "").split(","):
-        name, _, params = metric.strip().partition(";")
-        for param in params.split(";"):
-            key, _, value = param.strip().partition("=")
-            if name == "app" and key == "dur":
-                return float(value)
-    return None
+PROBES = ["/v1/models", "/health/live", "/health/ready", "/health/llm/all"]
+PROBE_GAP_S = 0.01  # the probes' pace: at most one GET per 10 ms, paths in turn
+CACHE_MEMBER = "demo-base"
+CACHE_DISTINCT = 50  # prompts of the repeated workload
 
 
 def direct_throughput(path: Path, requests: int, threads: int | None) -> float:
     """Requests per second calling llama_cpp in-process, one after another (its limit)."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(
-        str(path), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False
-    )
-    try:
-        llm.create_completion(PROMPTS[0], max_tokens=MAX_TOKENS)  # warm-up
-        started = time.perf_counter()
-        for i in range(requests):
-            llm.create_completion(PROMPTS[i % len(PROMPTS)], max_tokens=MAX_TOKENS, temperature=0.8)
-        return requests / (time.perf_counter() - started)
-    finally:
-        llm.close()
+    with in_process(path, threads=threads) as llm:
+        bodies = completion_bodies(None, MAX_TOKENS, requests)
+        warmup = {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS}
+        return direct_run(llm, bodies, warmup=warmup).requests_per_s
 
 
 async def http_throughput(url: str, member: str, requests: int, concurrency: int) -> float:
     """Requests per second through the server with ``concurrency`` clients."""
-    counter = iter(range(requests))
-    failures = 0
+    run = await completion_load(
+        url, member, requests=requests, concurrency=concurrency, max_tokens=MAX_TOKENS
+    )
+    if run.failed:
+        raise RuntimeError(f"{run.failed} requests failed during the throughput run")
+    return run.requests_per_s
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal failures
-        for i in counter:
-            body = {
-                "model": member,
-                "prompt": PROMPTS[i % len(PROMPTS)],
-                "max_tokens": MAX_TOKENS,
-                "temperature": 0.8,
-            }
-            response = await client.post(f"{url}/v1/completions", json=body)
-            failures += response.status_code != 200
 
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        await client.post(
-            f"{url}/v1/completions",
-            json={"model": member, "prompt": "warm", "max_tokens": MAX_TOKENS},
-        )
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    if failures:
-        raise RuntimeError(f"{failures} requests failed during the throughput run")
-    return requests / elapsed
+def _probe_figures(path: str, samples: list[ProbeSample]) -> dict[str, float]:
+    """Client p50/p99/max, and the app's own p50/p99 where it reports them (ensemble-ops)."""
+    refused = {s.status for s in samples if s.status != 200}
+    if refused:
+        raise RuntimeError(f"{path} answered {refused}")
+    inside = [s.server_ms for s in samples if s.server_ms is not None]
+    figures = spread([s.client_ms for s in samples], peak=True)
+    return figures | (spread(inside, prefix="server_") if inside else {})
 
 
 async def probe_latency_under_load(
@@ -120,54 +90,20 @@ async def probe_latency_under_load(
 ) -> dict[str, dict[str, float]]:
     """p50/p99/max of GET ``paths`` while two clients per member keep it generating."""
     stop = asyncio.Event()
-
-    async def load(client: httpx.AsyncClient, member: str | None) -> None:
-        body: dict[str, Any] = {"prompt": "busy", "max_tokens": 64, "temperature": 0.8}
-        if member is not None:
-            body["model"] = member
-        while not stop.is_set():
-            await client.post(f"{url}/v1/completions", json=body)
-
-    def sample() -> dict[str, dict[str, float]]:
-        # Its own thread and connection: the load generator's event loop must not delay it.
-        results: dict[str, dict[str, float]] = {}
-        with httpx.Client(timeout=60) as probe:
-            for path in paths:
-                latencies, inside = [], []
-                for _ in range(samples):
-                    started = time.perf_counter()
-                    response = probe.get(f"{url}{path}")
-                    latencies.append((time.perf_counter() - started) * 1000)
-                    if response.status_code != 200:
-                        raise RuntimeError(f"{path} answered {response.status_code}")
-                    app_ms = server_ms(response)
-                    if app_ms is not None:  # ensemble-ops reports its own handling time
-                        inside.append(app_ms)
-                    time.sleep(0.01)
-                results[path] = {
-                    "p50_ms": _percentile(latencies, 50),
-                    "p99_ms": _percentile(latencies, 99),
-                    "max_ms": max(latencies),
-                }
-                if inside:
-                    results[path] |= {
-                        "server_p50_ms": _percentile(inside, 50),
-                        "server_p99_ms": _percentile(inside, 99),
-                    }
-        return results
-
-    async with httpx.AsyncClient(timeout=60) as loaders:
-        tasks = [asyncio.create_task(load(loaders, m)) for m in members for _ in (0, 1)]
-        await asyncio.sleep(1.0)
-        try:
-            return await asyncio.to_thread(sample)
-        finally:
-            stop.set()
-            await asyncio.gather(*tasks)
-
-
-CACHE_MEMBER = "demo-base"
-CACHE_DISTINCT = 50  # prompts of the repeated workload
+    loads = [
+        asyncio.create_task(closed_loop(url, until(stop, completion_bodies(m, 64)), concurrency=2))
+        for m in members
+    ]
+    await asyncio.sleep(1.0)
+    sampler = ProbeSampler(
+        url, paths, every_s=PROBE_GAP_S * len(paths), rounds=samples, timeout_s=60
+    )
+    try:
+        probes = await asyncio.to_thread(sampler.run)
+    finally:
+        stop.set()
+        await asyncio.gather(*loads)
+    return {path: _probe_figures(path, got) for path, got in probes.items()}
 
 
 def cache_scenario(
@@ -180,69 +116,45 @@ def cache_scenario(
     cache does not coalesce them), so sequential requests also make the hit rate exact.
     """
 
-    def body(prompt: str) -> dict[str, Any]:
-        return {
-            "model": CACHE_MEMBER,
-            "prompt": prompt,
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0,
-        }
-
-    def send(client: httpx.Client, prompt: str) -> tuple[str, float, float]:
-        """X-Cache, the app's own time and the client's time (ms) of one request."""
-        started = time.perf_counter()
-        response = client.post(f"{url}/v1/completions", json=body(prompt))
-        client_ms = (time.perf_counter() - started) * 1000
-        if response.status_code != 200:
-            raise RuntimeError(f"cache request answered {response.status_code}")
-        app_ms = server_ms(response)
-        if app_ms is None:
+    def send(prompts: list[str]) -> list[Record]:
+        bodies = (
+            {"model": CACHE_MEMBER, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0}
+            for p in prompts
+        )
+        run = asyncio.run(closed_loop(url, bodies, concurrency=1))
+        if run.failed:
+            raise RuntimeError(f"{run.failed} cache requests failed")
+        if any(server_ms(r.headers) is None for r in run.records):
             raise RuntimeError("no Server-Timing: app;dur=<ms> header in the response")
-        return response.headers.get("x-cache", ""), app_ms, client_ms
+        return run.records
 
-    with httpx.Client(timeout=60) as client:
-        # (a) one warm-up request fills the cache, then the same request again and again.
-        hot = "The cache benchmark asks the same question every time"
-        warm_state, _, _ = send(client, hot)
-        hit_server, hit_client, not_hit = [], [], 0
-        for _ in range(hits):
-            state, app_ms, client_ms = send(client, hot)
-            not_hit += state != "HIT"
-            hit_server.append(app_ms)
-            hit_client.append(client_ms)
-        # Misses: deterministic requests the server has never seen, one prompt each.
-        miss_server, not_miss = [], 0
-        for i in range(misses):
-            state, app_ms, _ = send(client, f"Cold cache request {i} asks something new")
-            not_miss += state != "MISS"
-            miss_server.append(app_ms)
-        # (b) a workload that repeats: ``workload`` requests over ``distinct`` prompts.
-        rng = random.Random(seed)
-        pool = [f"Repeated question {i} about the ensemble's cache" for i in range(distinct)]
-        drawn = [rng.choice(pool) for _ in range(workload)]
-        states = [send(client, prompt)[0] for prompt in drawn]
-    hit_p50, hit_p99 = _percentile(hit_server, 50), _percentile(hit_server, 99)
-    miss_p50 = _percentile(miss_server, 50)
+    def app_ms(records: list[Record]) -> list[float]:
+        return [server_ms(r.headers) or 0.0 for r in records]
+
+    def x_cache(records: list[Record]) -> list[str]:
+        return [r.headers.get("x-cache", "") for r in records]
+
+    # (a) one warm-up request fills the cache, then the same request again and again.
+    warm, *hit = send(["The cache benchmark asks the same question every time"] * (hits + 1))
+    # Misses: deterministic requests the server has never seen, one prompt each.
+    missed = send([f"Cold cache request {i} asks something new" for i in range(misses)])
+    # (b) a workload that repeats: ``workload`` requests over ``distinct`` prompts.
+    rng = random.Random(seed)
+    pool = [f"Repeated question {i} about the ensemble's cache" for i in range(distinct)]
+    drawn = [rng.choice(pool) for _ in range(workload)]
+    states = x_cache(send(drawn))
+    hit_p50 = percentile(app_ms(hit), 50)
+    miss_p50 = percentile(app_ms(missed), 50)
     workload_hits = states.count("HIT")
     return {
         "model": CACHE_MEMBER,
         "max_tokens": MAX_TOKENS,
-        "warmup_x_cache": warm_state,
-        "hit": {
-            "requests": hits,
-            "not_hit": not_hit,
-            "server_p50_ms": hit_p50,
-            "server_p99_ms": hit_p99,
-            "server_max_ms": max(hit_server),
-            "client_p50_ms": _percentile(hit_client, 50),
-            "client_p99_ms": _percentile(hit_client, 99),
-        },
-        "miss": {
-            "requests": misses,
-            "not_miss": not_miss,
-            "server_p50_ms": miss_p50,
-            "server_p99_ms": _percentile(miss_server, 99),
-        },
+        "warmup_x_cache": x_cache([warm])[0],
+        "hit": {"requests": hits, "not_hit": sum(s != "HIT" for s in x_cache(hit))}
+        | spread(app_ms(hit), prefix="server_", peak=True)
+        | spread([r.latency_s * 1000 for r in hit], prefix="client_"),
+        "miss": {"requests": misses, "not_miss": sum(s != "MISS" for s in x_cache(missed))}
+        | spread(app_ms(missed), prefix="server_"),
         "miss_vs_hit_p50": miss_p50 / hit_p50 if hit_p50 > 0 else None,
         "workload": {
             "requests": workload,
@@ -258,117 +170,24 @@ def cache_scenario(
     }
 
 
-def _wait_until_up(process: subprocess.Popen[bytes], url: str, ready: Any) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if ready(httpx.get(f"{url}/v1/models", timeout=1)):
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not start")
-
-
-def start_peer(path: Path, threads: int | None) -> tuple[subprocess.Popen[bytes], str] | None:
-    """``python -m llama_cpp.server`` on one model, or None when it is not installed."""
-    try:
-        import llama_cpp.server  # noqa: F401
-    except ImportError:
-        return None
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(path),
-        "--n_ctx",
-        str(N_CTX),
-        "--port",
-        str(port),
-        "--verbose",
-        "false",
-    ]
-    if threads:
-        command += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    _wait_until_up(process, url, lambda r: r.status_code == 200)
-    return process, url
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
-def start_server(
-    models: dict[str, Path],
-    threads: int | None,
-    workdir: Path,
-    *,
-    metrics: bool = True,
-    model_fields: dict[str, int] | None = None,
-    sections: dict[str, dict[str, Any]] | None = None,
-) -> tuple[subprocess.Popen[bytes], str]:
-    """``ensemble-ops serve`` on ``models`` (each with ``model_fields``), once all are ready.
-
-    ``sections`` adds config tables: ``{"cache": {"backend": "redis", "url": ...}}``.
-
-    The server logs to workdir/server.log and workdir/server.stderr; their last lines are
-    printed when it fails to come up.
-    """
-    port = _free_port()
-    log = workdir / "server.log"
-    # The production defaults (info level, one JSON line per request), to a file.
-    lines = ["[logging]", f'file = "{log}"', "[metrics]", f"enabled = {str(metrics).lower()}"]
-    for table, values in (sections or {}).items():
-        lines += [f"[{table}]", *(f"{key} = {json.dumps(value)}" for key, value in values.items())]
+def peer_figures(
+    models: dict[str, Path], requests: int, threads: int | None, samples: int, workdir: Path
+) -> tuple[dict[tuple[str, int], float], dict[str, dict[str, float]]]:
+    """The peer's throughput on each member, and its /v1/models latency under load."""
+    peer: dict[tuple[str, int], float] = {}
+    peer_probe: dict[str, dict[str, float]] = {}
     for name, path in models.items():
-        lines += ["[[models]]", f'name = "{name}"', f'path = "{path}"', f"n_ctx = {N_CTX}"]
-        if threads:
-            lines.append(f"n_threads = {threads}")
-        lines += [f"{key} = {value}" for key, value in (model_fields or {}).items()]
-    config = workdir / "bench.toml"
-    config.write_text("\n".join(lines) + "\n")
-    command = [
-        sys.executable,
-        "-m",
-        "ensemble_ops",
-        "serve",
-        "--config",
-        str(config),
-        "--port",
-        str(port),
-    ]
-    with (workdir / "server.stderr").open("wb") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(
-            process,
-            url,
-            lambda r: all(m["meta"]["state"] == "ready" for m in r.json()["data"][1:]),
-        )
-    except Exception:
-        if process.poll() is None:
-            process.kill()
-        for path in (log, workdir / "server.stderr"):
-            if path.is_file():
-                tail = path.read_text(errors="replace").splitlines()[-30:]
-                print(f"--- last lines of {path.name}:", *tail, sep="\n")
-        raise
-    return process, url
-
-
-PROBES = ["/v1/models", "/health/live", "/health/ready", "/health/llm/all"]
+        with llama_cpp_server(path, threads=threads, workdir=workdir) as server:
+            if server is None:
+                break
+            for c in (1, 4):
+                peer[(name, c)] = asyncio.run(http_throughput(server.url, name, requests, c))
+            if name == DEMO_MEMBERS[-1].name:
+                # Its one model saturated by 4 clients, like each of ours by 2 (x3).
+                peer_probe = asyncio.run(
+                    probe_latency_under_load(server.url, [None, None], ["/v1/models"], samples)
+                )
+    return peer, peer_probe
 
 
 def main() -> None:
@@ -396,43 +215,28 @@ def main() -> None:
             name: direct_throughput(path, args.requests, args.threads)
             for name, path in models.items()
         }
-        process, url = start_server(models, args.threads, workdir)
-        try:
+        with Server.start(workdir, models, threads=args.threads) as server:
             served = {
-                (name, c): asyncio.run(http_throughput(url, name, args.requests, c))
+                (name, c): asyncio.run(http_throughput(server.url, name, args.requests, c))
                 for name in models
                 for c in (1, 4)
             }
-            probes = asyncio.run(probe_latency_under_load(url, list(models), PROBES, args.samples))
+            probes = asyncio.run(
+                probe_latency_under_load(server.url, list(models), PROBES, args.samples)
+            )
             cache = cache_scenario(
-                url,
+                server.url,
                 hits=args.cache_hits,
                 misses=args.cache_misses,
                 workload=args.cache_workload,
                 distinct=CACHE_DISTINCT,
                 seed=args.seed,
             )
-        finally:
-            _stop(process)
-        peer: dict[tuple[str, int], float] = {}
-        peer_probe: dict[str, dict[str, float]] = {}
-        for name, path in models.items():
-            started = None if args.no_peer else start_peer(path, args.threads)
-            if started is None:
-                break
-            peer_process, peer_url = started
-            try:
-                for c in (1, 4):
-                    peer[(name, c)] = asyncio.run(http_throughput(peer_url, name, args.requests, c))
-                if name == DEMO_MEMBERS[-1].name:
-                    # Its one model saturated by 4 clients, like each of ours by 2 (x3).
-                    peer_probe = asyncio.run(
-                        probe_latency_under_load(
-                            peer_url, [None, None], ["/v1/models"], args.samples
-                        )
-                    )
-            finally:
-                _stop(peer_process)
+        peer, peer_probe = (
+            ({}, {})
+            if args.no_peer
+            else peer_figures(models, args.requests, args.threads, args.samples, workdir)
+        )
 
     rows = []
     print(
@@ -495,11 +299,7 @@ def main() -> None:
         f"{repeated['expected_hit_rate']:.3f})"
     )
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "settings": {
             "requests": args.requests,
             "max_tokens": MAX_TOKENS,
@@ -515,11 +315,9 @@ def main() -> None:
         "latency_under_load": probes,
         "peer_latency_under_load": peer_probe,
         "cache": cache,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "when": utc_now(),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten to {args.output}")
+    save(args.output, result)
 
 
 if __name__ == "__main__":

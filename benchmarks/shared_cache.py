@@ -19,53 +19,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
-import shutil
-import signal
-import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from benchmarks.serving import _free_port, _percentile, _stop, server_ms, start_server
+from benchmarks.harness import (
+    RESULTS_DIR,
+    Server,
+    redis_server,
+    save,
+    server_ms,
+    spread,
+)
 from ensemble_ops.config import CacheSettings
 from ensemble_ops.events import EventBus
 from ensemble_ops.serving.cache.redis_cache import RedisCache
 from ensemble_ops.serving.demo import ensure_demo_models
 
-RESULTS = Path(__file__).parent / "results" / "shared_cache.json"
+RESULTS = RESULTS_DIR / "shared_cache.json"
 MEMBER = "demo-tiny"
 REPLICAS = 3
-
-
-@contextmanager
-def redis_server(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    port = _free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.02)
-    try:
-        yield process, f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.kill()
-        process.wait()
 
 
 def _body(prompt: str) -> dict[str, Any]:
@@ -77,28 +57,29 @@ def _send(client: httpx.Client, url: str, prompt: str) -> tuple[str, float]:
     response = client.post(f"{url}/v1/completions", json=_body(prompt))
     if response.status_code != 200:
         raise RuntimeError(f"answered {response.status_code}: {response.text}")
-    app_ms = server_ms(response)
+    app_ms = server_ms(response.headers)
     assert app_ms is not None, "no Server-Timing header"
     return response.headers.get("x-cache", ""), app_ms
 
 
-@contextmanager
+@contextlib.contextmanager
 def replicas(
     models: dict[str, Path], workdir: Path, count: int, cache: dict[str, Any]
 ) -> Iterator[list[str]]:
-    started = []
-    try:
+    """``count`` servers sharing nothing but ``cache``'s settings; their URLs."""
+    with contextlib.ExitStack() as running:
+        urls = []
         for i in range(count):
             folder = workdir / f"replica-{i}-{cache['backend']}"
             folder.mkdir()
-            started.append(start_server(models, None, folder, sections={"cache": cache}))
-        yield [url for _, url in started]
-    finally:
-        for process, _ in started:
-            _stop(process)
+            urls.append(
+                running.enter_context(Server.start(folder, models, sections={"cache": cache})).url
+            )
+        yield urls
 
 
 def hit_share(urls: list[str], requests: int, distinct: int, seed: int) -> dict[str, Any]:
+    """The HIT share of ``requests`` drawn from ``distinct`` prompts, sent round-robin."""
     rng = random.Random(seed)
     pool = [f"Repeated question {i} for the fleet's cache" for i in range(distinct)]
     drawn = [rng.choice(pool) for _ in range(requests)]
@@ -114,6 +95,7 @@ def hit_share(urls: list[str], requests: int, distinct: int, seed: int) -> dict[
 
 
 def hit_latency(url: str, hits: int) -> dict[str, float]:
+    """The app's time of ``hits`` hits on one prompt (after the miss that stores it)."""
     with httpx.Client(timeout=60) as client:
         _send(client, url, "The latency benchmark asks this every time")
         times = []
@@ -121,7 +103,7 @@ def hit_latency(url: str, hits: int) -> dict[str, float]:
             state, app_ms = _send(client, url, "The latency benchmark asks this every time")
             assert state == "HIT", state
             times.append(app_ms)
-    return {"p50_ms": _percentile(times, 50), "p99_ms": _percentile(times, 99)}
+    return spread(times)
 
 
 async def one_timeout_ms(url: str, samples: int, timeout_s: float) -> dict[str, float]:
@@ -137,17 +119,14 @@ async def one_timeout_ms(url: str, samples: int, timeout_s: float) -> dict[str, 
         assert await cache.get("frozen") is None
         times.append((time.perf_counter() - started) * 1000)
         await cache.aclose()
-    return {"p50_ms": _percentile(times, 50), "p99_ms": _percentile(times, 99)}
+    return spread(times)
 
 
 def misses_ms(url: str, count: int, tag: str) -> dict[str, float]:
+    """The app's time of ``count`` misses (prompts never sent before)."""
     with httpx.Client(timeout=60) as client:
         times = [_send(client, url, f"{tag} miss {i} asks something new")[1] for i in range(count)]
-    return {
-        "p50_ms": _percentile(times, 50),
-        "p99_ms": _percentile(times, 99),
-        "max_ms": max(times),
-    }
+    return spread(times, peak=True)
 
 
 def main() -> None:
@@ -156,14 +135,15 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=50)
     parser.add_argument("--hits", type=int, default=300)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--output", type=Path, default=RESULTS, help="results JSON file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="shared-cache-") as tmp:
         workdir = Path(tmp)
         paths = ensure_demo_models(workdir / "models")
         models = {MEMBER: paths[MEMBER]}
         result: dict[str, Any] = {"member": MEMBER, "replicas": REPLICAS}
-        with redis_server(workdir) as (redis, redis_url):
-            redis_cache = {"backend": "redis", "url": redis_url}
+        with redis_server(workdir) as redis:
+            redis_cache = {"backend": "redis", "url": redis.url}
             for name, cache in (("memory", {"backend": "memory"}), ("redis", redis_cache)):
                 with replicas(models, workdir, REPLICAS, cache) as urls:
                     result[f"hit_share_{name}"] = hit_share(
@@ -172,22 +152,18 @@ def main() -> None:
                     result[f"hit_latency_{name}"] = hit_latency(urls[0], args.hits)
                     if name == "redis":
                         result["misses_redis_up"] = misses_ms(urls[0], 100, "up")
-                        redis.send_signal(signal.SIGSTOP)
-                        try:
+                        with redis.frozen():
                             result["misses_redis_frozen"] = misses_ms(urls[0], 100, "frozen")
                             result["one_timeout"] = asyncio.run(
-                                one_timeout_ms(redis_url, 50, CacheSettings().timeout_s)
+                                one_timeout_ms(redis.url, 50, CacheSettings().timeout_s)
                             )
-                        finally:
-                            redis.send_signal(signal.SIGCONT)
     memory, shared = result["hit_share_memory"], result["hit_share_redis"]
     result["hit_share_redis_vs_memory"] = shared["hit_share"] / memory["hit_share"]
     result["redis_hit_vs_memory_hit_p50"] = (
         result["hit_latency_redis"]["p50_ms"] / result["hit_latency_memory"]["p50_ms"]
     )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    save(args.output, result)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import math
+import contextlib
 import os
-import platform
 import random
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -39,10 +34,23 @@ from typing import Any
 
 import httpx
 
-from benchmarks.serving import _free_port, _stop, server_ms
+from benchmarks.harness import (
+    RESULTS_DIR,
+    ProbeSample,
+    ProbeSampler,
+    Record,
+    Server,
+    machine,
+    percentile,
+    reload_member,
+    save,
+    send,
+    utc_now,
+    wait_ready,
+)
 from ensemble_ops.serving.real_models import SMOLLM2_135M
 
-RESULTS = Path(__file__).parent / "results" / "sla.json"
+RESULTS = RESULTS_DIR / "sla.json"
 DEFAULT_RATE = 10.0
 DEFAULT_DURATION_S = 120.0
 MODES = ("fast", "balanced", "creative")
@@ -75,16 +83,6 @@ TOPICS = [
 ]  # fmt: skip
 
 
-def _nearest_rank(values: list[float], q: float) -> float:
-    """The nearest-rank percentile: the smallest value with at least q% of values at or below.
-
-    Not serving.py's ``_percentile``: its rounded index can pick a rank below q% for small
-    samples (the 95th of 13 values is its 12th), which would flatter a pass/fail.
-    """
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
 @dataclass(frozen=True)
 class Planned:
     """One request of the schedule: when it is due (seconds from the start) and what it asks."""
@@ -106,23 +104,32 @@ class Planned:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What became of one planned request (error None: a 200 with a usable body)."""
+    """What became of one planned request: when it was sent (seconds from the start) and its
+    record (error None: a 200 with a usable body)."""
 
     planned: Planned
     sent_s: float
-    latency_s: float
-    status: int | None
-    error: str | None
-    cache: str | None = None
-    member: str | None = None
-    completion_tokens: int | None = None
+    record: Record
 
+    @property
+    def latency_s(self) -> float:
+        return self.record.latency_s
 
-@dataclass(frozen=True)
-class ProbeSample:
-    status: int | None
-    client_ms: float
-    server_ms: float | None
+    @property
+    def error(self) -> str | None:
+        return self.record.error
+
+    @property
+    def cache(self) -> str | None:
+        return self.record.headers.get("x-cache")
+
+    @property
+    def member(self) -> str | None:
+        return self.record.headers.get("x-ensemble-member")
+
+    @property
+    def completion_tokens(self) -> int | None:
+        return self.record.completion_tokens
 
 
 def plan(rate: float, duration_s: float, repeat_share: float, seed: int) -> list[Planned]:
@@ -143,114 +150,44 @@ def plan(rate: float, duration_s: float, repeat_share: float, seed: int) -> list
     return planned
 
 
-async def send(
+async def offer(
     client: httpx.AsyncClient, planned: Planned, started: float, timeout_s: float
 ) -> Outcome:
-    """One request with a deadline on the whole of it (httpx's timeout is per operation)."""
-    sent = time.perf_counter()
-
-    def failed(error: str, status: int | None = None) -> Outcome:
-        return Outcome(planned, sent - started, time.perf_counter() - sent, status, error)
-
-    try:
-        async with asyncio.timeout(timeout_s):
-            response = await client.post("/v1/chat/completions", json=planned.body())
-    except (TimeoutError, httpx.TimeoutException):
-        return failed("timeout")
-    except httpx.TransportError as err:
-        return failed(type(err).__name__)
-    latency = time.perf_counter() - sent
-    if response.status_code != 200:
-        return failed(f"status {response.status_code}", response.status_code)
-    try:
-        tokens = int(response.json()["usage"]["completion_tokens"])
-    except (ValueError, KeyError, TypeError):
-        return failed("invalid body", 200)
-    return Outcome(
-        planned,
-        sent - started,
-        latency,
-        200,
-        None,
-        cache=response.headers.get("x-cache"),
-        member=response.headers.get("x-ensemble-member"),
-        completion_tokens=tokens,
-    )
+    """One request, with a deadline on the whole of it."""
+    record = await send(client, "/v1/chat/completions", planned.body(), timeout_s=timeout_s)
+    return Outcome(planned, record.started - started, record)
 
 
-def probe(url: str, stop: threading.Event) -> dict[str, list[ProbeSample]]:
-    """GET each of PROBES every PROBE_EVERY_S until ``stop``.
-
-    Its own thread and connection: the load generator's event loop must not delay it.
-    """
-    samples: dict[str, list[ProbeSample]] = {path: [] for path in PROBES}
-    started = time.perf_counter()
-    with httpx.Client(base_url=url, timeout=10) as client:
-        ticks = 0
-        while not stop.is_set():
-            for path in PROBES:
-                sent = time.perf_counter()
-                try:
-                    response = client.get(path)
-                except httpx.HTTPError:
-                    samples[path].append(
-                        ProbeSample(None, (time.perf_counter() - sent) * 1000, None)
-                    )
-                    continue
-                client_ms = (time.perf_counter() - sent) * 1000
-                samples[path].append(
-                    ProbeSample(response.status_code, client_ms, server_ms(response))
-                )
-            ticks += 1
-            stop.wait(max(0.0, started + ticks * PROBE_EVERY_S - time.perf_counter()))
-    return samples
-
-
-async def reload(client: httpx.AsyncClient, at_s: float, started: float) -> dict[str, Any]:
+async def reload(
+    client: httpx.AsyncClient, url: str, at_s: float, started: float
+) -> dict[str, Any]:
     """At ``at_s``, reload RELOAD_MEMBER and follow it until it completes or fails."""
     await asyncio.sleep(max(0.0, started + at_s - time.perf_counter()))
-    began = time.perf_counter()
-    record: dict[str, Any] = {"member": RELOAD_MEMBER, "at_s": round(began - started, 2)}
-
-    def ended(outcome: str, error: str | None) -> dict[str, Any]:
-        now = time.perf_counter()
-        return record | {
-            "outcome": outcome,
-            "seconds": round(now - began, 2),
-            "ended_at_s": round(now - started, 2),
-            "error": error,
-        }
-
-    try:
-        answer = await client.post(f"/admin/models/{RELOAD_MEMBER}/reload")
-        record["status"] = answer.status_code
-        if answer.status_code != 202:
-            return ended("refused", answer.text[:500])
-        while time.perf_counter() - began < RELOAD_TIMEOUT_S:
-            status = (await client.get(f"/health/llm/reload/{RELOAD_MEMBER}")).json()
-            if status["state"] in ("completed", "failed"):
-                return ended(status["state"], status.get("error"))
-            await asyncio.sleep(0.1)
-    except httpx.HTTPError as err:
-        return ended("no answer", repr(err))
-    return ended("timed out", None)
+    done = await reload_member(client, url, RELOAD_MEMBER, timeout_s=RELOAD_TIMEOUT_S)
+    record: dict[str, Any] = {"member": RELOAD_MEMBER, "at_s": round(done.started - started, 2)}
+    if done.status is not None:
+        record["status"] = done.status
+    return record | {
+        "outcome": done.outcome,
+        "seconds": round(done.seconds, 2),
+        "ended_at_s": round(done.ended - started, 2),
+        "error": done.error,
+    }
 
 
 async def run(
     url: str, schedule: list[Planned], timeout_s: float, reload_at_s: float | None
 ) -> tuple[list[Outcome], dict[str, list[ProbeSample]], dict[str, Any] | None, float]:
     """Offer ``schedule`` open-loop; the outcomes, probe samples, reload record and lag (s)."""
-    stop = threading.Event()
-    probes = asyncio.create_task(asyncio.to_thread(probe, url, stop))
     # No connection limit: a request waiting for a pooled connection would not be open-loop.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    try:
+    with ProbeSampler(url, PROBES, every_s=PROBE_EVERY_S) as probes:
         async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
             started = time.perf_counter()
             reloading = (
                 None
                 if reload_at_s is None
-                else asyncio.create_task(reload(client, reload_at_s, started))
+                else asyncio.create_task(reload(client, url, reload_at_s, started))
             )
             tasks, lag = [], 0.0
             for planned in schedule:
@@ -258,66 +195,10 @@ async def run(
                 if delay > 0:
                     await asyncio.sleep(delay)
                 lag = max(lag, time.perf_counter() - started - planned.at_s)
-                tasks.append(asyncio.create_task(send(client, planned, started, timeout_s)))
+                tasks.append(asyncio.create_task(offer(client, planned, started, timeout_s)))
             outcomes = list(await asyncio.gather(*tasks))
             reloaded = None if reloading is None else await reloading
-    finally:
-        stop.set()
-    return outcomes, await probes, reloaded, lag
-
-
-def _ready(url: str) -> list[str] | None:
-    """The members once /health/ready is 200 and every member's state is ready, else None."""
-    if httpx.get(f"{url}/health/ready", timeout=2).status_code != 200:
-        return None
-    answer = httpx.get(f"{url}/v1/models", timeout=2)
-    if answer.status_code != 200:
-        return None
-    members = [card for card in answer.json()["data"] if card["id"] != "ensemble"]
-    if members and all(card["meta"]["state"] == "ready" for card in members):
-        return [card["id"] for card in members]
-    return None
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes] | None) -> list[str]:
-    """Poll until the server is ready (``_ready``); the members."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            members = _ready(url)
-        except httpx.TransportError:
-            members = None
-        if members is not None:
-            return members
-        time.sleep(0.2)
-    raise RuntimeError(f"server not ready after {START_TIMEOUT_S:.0f} s")
-
-
-def start_default_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str, list[str]]:
-    """``ensemble-ops serve`` with no config, once ready; logs in workdir (tail on failure)."""
-    port = _free_port()
-    log, errors = workdir / "server.log", workdir / "server.stderr"
-    command = [sys.executable, "-m", "ensemble_ops", "serve", "--port", str(port)]
-    with errors.open("wb") as stderr:
-        process = subprocess.Popen(
-            [*command, "--log-file", str(log)], stdout=subprocess.DEVNULL, stderr=stderr
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        members = wait_ready(url, process)
-        if RELOAD_MEMBER not in members:
-            raise RuntimeError(f"not the real-model ensemble (demo fallback?): {members}")
-    except Exception:
-        if process.poll() is None:
-            process.kill()
-        for path in (log, errors):
-            if path.is_file():
-                tail = path.read_text(errors="replace").splitlines()[-30:]
-                print(f"--- last lines of {path.name}:", *tail, sep="\n")
-        raise
-    return process, url, members
+    return outcomes, probes.samples, reloaded, lag
 
 
 def _latency(outcomes: list[Outcome]) -> dict[str, Any]:
@@ -326,9 +207,9 @@ def _latency(outcomes: list[Outcome]) -> dict[str, Any]:
         return {"n": 0, "p50_s": None, "p95_s": None, "p99_s": None}
     return {
         "n": len(values),
-        "p50_s": round(_nearest_rank(values, 50), 3),
-        "p95_s": round(_nearest_rank(values, 95), 3),
-        "p99_s": round(_nearest_rank(values, 99), 3),
+        "p50_s": round(percentile(values, 50), 3),
+        "p95_s": round(percentile(values, 95), 3),
+        "p99_s": round(percentile(values, 99), 3),
     }
 
 
@@ -338,10 +219,10 @@ def _probe_figures(samples: list[ProbeSample]) -> dict[str, Any]:
     return {
         "samples": len(samples),
         "not_200": sum(s.status != 200 for s in samples),
-        "client_p50_ms": round(_nearest_rank(client, 50), 2) if client else None,
-        "client_p99_ms": round(_nearest_rank(client, 99), 2) if client else None,
-        "server_p50_ms": round(_nearest_rank(inside, 50), 2) if inside else None,
-        "server_p99_ms": round(_nearest_rank(inside, 99), 2) if inside else None,
+        "client_p50_ms": round(percentile(client, 50), 2) if client else None,
+        "client_p99_ms": round(percentile(client, 99), 2) if client else None,
+        "server_p50_ms": round(percentile(inside, 50), 2) if inside else None,
+        "server_p99_ms": round(percentile(inside, 99), 2) if inside else None,
     }
 
 
@@ -535,32 +416,24 @@ def main() -> None:
     schedule = plan(args.rate, args.duration, args.repeat_share, args.seed)
     load_before = os.getloadavg()
     began = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        process = None
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
+        server = None
         if args.url:
             url = args.url.rstrip("/")
-            members = wait_ready(url, None)
+            members = wait_ready(url, START_TIMEOUT_S)
         else:
-            process, url, members = start_default_server(Path(tmp))
+            server = running.enter_context(Server.start(Path(tmp), timeout_s=START_TIMEOUT_S))
+            url, members = server.url, server.members
+            if RELOAD_MEMBER not in members:
+                raise RuntimeError(f"not the real-model ensemble (demo fallback?): {members}")
         print(
             f"ready ({members}) after {time.perf_counter() - began:.1f} s; offering "
             f"{len(schedule)} requests over {args.duration:g} s",
             flush=True,
         )
-        try:
-            outcomes, probes, reloaded, lag = asyncio.run(
-                run(url, schedule, args.timeout, reload_at)
-            )
-        finally:
-            if process is not None:
-                _stop(process)
+        outcomes, probes, reloaded, lag = asyncio.run(run(url, schedule, args.timeout, reload_at))
     result: dict[str, Any] = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average_before": [round(x, 2) for x in load_before],
-        },
+        "machine": machine() | {"load_average_before": [round(x, 2) for x in load_before]},
         "settings": {
             # A smoke run (below the default rate or duration) is marked as one.
             "run": "full"
@@ -581,16 +454,14 @@ def main() -> None:
         "harness": {
             "max_schedule_lag_ms": round(lag * 1000, 1),
             "wall_s": round(time.perf_counter() - began, 1),
-            "server_exit_code": None if process is None else process.returncode,
+            "server_exit_code": None if server is None else server.returncode,
         },
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "when": utc_now(),
     }
     report(result)
     if args.markdown:
         print("\n" + markdown(result))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten to {args.output}")
+    save(args.output, result)
 
 
 if __name__ == "__main__":

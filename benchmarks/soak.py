@@ -22,8 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -35,12 +33,19 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import httpx
-import psutil
 
-from benchmarks.serving import _percentile, _stop, start_server
+from benchmarks.harness import (
+    RESULTS_DIR,
+    Server,
+    machine,
+    reload_member,
+    save,
+    spread,
+    utc_now,
+)
 from ensemble_ops.serving.demo import ensure_demo_models
 
-RESULTS = Path(__file__).parent / "results" / "soak.json"
+RESULTS = RESULTS_DIR / "soak.json"
 MODES = ("fast", "balanced", "creative")
 RSS_GROWTH_LIMIT = 1.05
 FIRST_MINUTE_S = 60.0
@@ -73,10 +78,10 @@ Sender: TypeAlias = Callable[[httpx.AsyncClient, random.Random], Awaitable[Recor
 class Soak:
     """The traffic, the reloads and the RSS samples of one soak run."""
 
-    def __init__(self, url: str, members: list[str], pid: int, args: argparse.Namespace) -> None:
-        self.url = url
-        self.members = members
-        self.process = psutil.Process(pid)
+    def __init__(self, server: Server, args: argparse.Namespace) -> None:
+        self.url = server.url
+        self.members = server.members
+        self.server = server
         self.duration_s = args.minutes * 60
         self.clients = args.clients
         self.reload_every_s = args.reload_every_s
@@ -265,25 +270,15 @@ class Soak:
                 self.records.append(await send(client, rng))
 
     async def reload(self, client: httpx.AsyncClient, member: str) -> dict[str, Any]:
-        started = self.elapsed()
-        record: dict[str, Any] = {"member": member, "at_s": round(started, 1)}
-        try:
-            answer = await client.post(f"{self.url}/admin/models/{member}/reload")
-            record["status"] = answer.status_code
-            if answer.status_code != 202:
-                return record | {"outcome": "refused", "error": answer.text}
-            while self.elapsed() - started < RELOAD_TIMEOUT_S:
-                status = (await client.get(f"{self.url}/health/llm/reload/{member}")).json()
-                if status["state"] in ("completed", "failed"):
-                    return record | {
-                        "outcome": status["state"],
-                        "seconds": round(self.elapsed() - started, 2),
-                        "error": status.get("error"),
-                    }
-                await asyncio.sleep(0.1)
-        except httpx.HTTPError as err:
-            return record | {"outcome": "no answer", "error": repr(err)}
-        return record | {"outcome": "timed out"}
+        at_s = round(self.elapsed(), 1)
+        done = await reload_member(client, self.url, member, timeout_s=RELOAD_TIMEOUT_S)
+        record: dict[str, Any] = {"member": member, "at_s": at_s}
+        if done.status is not None:
+            record["status"] = done.status
+        record["outcome"] = done.outcome
+        if done.outcome in ("completed", "failed"):
+            record["seconds"] = round(done.seconds, 2)
+        return record | {"error": done.error}
 
     async def bad_reload(self, client: httpx.AsyncClient, member: str, path: str) -> None:
         record: dict[str, Any] = {"member": member, "path": path, "expected": 400}
@@ -312,7 +307,7 @@ class Soak:
                 n += 1
 
     def sample_rss(self) -> None:
-        mib = self.process.memory_info().rss / 2**20
+        mib = self.server.rss_bytes() / 2**20
         self.rss.append((round(self.elapsed(), 1), round(mib, 2), self.reloading))
 
     async def sampler(self, stop: asyncio.Event) -> None:
@@ -343,12 +338,7 @@ class Soak:
 
 
 def _latency(records: list[Record]) -> dict[str, float]:
-    values = [r.latency_s * 1000 for r in records]
-    return {
-        "p50_ms": _percentile(values, 50),
-        "p99_ms": _percentile(values, 99),
-        "max_ms": max(values),
-    }
+    return spread([r.latency_s * 1000 for r in records], peak=True)
 
 
 def summarize(soak: Soak, run: dict[str, Any], exit_code: int | None) -> dict[str, Any]:
@@ -442,20 +432,6 @@ def summarize(soak: Soak, run: dict[str, Any], exit_code: int | None) -> dict[st
     }
 
 
-def _server_log_errors(path: Path) -> list[str]:
-    """Error-level lines of the server's JSON log (shown, not judged: the checks above are)."""
-    errors = []
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
-                errors.append(str(entry.get("event")))
-    return errors
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--minutes", type=float, default=5.0)
@@ -469,19 +445,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         models = ensure_demo_models(workdir / "models")
-        process, url = start_server(models, None, workdir)
-        try:
-            soak = Soak(url, list(models), process.pid, args)
+        with Server.start(workdir, models) as server:
+            soak = Soak(server, args)
             print(
-                f"soaking {url} for {args.minutes:g} min: {args.clients} clients, a reload "
-                f"every {args.reload_every_s:g} s, RSS every {args.sample_every_s:g} s",
+                f"soaking {server.url} for {args.minutes:g} min: {args.clients} clients, a "
+                f"reload every {args.reload_every_s:g} s, RSS every {args.sample_every_s:g} s",
                 flush=True,
             )
             run = asyncio.run(soak.run())
-        finally:
-            _stop(process)
-        result = summarize(soak, run, process.returncode)
-        result["server_log_errors"] = _server_log_errors(workdir / "server.log")[:50]
+        result = summarize(soak, run, server.returncode)
+        # Shown, not judged: the checks above are.
+        errors = [json.loads(line).get("event") for line in server.error_lines()]
+        result["server_log_errors"] = [str(e) for e in errors][:50]
 
     print(
         f"\n{result['requests']} requests in {result['traffic_s']:.0f} s "
@@ -508,17 +483,8 @@ def main() -> None:
     print()
     for name, check in result["checks"].items():
         print(f"  {'PASS' if check['ok'] else 'FAIL'}  {name}: {check['detail']}")
-    result |= {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten to {args.output}")
+    result |= {"machine": machine(), "when": utc_now()}
+    save(args.output, result)
     if not result["passed"]:
         sys.exit(1)
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
-import platform
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,6 +25,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import NoOpTracer, SpanKind, Tracer
 
+from benchmarks.harness import RESULTS_DIR, machine, median, save
 from ensemble_ops.http.app import create_app
 from ensemble_ops.observability.logs import configure_logging
 from ensemble_ops.serving.builtin import demo_settings
@@ -34,7 +33,7 @@ from ensemble_ops.serving.engine import Completion, GenerationParams
 from ensemble_ops.serving.ensemble import InferenceRequest
 from ensemble_ops.serving.spans import AttemptSpan
 
-RESULTS = Path(__file__).parent / "results" / "tracing.json"
+RESULTS = RESULTS_DIR / "tracing.json"
 
 
 class _Discard(SpanExporter):
@@ -105,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400, help="per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--output", type=Path, default=RESULTS, help="results JSON file")
     args = parser.parse_args()
     # Production logging (JSON lines), kept to warnings: the request lines would otherwise
     # go to the terminal and weigh more than what is measured.
@@ -119,7 +119,7 @@ def main() -> None:
             seconds, exported = asyncio.run(_round(models, args.requests, traced=True))
             on.append(seconds)
             spans += exported
-    median_on, median_off = sorted(on)[len(on) // 2], sorted(off)[len(off) // 2]
+    median_on, median_off = median(on), median(off)
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(_Discard()))
     spans_on_us = span_cost_us(provider.get_tracer("bench"), 20000)
@@ -137,7 +137,7 @@ def main() -> None:
         "cost_share_of_request": median_on / median_off - 1,
         "spans_per_request": spans / (args.rounds * (args.requests + 20)),
         "batch_settings": {"max_queue_size": 2048, "max_export_batch_size": 512, "delay_ms": 5000},
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine(),
     }
     print(
         f"demo-tiny, 16-token completions in-process: off {median_off * 1000:.3f} ms, "
@@ -146,14 +146,12 @@ def main() -> None:
         f"{result['cost_share_of_request']:.2%} of a request "
         f"({result['spans_per_request']:.1f} spans each)"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"spans per request in-process: on {spans_on_us:.1f} us, off (no-op tracer) "
         f"{spans_off_us:.1f} us: {result['span_share_of_request']:.2%} of a "
         f"{median_off * 1000:.2f} ms request"
     )
-    print(f"written to {RESULTS}")
+    save(args.output, result)
 
 
 if __name__ == "__main__":

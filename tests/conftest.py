@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,8 +14,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
-from ensemble_ops.config import Settings
-from ensemble_ops.errors import EngineError
+from ensemble_ops.config import ModeName, Settings
 from ensemble_ops.events import EventBus
 from ensemble_ops.http.app import create_app
 from ensemble_ops.serving.builtin import demo_settings
@@ -23,11 +23,15 @@ from ensemble_ops.serving.engine import (
     ChatMessage,
     ChatPrompt,
     Completion,
+    EngineFailure,
     EngineInfo,
     GenerationParams,
     OnText,
+    SequenceHandle,
+    SequenceSink,
+    complete,
 )
-from ensemble_ops.serving.ensemble import Ensemble
+from ensemble_ops.serving.ensemble import Ensemble, InferenceRequest
 from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.serving.real_models import ensure_real_models
 
@@ -148,6 +152,10 @@ class EngineWrapper:
         self.closed = False
 
     @property
+    def name(self) -> str:
+        return self.real.name
+
+    @property
     def info(self) -> EngineInfo:
         return self.real.info
 
@@ -172,6 +180,19 @@ class EngineWrapper:
     def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         return self.real.render_chat(messages)
 
+    def submit(
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        sink: SequenceSink,
+        *,
+        head_start_s: float = 0.0,
+        incremental: bool = True,
+    ) -> SequenceHandle:
+        return self.real.submit(
+            tokens, params, sink, head_start_s=head_start_s, incremental=incremental
+        )
+
     def complete(
         self,
         tokens: list[int],
@@ -180,11 +201,19 @@ class EngineWrapper:
         *,
         head_start_s: float = 0.0,
     ) -> Completion:
-        return self.real.complete(tokens, params, on_text, head_start_s=head_start_s)
+        """Blocking, through this wrapper's own ``submit``."""
+        return complete(self, tokens, params, on_text, head_start_s=head_start_s)
 
     def close(self) -> None:
         self.closed = True
         self.real.close()
+
+
+class _Ended:
+    """The handle of a sequence that ended as it was submitted."""
+
+    def cancel(self) -> None:
+        pass
 
 
 class FlakyEngine(EngineWrapper):
@@ -196,15 +225,81 @@ class FlakyEngine(EngineWrapper):
         self.failing = failing
         self.calls = 0
 
-    def complete(
+    def submit(
         self,
         tokens: list[int],
         params: GenerationParams,
-        on_text: OnText | None = None,
+        sink: SequenceSink,
         *,
         head_start_s: float = 0.0,
-    ) -> Completion:
+        incremental: bool = True,
+    ) -> SequenceHandle:
         self.calls += 1
         if self.failing:
-            raise EngineError("flaky", "llama_decode returned -3")
-        return self.real.complete(tokens, params, on_text, head_start_s=head_start_s)
+            sink.end(EngineFailure("llama_decode returned -3"))
+            return _Ended()
+        return super().submit(
+            tokens, params, sink, head_start_s=head_start_s, incremental=incremental
+        )
+
+
+class _Parked:
+    """The handle of a sequence waiting at a gate: cancelling it there ends it there."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.inner: SequenceHandle | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.inner is not None:
+            self.inner.cancel()
+
+
+class GatedEngine(EngineWrapper):
+    """A real engine whose sequences wait at a gate (``release``) before they reach it: a
+    member busy, or a copy hanging, for exactly as long as a test needs, which a real model
+    cannot do on demand. ``arrived`` is set when a sequence reaches the gate."""
+
+    def __init__(self, real: LlamaEngine, release: threading.Event | None = None) -> None:
+        super().__init__(real)
+        self.release = release or threading.Event()
+        self.arrived = threading.Event()
+        self.calls = 0
+
+    def submit(
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        sink: SequenceSink,
+        *,
+        head_start_s: float = 0.0,
+        incremental: bool = True,
+    ) -> SequenceHandle:
+        self.calls += 1
+        handle = _Parked()
+
+        def after_the_gate() -> None:
+            self.release.wait()
+            if handle.cancelled:
+                sink.end(EngineFailure("cancelled", cancelled=True))
+                return
+            handle.inner = self.real.submit(
+                tokens, params, sink, head_start_s=head_start_s, incremental=incremental
+            )
+            if handle.cancelled:  # cancelled while it was being handed over
+                handle.inner.cancel()
+
+        threading.Thread(target=after_the_gate, daemon=True).start()
+        self.arrived.set()
+        return handle
+
+
+def route(
+    ensemble: Ensemble, model: str, mode: ModeName = "fast", session: str | None = None
+) -> list[str]:
+    """The members routing tries for a completion to ``model`` in ``mode``, in order."""
+    request = InferenceRequest(
+        model, mode, GenerationParams(4, 0.0, 1.0), prompt="Hello", session=session
+    )
+    return [slot.name for slot in ensemble.router.route(request)]

@@ -62,6 +62,7 @@ class ContextLengthExceededError(InvalidRequestError):
 
     def __init__(self, model: str, prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
         self.model = model
+        self.n_ctx = n_ctx
         super().__init__(
             f"This model's maximum context length is {n_ctx} tokens; the request has "
             f"{prompt_tokens} prompt tokens and asks for {max_tokens} completion tokens "

@@ -22,15 +22,10 @@ from ensemble_ops.config import HealthSettings, ModelSpec, Settings
 from ensemble_ops.events import HealthChanged, ProbeFinished
 from ensemble_ops.health.status import HealthStatus
 from ensemble_ops.http.app import create_app
-from ensemble_ops.serving.engine import (
-    Completion,
-    GenerationParams,
-    OnText,
-)
 from ensemble_ops.serving.gpu import GpuMonitor
 from ensemble_ops.serving.llama_engine import LlamaEngine
 
-from ..conftest import EngineWrapper, FlakyEngine, SettingsFactory, serving
+from ..conftest import FlakyEngine, GatedEngine, SettingsFactory, serving
 from ..redis_server import RedisServer
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -388,28 +383,6 @@ async def _until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
             await anyio.sleep(0.01)
 
 
-class _BlockingEngine(EngineWrapper):
-    """A real engine whose next completion hangs until released: a stuck inference, which a
-    real model cannot produce on demand."""
-
-    def __init__(self, real: LlamaEngine, started: threading.Event) -> None:
-        super().__init__(real)
-        self.started = started
-        self.release = threading.Event()
-
-    def complete(
-        self,
-        tokens: list[int],
-        params: GenerationParams,
-        on_text: OnText | None = None,
-        *,
-        head_start_s: float = 0.0,
-    ) -> Completion:
-        self.started.set()
-        self.release.wait(timeout=30)
-        return self.real.complete(tokens, params, on_text, head_start_s=head_start_s)
-
-
 class TestEmbeddedApi:
     async def test_register_a_llama_and_check_it(self, demo_dir: Path) -> None:
         """Users who load models themselves get the same checks through the embedded API."""
@@ -431,14 +404,12 @@ class TestEmbeddedApi:
 
     async def test_liveness_sees_a_stuck_inference(self, demo_dir: Path) -> None:
         """Embedded liveness is a real verdict: an inference past the hard limit fails it."""
-        blocked = threading.Event()
-        engine = _BlockingEngine(
+        engine = GatedEngine(  # its inferences wait at the gate: stuck until released
             LlamaEngine.load(
                 ModelSpec.model_validate(
                     {"name": "stuck", "path": demo_dir / "demo-tiny.gguf", "n_ctx": 128}
                 )
-            ),
-            blocked,
+            )
         )
         embedded.configure(health=HealthSettings(inference_hard_limit_s=0.05))
         try:
@@ -446,7 +417,7 @@ class TestEmbeddedApi:
             assert embedded.check_liveness() == (True, None)
             checker = embedded.get_health_checker()
             probing = asyncio.ensure_future(checker.check_model_health("stuck", True))
-            await _until(lambda: blocked.is_set())
+            await _until(engine.arrived.is_set)
             await anyio.sleep(0.1)
             alive, reason = embedded.check_liveness()
             assert alive is False

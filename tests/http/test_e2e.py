@@ -368,6 +368,10 @@ class TestReload:
         # what must hold is that it ran its steps live and no request failed.
         assert "weight  20.0%" in done.stderr, done.stderr
         assert "error_rate=" in done.stderr
+        # Not a terminal: one line per change, no bar redrawn with carriage returns.
+        assert "\r" not in done.stderr
+        lines = done.stderr.splitlines()
+        assert len(lines) == len(set(lines)), done.stderr
         assert set(statuses) == {200}
         assert done.returncode == 0 or "rolled back: gate failed" in done.stderr, done.stderr
         decided = _cli(server_env, "promote", "demo-tiny", "--url", server.url)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ..conftest import process_env
@@ -48,23 +49,43 @@ def run_schemathesis(url: str, examples: int, report: Path) -> subprocess.Comple
     )
 
 
+def _fuzz(tmp_path: Path, members: dict[str, Path], examples: int, n_ctx: int = 256) -> None:
+    """Serve ``members`` and fuzz every operation: no 5xx, no answer outside the schema, no
+    error in the server's log, and every member still healthy afterwards (no request can
+    poison one). A small context bounds the longest generation a request can ask for, and
+    short mode presets the ones that ask for none."""
+    config = tmp_path / "fuzz.toml"
+    config.write_text(
+        "".join(
+            f'[[models]]\nname = "{name}"\npath = "{path}"\nn_ctx = {n_ctx}\nqueue_size = 4\n'
+            for name, path in members.items()
+        )
+        + "".join(f"[modes.{mode}]\nmax_tokens = 8\n" for mode in ("fast", "balanced", "creative"))
+    )
+    server = launch(tmp_path, process_env(), "--config", str(config), "--log-level", "warning")
+    try:
+        result = run_schemathesis(server.url, examples, tmp_path / "report")
+        health = httpx.get(f"{server.url}/health/llm/all", timeout=30).json()
+    finally:
+        assert server.stop() == 0
+    summary = result.stdout[result.stdout.find("SUMMARY") :]
+    assert result.returncode == 0, summary or result.stdout[-3000:] + result.stderr
+    assert " passed" in summary
+    assert "failed" not in summary
+    crashes = [line for line in server.log_lines() if line.get("level") == "error"]
+    assert crashes == []
+    assert health["models"] == dict.fromkeys(members, "healthy")
+
+
 class TestFuzz:
     def test_generated_requests(self, tmp_path: Path, demo_dir: Path) -> None:
-        """Every generated request gets a documented answer, never a 5xx."""
-        config = tmp_path / "fuzz.toml"
-        config.write_text(
-            f'[[models]]\nname = "demo-tiny"\npath = "{demo_dir / "demo-tiny.gguf"}"\n'
-            "n_ctx = 512\nqueue_size = 4\n"
-        )
-        env = process_env()
-        server = launch(tmp_path, env, "--config", str(config), "--log-level", "warning")
-        try:
-            result = run_schemathesis(server.url, EXAMPLES, tmp_path / "report")
-        finally:
-            assert server.stop() == 0
-        summary = result.stdout[result.stdout.find("SUMMARY") :]
-        assert result.returncode == 0, summary or result.stdout[-3000:] + result.stderr
-        assert " passed" in summary
-        assert "failed" not in summary
-        crashes = [line for line in server.log_lines() if line.get("level") == "error"]
-        assert crashes == []
+        """Every generated request to a demo member gets a documented answer, never a 5xx."""
+        _fuzz(tmp_path, {"demo-tiny": demo_dir / "demo-tiny.gguf"}, EXAMPLES)
+
+    @pytest.mark.real_models
+    def test_generated_requests_to_the_real_ensemble(
+        self, tmp_path: Path, real_paths: dict[str, Path]
+    ) -> None:
+        """The same on the default ensemble's real models (their tokenizers see the fuzzed
+        prompts: empty ones, control characters, any code point)."""
+        _fuzz(tmp_path, real_paths, max(EXAMPLES // 4, 3), n_ctx=96)

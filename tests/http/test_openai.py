@@ -15,9 +15,6 @@ from structlog.testing import capture_logs
 from ensemble_ops.config import ModelSpec, Settings
 from ensemble_ops.http.app import create_app
 from ensemble_ops.http.protocol import ChatCompletionBody, CompletionBody, InferenceHeaders
-from ensemble_ops.serving.engine import (
-    Completion,
-)
 from ensemble_ops.serving.llama_engine import LlamaEngine
 
 from ..conftest import FlakyEngine, SettingsFactory, serving
@@ -127,6 +124,25 @@ class TestCompletions:
         assert all(c["object"] == "text_completion" for c in chunks)
         assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
 
+    async def test_a_repeated_stream_is_a_cache_hit_with_the_same_answer(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """A deterministic stream repeated says X-Cache: HIT and sends the same text, finish
+        reason and usage; the non-streamed request is a hit on the stream's entry."""
+        request = {**COMPLETION, "temperature": 0, "max_tokens": 9, "prompt": "Cache a stream"}
+        streamed = {**request, "stream": True, "stream_options": {"include_usage": True}}
+        first = await client.post("/v1/completions", json=streamed)
+        second = await client.post("/v1/completions", json=streamed)
+        whole = await client.post("/v1/completions", json=request)
+        assert [r.headers["x-cache"] for r in (first, second, whole)] == ["MISS", "HIT", "HIT"]
+        texts = []
+        for answer in (first, second):
+            chunks = _sse(answer.text)
+            texts.append("".join(c["choices"][0]["text"] for c in chunks if c["choices"]))
+            assert chunks[-1]["usage"] == whole.json()["usage"]
+            assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+        assert texts == [whole.json()["choices"][0]["text"]] * 2
+
     async def test_session_and_copy_are_accepted(self, client: httpx.AsyncClient) -> None:
         """A user, a session header of 256 characters and X-Ensemble-Copy in any case are
         fine on a member asked for by name."""
@@ -188,18 +204,14 @@ class TestSessionAndCopy:
 class TestCache:
     async def test_deterministic_request_is_cached(self, settings: Settings) -> None:
         """A repeated temperature-0 request is a hit that never reaches the engine."""
-        calls: list[int] = []
+        counters: list[FlakyEngine] = []
 
-        def loader(spec: ModelSpec) -> LlamaEngine:
-            engine = LlamaEngine.load(spec)
-            real = engine.complete
+        def loader(spec: ModelSpec) -> FlakyEngine:
+            counters.append(FlakyEngine(LlamaEngine.load(spec), failing=False))  # counts
+            return counters[-1]
 
-            def counting(*args: Any, **kwargs: Any) -> Completion:
-                calls.append(1)
-                return real(*args, **kwargs)
-
-            engine.complete = counting  # type: ignore[method-assign]
-            return engine
+        def calls() -> int:
+            return sum(engine.calls for engine in counters)
 
         async with serving(create_app(settings, loader=loader)) as client:
             request = {**COMPLETION, "temperature": 0}
@@ -207,17 +219,17 @@ class TestCache:
             second = await client.post("/v1/completions", json=request)
             assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
             assert first.json()["choices"] == second.json()["choices"]
-            assert len(calls) == 1
+            assert calls() == 1
             seeded = {**COMPLETION, "temperature": 0.9, "seed": 1}
             await client.post("/v1/completions", json=seeded)
             third = await client.post("/v1/completions", json=seeded)
             assert third.headers["x-cache"] == "HIT"
-            assert len(calls) == 2
+            assert calls() == 2
             sampled = {**COMPLETION, "temperature": 0.9}
             await client.post("/v1/completions", json=sampled)
             fourth = await client.post("/v1/completions", json=sampled)
             assert fourth.headers["x-cache"] == "MISS"
-            assert len(calls) == 4
+            assert calls() == 4
 
     async def test_cache_can_be_disabled(self, make_settings: SettingsFactory) -> None:
         """cache.enabled = false: every request reaches the engine."""

@@ -25,6 +25,7 @@ from ensemble_ops.events import (
 from ensemble_ops.http.app import create_app
 from ensemble_ops.reload.machine import mermaid_diagram
 from ensemble_ops.reload.manager import ReloadManager
+from ensemble_ops.serving.demo import DemoModel, write_model
 from ensemble_ops.serving.engine import Engine
 from ensemble_ops.serving.llama_engine import LlamaEngine
 
@@ -61,6 +62,13 @@ async def traffic(
             yield codes
         finally:
             stop.set()
+
+
+async def _card(client: httpx.AsyncClient, member: str) -> dict[str, Any]:
+    """The member's entry in /v1/models."""
+    models = (await client.get("/v1/models")).json()["data"]
+    card: dict[str, Any] = next(m for m in models if m["id"] == member)
+    return card
 
 
 async def _until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -334,6 +342,38 @@ class TestHttp:
                 await anyio.sleep(0.02)
         members = (await client.get("/admin/models")).json()["models"]
         assert next(m for m in members if m["name"] == "demo-tiny")["path"] == str(copy)
+
+    async def test_a_copy_that_cannot_chat_fails_unless_allowed(
+        self, client: httpx.AsyncClient, demo_dir: Path
+    ) -> None:
+        """A chat member reloaded with a file without a chat template fails at warm-up, the
+        old copy still serving and chat still routed to it; with allow_capability_change
+        the same reload completes and the member then only completes text."""
+        base = DemoModel("base", 64, 2, 192, 4, seed=3, chat_template="")
+        write_model(base, demo_dir / "no-template.gguf")
+
+        async def reload(body: dict[str, Any]) -> dict[str, Any]:
+            started = await client.post("/admin/models/demo-tiny/reload", json=body)
+            assert started.status_code == 202, started.text
+            with anyio.fail_after(30):
+                while True:
+                    status: dict[str, Any] = (
+                        await client.get("/health/llm/reload/demo-tiny")
+                    ).json()
+                    if status["state"] in ("completed", "failed"):
+                        return status
+                    await anyio.sleep(0.02)
+
+        refused = await reload({"path": "no-template.gguf"})
+        assert refused["state"] == "failed"
+        assert "cannot do what 'demo-tiny' does now: chat" in refused["error"]
+        assert refused["progress_percent"] == 0.0
+        card = await _card(client, "demo-tiny")
+        assert card["meta"]["capabilities"] == ["chat", "completion"]
+        allowed = await reload({"path": "no-template.gguf", "allow_capability_change": True})
+        assert allowed["state"] == "completed", allowed
+        card = await _card(client, "demo-tiny")
+        assert card["meta"]["capabilities"] == ["completion"]
 
     @pytest.mark.parametrize(
         ("body", "message"),

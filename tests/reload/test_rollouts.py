@@ -26,10 +26,10 @@ from ensemble_ops.events import (
 )
 from ensemble_ops.http.app import create_app
 from ensemble_ops.serving.demo import DemoModel, write_model
-from ensemble_ops.serving.engine import Completion, Engine, GenerationParams, OnText
+from ensemble_ops.serving.engine import Engine
 from ensemble_ops.serving.llama_engine import LlamaEngine
 
-from ..conftest import EngineWrapper, FlakyEngine, Recorded, SettingsFactory, serving
+from ..conftest import FlakyEngine, GatedEngine, Recorded, SettingsFactory, route, serving
 
 MEMBER = "demo-tiny"
 
@@ -218,27 +218,6 @@ class TestCanary:
         assert set(traffic.statuses) == {200}
 
 
-class _Hanging(EngineWrapper):
-    """A real engine that never answers until ``release`` (a candidate that hangs)."""
-
-    def __init__(self, real: LlamaEngine, release: threading.Event) -> None:
-        super().__init__(real)
-        self.release = release
-        self.calls = 0
-
-    def complete(
-        self,
-        tokens: list[int],
-        params: GenerationParams,
-        on_text: OnText | None = None,
-        *,
-        head_start_s: float = 0.0,
-    ) -> Completion:
-        self.calls += 1
-        self.release.wait()
-        return super().complete(tokens, params, on_text, head_start_s=head_start_s)
-
-
 class TestShadow:
     async def test_a_shadow_changes_nothing_a_user_sees(self, settings: Settings) -> None:
         """Every request is mirrored to a new copy that hangs: users are answered by the old
@@ -246,12 +225,12 @@ class TestShadow:
         user-facing metric; the undecided rollout is aborted and rolls back."""
         app = create_app(settings)
         release = threading.Event()
-        hanging: list[_Hanging] = []
+        hanging: list[GatedEngine] = []
         async with serving(app) as client:
             spec = app.state.ensemble.slots[MEMBER].spec
 
             def hangs() -> Engine:
-                engine = _Hanging(LlamaEngine.load(spec), release)
+                engine = GatedEngine(LlamaEngine.load(spec), release)  # answers nothing
                 hanging.append(engine)
                 return engine
 
@@ -410,7 +389,7 @@ class TestIsolation:
             slot.offer(slot.active, weight_percent=50)  # the same copy twice: only routing
             ensemble = app.state.ensemble
             keys = [f"user-{i}" for i in range(2000)]
-            split_side = [k for k in keys if ensemble.candidates("ab", "fast", k)[0] is slot]
+            split_side = [k for k in keys if route(ensemble, "ab", "fast", k)[0] == MEMBER]
             chosen = [slot.choose(k) for k in split_side]
             slot.withdraw()
         share = chosen.count("candidate") / len(chosen)

@@ -19,7 +19,8 @@ from ensemble_ops.serving.engine import (
     Completion,
     Engine,
     GenerationParams,
-    OnText,
+    SequenceHandle,
+    SequenceSink,
 )
 from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.serving.slot import Loaded
@@ -142,19 +143,22 @@ class TestChatWarmup:
 
 
 class _Asked(EngineWrapper):
-    """A real engine that records the parameters of each completion."""
+    """A real engine that records the parameters of each sequence."""
 
     def __init__(self, real: LlamaEngine) -> None:
         super().__init__(real)
         self.asked: list[GenerationParams] = []
 
-    def complete(
+    def submit(
         self,
         tokens: list[int],
         params: GenerationParams,
-        on_text: OnText | None = None,
+        sink: SequenceSink,
         *,
         head_start_s: float = 0.0,
-    ) -> Completion:
+        incremental: bool = True,
+    ) -> SequenceHandle:
         self.asked.append(params)
-        return super().complete(tokens, params, on_text, head_start_s=head_start_s)
+        return super().submit(
+            tokens, params, sink, head_start_s=head_start_s, incremental=incremental
+        )

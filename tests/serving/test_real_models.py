@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
+import json
 import re
 import threading
 import time
@@ -11,14 +13,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import httpx
 import jinja2.sandbox
 import llama_cpp
 import openai
 import pytest
 
+from ensemble_ops.config import ModelSpec, Settings
+from ensemble_ops.http.app import create_app
 from ensemble_ops.serving.demo import write_model
+from ensemble_ops.serving.engine import Engine
 from ensemble_ops.serving.gguf_check import inspect_gguf
+from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.serving.real_models import (
     GEMMA3_270M,
     REAL_MEMBERS,
@@ -28,7 +36,7 @@ from ensemble_ops.serving.real_models import (
     fetch,
 )
 
-from ..conftest import NO_BYTE_TOKENS, process_env
+from ..conftest import NO_BYTE_TOKENS, GatedEngine, process_env, serving
 from ..processes import Server, launch
 
 pytestmark = pytest.mark.real_models
@@ -250,6 +258,63 @@ class TestServe:
             assert body["probe"]["outcome"] == "ok"
             assert body["probe"]["latency_ms"] > 0
 
+    @pytest.mark.parametrize("mode", ["fast", "balanced", "creative"])
+    @pytest.mark.parametrize("stream", [False, True])
+    def test_a_chat_to_the_ensemble_goes_to_a_member_that_can_chat(
+        self, oai: openai.OpenAI, mode: str, stream: bool
+    ) -> None:
+        """Every mode, streamed or not: a chat to ``ensemble`` is answered by the instruct
+        member (creative prefers Gemma, which has no chat template), sensibly."""
+        messages: Any = [{"role": "user", "content": QUESTION}]
+        extra = {"mode": mode}
+        if stream:
+            chunks = list(
+                oai.chat.completions.create(
+                    model="ensemble",
+                    messages=messages,
+                    max_tokens=24,
+                    stream=True,
+                    extra_body=extra,
+                )
+            )
+            models = {c.model for c in chunks}
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            reply = oai.chat.completions.create(
+                model="ensemble", messages=messages, max_tokens=24, extra_body=extra
+            )
+            models = {reply.model}
+            text = reply.choices[0].message.content or ""
+        assert models == {INSTRUCT}
+        assert "assistant:" not in text  # not a base model continuing a transcript
+        assert text.strip()
+
+    def test_a_stop_string_across_tokens_is_never_streamed(self, server: Server) -> None:
+        """A stop string that spans two tokens of the answer: the stream holds back its
+        beginning, so the streamed text equals the non-streamed one, both cut before it."""
+        body: dict[str, Any] = {
+            "model": INSTRUCT,
+            "messages": [{"role": "user", "content": QUESTION}],
+            "temperature": 0,
+            "max_tokens": 24,
+        }
+        pieces = _streamed_pieces(server, body)
+        whole = "".join(pieces)
+        stop = _spanning_stop(pieces)
+        plain = httpx.post(
+            f"{server.url}/v1/chat/completions", json=body | {"stop": [stop]}, timeout=60
+        ).json()["choices"][0]["message"]["content"]
+        streamed = "".join(_streamed_pieces(server, body | {"stop": [stop]}))
+        assert plain == whole[: whole.index(stop)]
+        assert streamed == plain
+
+    def test_models_lists_what_each_member_can_do(self, server: Server) -> None:
+        """/v1/models says the instruct member can chat and Gemma only completes text."""
+        data = httpx.get(f"{server.url}/v1/models").json()["data"]
+        capabilities = {m["id"]: m["meta"].get("capabilities") for m in data[1:]}
+        assert capabilities == {INSTRUCT: ["chat", "completion"], BASE: ["completion"]}
+        assert all(m["meta"]["n_ctx"] > 0 for m in data[1:])
+
     def test_models_lists_both_architectures(self, server: Server) -> None:
         """/v1/models names the real members, instruct first, with their architectures."""
         data = httpx.get(f"{server.url}/v1/models").json()["data"]
@@ -258,6 +323,31 @@ class TestServe:
             (INSTRUCT, "llama"),
             (BASE, "gemma3"),
         ]
+
+
+def _spanning_stop(pieces: list[str]) -> str:
+    """Four characters whose first occurrence in the answer spans two pieces (tokens)."""
+    whole = "".join(pieces)
+    for i in range(len(pieces) - 1):
+        if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2:
+            stop = pieces[i][-2:] + pieces[i + 1][:2]
+            if whole.find(stop) == len("".join(pieces[: i + 1])) - 2:
+                return stop
+    raise AssertionError(f"no two pieces to span: {pieces}")
+
+
+def _streamed_pieces(server: Server, body: dict[str, Any]) -> list[str]:
+    """The text pieces of a streamed chat answer, in order."""
+    pieces: list[str] = []
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body | {"stream": True}, timeout=60
+    ) as answer:
+        for line in answer.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line.removeprefix("data: "))
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    pieces.append(chunk["choices"][0]["delta"]["content"])
+    return pieces
 
 
 class _Load:
@@ -304,7 +394,10 @@ class _Load:
 
 def _reload(server: Server, member: str, path: Path) -> dict[str, Any]:
     started = httpx.post(
-        f"{server.url}/admin/models/{member}/reload", json={"path": str(path)}, timeout=30
+        f"{server.url}/admin/models/{member}/reload",
+        # Gemma's file has no chat template: the instruct member may lose chat on purpose.
+        json={"path": str(path), "allow_capability_change": True},
+        timeout=30,
     )
     assert started.status_code == 202, started.text
     deadline = time.monotonic() + 180
@@ -363,51 +456,68 @@ class TestReloadAcrossArchitectures:
 
 
 class TestFallbackAndRefusal:
-    def test_busy_member_falls_back_and_a_spm_file_without_bytes_is_refused(
-        self, tmp_path: Path, real_env: dict[str, str], real_paths: dict[str, Path]
-    ) -> None:
-        """With the instruct member busy (no queue), the ensemble answers from Gemma; a member
-        whose SentencePiece vocabulary lacks byte tokens is unhealthy with a clear reason."""
-        broken = write_model(NO_BYTE_TOKENS, tmp_path / NO_BYTE_TOKENS.filename)
-        config = tmp_path / "ensemble.toml"
-        config.write_text(
-            f'[[models]]\nname = "{INSTRUCT}"\npath = "{real_paths[INSTRUCT]}"\nqueue_size = 0\n'
-            "parallel = 1\n"
-            f'[[models]]\nname = "{BASE}"\npath = "{real_paths[BASE]}"\n'
-            f'[[models]]\nname = "broken"\npath = "{broken}"\n'
-            f'[modes.fast]\nprefer = ["{INSTRUCT}", "{BASE}"]\n'
+    async def test_a_busy_member_falls_back_to_the_next(self, real_paths: dict[str, Path]) -> None:
+        """With the instruct member held busy (one slot, no queue), a completion to the
+        ensemble is answered by Gemma; a chat is not sent to Gemma, which cannot chat: it
+        gets the busy member's 503 with Retry-After."""
+        settings = Settings.from_mapping(
+            {
+                "models": [
+                    {"name": INSTRUCT, "path": str(real_paths[INSTRUCT])}
+                    | {"parallel": 1, "queue_size": 0, "n_ctx": 512},
+                    {"name": BASE, "path": str(real_paths[BASE]), "n_ctx": 512},
+                ],
+                "modes": {"fast": {"prefer": [INSTRUCT, BASE]}},
+            },
+            environ={},
         )
-        server = launch(tmp_path, real_env, "--config", str(config))
-        try:
-            health = httpx.get(f"{server.url}/health/llm", params={"model": "broken"})
-            assert health.status_code == 503
-            assert "lacks" in health.json()["error_message"]
-            assert "byte tokens" in health.json()["error_message"]
-            streaming = threading.Event()
+        held: list[GatedEngine] = []
 
-            def occupy() -> None:
-                body = {"model": INSTRUCT, "prompt": "Tell a long story.", "max_tokens": 300}
-                with httpx.stream(
-                    "POST", f"{server.url}/v1/completions", json=body | {"stream": True}
-                ) as answer:
-                    for _ in answer.iter_lines():
-                        streaming.set()
+        def load(spec: ModelSpec) -> Engine:
+            engine = LlamaEngine.load(spec)
+            if spec.name != INSTRUCT:
+                return engine
+            held.append(GatedEngine(engine))  # its requests wait at the gate: busy
+            return held[-1]
 
-            thread = threading.Thread(target=occupy)
-            thread.start()
-            assert streaming.wait(60)
-            reply = httpx.post(
-                f"{server.url}/v1/chat/completions",
-                json={
-                    "model": "ensemble",
-                    "mode": "fast",
-                    "max_tokens": 8,
-                    "messages": [{"role": "user", "content": QUESTION}],
-                },
-                timeout=60,
+        async with serving(create_app(settings, loader=load)) as client:
+            occupying = asyncio.ensure_future(
+                client.post("/v1/completions", json={"model": INSTRUCT, "prompt": "Hi"})
             )
-            thread.join(timeout=120)
-            assert reply.status_code == 200, reply.text
-            assert reply.json()["model"] == BASE
-        finally:
-            assert server.stop() == 0
+            await anyio.to_thread.run_sync(held[0].arrived.wait, 30)
+            body = {"model": "ensemble", "mode": "fast", "max_tokens": 8}
+            text = await client.post("/v1/completions", json=body | {"prompt": QUESTION})
+            chat = await client.post(
+                "/v1/chat/completions",
+                json=body | {"messages": [{"role": "user", "content": QUESTION}]},
+            )
+            held[0].release.set()
+            assert (await occupying).status_code == 200
+        assert text.status_code == 200, text.text
+        assert text.json()["model"] == BASE
+        assert chat.status_code == 503, chat.text
+        assert chat.json()["error"]["code"] == "overloaded"
+        assert "retry-after" in chat.headers
+
+    async def test_a_spm_file_without_byte_tokens_is_refused(
+        self, tmp_path: Path, real_paths: dict[str, Path]
+    ) -> None:
+        """A member whose SentencePiece vocabulary lacks byte tokens is unhealthy with a
+        clear reason; the others serve."""
+        broken = write_model(NO_BYTE_TOKENS, tmp_path / NO_BYTE_TOKENS.filename)
+        settings = Settings.from_mapping(
+            {
+                "models": [
+                    {"name": INSTRUCT, "path": str(real_paths[INSTRUCT]), "n_ctx": 512},
+                    {"name": "broken", "path": str(broken)},
+                ]
+            },
+            environ={},
+        )
+        async with serving(create_app(settings)) as client:
+            health = await client.get("/health/llm", params={"model": "broken"})
+            ready = await client.get("/health/ready")
+        assert health.status_code == 503
+        assert "lacks" in health.json()["error_message"]
+        assert "byte tokens" in health.json()["error_message"]
+        assert ready.status_code == 200

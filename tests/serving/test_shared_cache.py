@@ -93,6 +93,32 @@ class TestSharedAnswers:
         assert second.completion.text == first.completion.text
         assert [e.calls for e in engines] == [1, 0]
 
+    async def test_streams_and_completions_share_entries_across_replicas(
+        self, server: RedisServer, replica: Replica, engines: list[FlakyEngine]
+    ) -> None:
+        """A stream on replica A is cached in Redis: a stream of it on B is a hit sent as
+        one piece, and a completion on B gets the same text and usage, all from one
+        generation."""
+        a, b = replica(server.url), replica(server.url)
+        await a.load_all()
+        await b.load_all()
+        first = a.answer(_request("Stream me"), incremental=True)
+        await first.first()
+        streamed = "".join([piece async for piece in first.pieces()])
+        second = b.answer(_request("Stream me"), incremental=True)
+        await second.first()
+        again = "".join([piece async for piece in second.pieces()])
+        whole = await b.complete(_request("Stream me"))
+        assert (first.cached, second.cached, whole.cached) == (False, True, True)
+        assert streamed == again == whole.completion.text
+        assert second.result == whole.completion
+        assert first.result is not None
+        assert (whole.completion.prompt_tokens, whole.completion.completion_tokens) == (
+            first.result.prompt_tokens,
+            first.result.completion_tokens,
+        )
+        assert [e.calls for e in engines] == [1, 0]
+
     async def test_other_settings_that_change_output_never_share(
         self, server: RedisServer, replica: Replica
     ) -> None:

@@ -18,7 +18,7 @@ from ensemble_ops.serving.ensemble import Ensemble
 from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.tasks import TaskRunner
 
-from ..conftest import SettingsFactory, serving
+from ..conftest import SettingsFactory, route, serving
 
 SPLIT = "ab"
 AB = {"a": 70.0, "b": 30.0}
@@ -53,7 +53,7 @@ def _make_split(make_settings: SettingsFactory, demo_dir: Path) -> Callable[...,
 
 @pytest.fixture(name="make_ensemble")
 async def _make_ensemble() -> AsyncIterator[Callable[..., Ensemble]]:
-    """Ensembles that route without loading anything (``candidates`` needs no engine)."""
+    """Ensembles that route without loading anything (routing needs no engine)."""
     runner = TaskRunner()
 
     def make(settings: Settings, **options: Any) -> Ensemble:
@@ -66,7 +66,7 @@ async def _make_ensemble() -> AsyncIterator[Callable[..., Ensemble]]:
 
 
 def _chosen(ensemble: Ensemble, session: str | None) -> str:
-    return ensemble.candidates(SPLIT, "balanced", session)[0].name
+    return route(ensemble, SPLIT, "balanced", session)[0]
 
 
 def _keys_for(ensemble: Ensemble, member: str, count: int = 1) -> list[str]:
@@ -114,10 +114,7 @@ class TestChoice:
         settings = make_split({"a": 50.0, "b": 30.0, "c": 20.0})
         one, other = make_ensemble(settings), make_ensemble(settings)
         for key in (f"k{i}" for i in range(50)):
-            orders = {
-                tuple(s.name for s in ensemble.candidates(SPLIT, "fast", key))
-                for ensemble in (one, one, other)
-            }
+            orders = {tuple(route(ensemble, SPLIT, "fast", key)) for ensemble in (one, one, other)}
             assert len(orders) == 1
 
     async def test_the_others_follow_the_chosen_one_heaviest_first(
@@ -126,7 +123,7 @@ class TestChoice:
         """After the chosen member come the split's others, by weight, as fallbacks."""
         ensemble = make_ensemble(make_split({"a": 20.0, "b": 50.0, "c": 30.0}))
         orders = {
-            member: [s.name for s in ensemble.candidates(SPLIT, "fast", key)]
+            member: route(ensemble, SPLIT, "fast", key)
             for member in ("a", "b", "c")
             for key in _keys_for(ensemble, member)
         }
@@ -140,7 +137,7 @@ class TestChoice:
         settings = make_split()
         (key,) = _keys_for(make_ensemble(settings), "a")
         ensemble = make_ensemble(settings, can_serve=lambda name: name != "a")
-        assert [s.name for s in ensemble.candidates(SPLIT, "fast", key)] == ["b", "a"]
+        assert route(ensemble, SPLIT, "fast", key) == ["b", "a"]
 
     async def test_an_unknown_name_lists_the_splits(
         self, make_split: Callable[..., Settings], make_ensemble: Callable[..., Ensemble]
@@ -148,7 +145,7 @@ class TestChoice:
         """A name that is neither a member nor a split is refused, naming both."""
         ensemble = make_ensemble(make_split())
         with pytest.raises(ModelNotFoundError, match=r"choose one of: ensemble, a, b, ab\.$"):
-            ensemble.candidates("abc", "fast")
+            route(ensemble, "abc", "fast")
 
 
 class TestServing:

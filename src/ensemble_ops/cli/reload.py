@@ -54,22 +54,54 @@ def _post(
     return status
 
 
-def _draw(status: dict[str, Any], out: TextIO) -> None:
-    filled = round(_BAR * status["progress_percent"] / 100)
-    line = f"\r[{'#' * filled}{' ' * (_BAR - filled)}] {status['progress_percent']:5.1f}% "
+class _Progress:
+    """How a reload's progress is shown: a bar redrawn in place on a terminal; elsewhere (a
+    CI log, a pipe) one line each time the state, the message, a rollout's weight or a
+    gate's verdict changes."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._live = out.isatty()
+        self._last: tuple[object, ...] | None = None
+
+    def show(self, status: dict[str, Any]) -> None:
+        if self._live:
+            bar = round(_BAR * status["progress_percent"] / 100)
+            line = f"\r[{'#' * bar}{' ' * (_BAR - bar)}] {_describe(status, width=60)}"
+            self._out.write(line + " " * 8)
+            self._out.flush()
+            return
+        rollout = status.get("rollout") or {}
+        seen = (
+            status["state"],
+            status["message"],
+            rollout.get("weight_percent"),
+            tuple(g["verdict"] for g in (rollout.get("gates") or {}).values()),
+        )
+        if seen != self._last:
+            self._last = seen
+            print(_describe(status, width=None), file=self._out, flush=True)
+
+    def done(self) -> None:
+        if self._live:
+            self._out.write("\n")
+
+
+def _describe(status: dict[str, Any], *, width: int | None) -> str:
+    """Progress, state and message, or a rollout's weight and each gate's verdict."""
+    head = f"{status['progress_percent']:5.1f}% "
     rollout = status.get("rollout")
     if rollout is None:
-        out.write(f"{line}{status['state']:<10} {status['message'][:60]:<60}")
-    else:  # the weight and each gate's verdict, live
-        gates = " ".join(f"{name}={g['verdict']}" for name, g in rollout["gates"].items())
-        copies = rollout["copies"]
-        out.write(
-            f"{line}{status['state']:<18} weight {rollout['weight_percent']:5.1f}% "
-            f"step {rollout['step'] or '-'} answers {copies['candidate']['requests']}/"
-            f"{copies['stable']['requests']} {gates or 'gates: waiting for data'}"[:160]
-            + " " * 8
-        )
-    out.flush()
+        message = status["message"] if width is None else f"{status['message'][:width]:<{width}}"
+        return f"{head}{status['state']:<10} {message}"
+    gates = " ".join(f"{name}={g['verdict']}" for name, g in rollout["gates"].items())
+    copies = rollout["copies"]
+    text = (
+        f"{head}{status['state']:<18} weight {rollout['weight_percent']:5.1f}% "
+        f"step {rollout['step'] or '-'} answers {copies['candidate']['requests']}/"
+        f"{copies['stable']['requests']} {gates or 'gates: waiting for data'}"
+    )
+    return text if width is None else text[:160]
 
 
 def run_reload(
@@ -95,17 +127,19 @@ def run_reload(
     if not wait:
         print(json.dumps(status), file=sys.stdout)
         return 0
+    progress = _Progress(out)
     while True:
-        _draw(status, out)
+        progress.show(status)
         if status["state"] in ("completed", "failed", "rolled_back"):
             break
         time.sleep(poll_s)
         try:
             status = _call("GET", f"{base}/health/llm/reload/{model}", token)
         except (urllib.error.URLError, OSError) as err:
-            print(f"\nensemble-ops: lost the server while waiting: {err}", file=out)
+            progress.done()
+            print(f"ensemble-ops: lost the server while waiting: {err}", file=out)
             return 1
-    out.write("\n")
+    progress.done()
     if status["state"] in ("failed", "rolled_back"):
         what = "failed" if status["state"] == "failed" else "rolled back"
         print(f"ensemble-ops: reload of {model} {what}: {status['error']}", file=out)

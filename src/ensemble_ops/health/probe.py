@@ -19,7 +19,7 @@ from ensemble_ops.config import HealthSettings
 from ensemble_ops.errors import ModelUnavailableError, OverloadedError
 from ensemble_ops.events import EventBus, ProbeFinished
 from ensemble_ops.health.status import ProbeResult
-from ensemble_ops.serving.engine import Engine, GenerationParams
+from ensemble_ops.serving.engine import Engine, GenerationParams, complete
 from ensemble_ops.serving.slot import Lease, ModelSlot
 from ensemble_ops.tasks import TaskRunner
 
@@ -127,7 +127,7 @@ class Prober:
         prompt = self._settings.probe_prompt
 
         def one_token(engine: Engine) -> None:
-            engine.complete(engine.tokenize(prompt), params, head_start_s=_PROBE_HEAD_START_S)
+            complete(engine, engine.tokenize(prompt), params, head_start_s=_PROBE_HEAD_START_S)
 
         loaded = lease.loaded
         error: str | None = None

@@ -31,22 +31,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
 import structlog
 from opentelemetry import trace
-from opentelemetry.trace import Span, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, Status, StatusCode
 from transitions.extensions.asyncio import AsyncEventData as EventData
 
-from ensemble_ops.config import ModelSpec, ReloadSettings, RolloutSpec
+from ensemble_ops.config import ModelSpec
 from ensemble_ops.errors import InvalidModelFileError
 from ensemble_ops.events import (
     ROLLING_STATES,
-    EventBus,
     InferenceFailed,
     InferenceFinished,
     ReloadProgressed,
@@ -54,54 +52,26 @@ from ensemble_ops.events import (
     RolloutStepped,
     ShadowFinished,
 )
+from ensemble_ops.reload.plan import Host, LoaderFunc, Plan, ReloadFailedError
 from ensemble_ops.reload.rollout import LiveRollout, failed_gates, hold_until_judged
 from ensemble_ops.reload.states import STATES, TRANSITIONS, mermaid_diagram, new_machine
 from ensemble_ops.reload.status import RUNNING, ReloadStatus
-from ensemble_ops.reload.warmup import WarmupFailedError, WarmupFunc, warm_once
+from ensemble_ops.reload.warmup import WarmupFailedError, warm_once
 from ensemble_ops.serving.engine import Engine
 from ensemble_ops.serving.gguf_check import inspect_gguf
 from ensemble_ops.serving.slot import Loaded, ModelSlot, loaded_event
-from ensemble_ops.tasks import TaskRunner
 
-__all__ = ["STATES", "TRANSITIONS", "Plan", "ReloadJob", "mermaid_diagram", "new_machine"]
+__all__ = [
+    "STATES",
+    "TRANSITIONS",
+    "LoaderFunc",
+    "Plan",
+    "ReloadJob",
+    "mermaid_diagram",
+    "new_machine",
+]
 
 _log = structlog.get_logger("ensemble_ops.reload")
-
-LoaderFunc = Callable[[], Engine]
-"""Loads the new copy (blocking; runs in a worker thread)."""
-
-
-class ReloadFailedError(Exception):
-    """Why a reload failed; its message becomes the status's ``error``."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one reload does: the spec it ends with, how it loads and warms the copy."""
-
-    spec: ModelSpec
-    loader: LoaderFunc
-    warmup: WarmupFunc
-    iterations: int
-    rollout: RolloutSpec = field(default_factory=RolloutSpec)
-    identify: Callable[[], str | None] = lambda: None
-    """The new copy's cache identity (blocking: it may hash the file)."""
-
-
-class Host(Protocol):
-    """What a job needs from the manager that runs it."""
-
-    bus: EventBus
-    settings: ReloadSettings
-    runner: TaskRunner
-    load_limiter: anyio.CapacityLimiter
-    tracer: Tracer
-
-    def available_memory(self, spec: ModelSpec) -> tuple[int, str]: ...
-
-    async def retire(self, old: Loaded, *, wait: bool) -> bool: ...
-
-    async def restore(self, slot: ModelSlot, spec: ModelSpec) -> None: ...
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -249,6 +219,7 @@ class ReloadJob:
             raise ReloadFailedError(f"load failed: {err}") from err
         self._new = Loaded(self.name, engine, queue_size=plan.spec.queue_size, identity=identity)
         self._load_s = time.perf_counter() - started
+        self._keeps_capabilities(engine, plan)
         self._progress(10.0, "Loaded; warming up")
         for i in range(1, plan.iterations + 1):
             self._progress(
@@ -263,6 +234,21 @@ class ReloadJob:
                 raise ReloadFailedError(str(err)) from err
         self._progress(80.0, f"Warm-up passed ({plan.iterations} iterations)")
         await self.warmed()
+
+    def _keeps_capabilities(self, engine: Engine, plan: Plan) -> None:
+        """Capabilities belong to the copy: a new one that cannot do what the member's copy
+        can (a chat member given a file without a chat template) would leave routing with a
+        member that can chat on one copy only. Refused unless the reload allows it."""
+        active = self.slot.active
+        if active is None or plan.allow_capability_change:
+            return
+        lost = sorted(active.engine.info.capabilities - engine.info.capabilities)
+        if lost:
+            raise ReloadFailedError(
+                f"the new copy cannot do what {self.name!r} does now: {', '.join(lost)} "
+                "(a chat needs a chat template: set the member's chat_template, or reload "
+                "with allow_capability_change: true)"
+            )
 
     async def _make_room(self, spec: ModelSpec) -> None:
         """Fail fast without memory for a second copy, or unload first (replace)."""

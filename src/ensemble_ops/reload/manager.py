@@ -103,15 +103,17 @@ class ReloadManager:
         path: Path | str | None = None,
         spec: ModelSpec | None = None,
         rollout: RolloutSpec | None = None,
+        allow_capability_change: bool = False,
     ) -> ReloadStatus:
         """Start reloading ``model_name`` in the background and return its status at once.
 
         By default the member's GGUF file (or ``path``, which must lie inside the model
         directory) is loaded with the member's settings and warmed up with its warm-up
         prompt; ``loader_func``/``warmup_func`` replace either step. ``rollout`` says how the
-        new copy takes over (default ``[reload.rollout]``: a switch). Raises
-        :class:`ReloadConflictError` while one runs, :class:`InvalidRequestError` for a
-        rollout the member cannot hold.
+        new copy takes over (default ``[reload.rollout]``: a switch). A new copy that cannot
+        do what the member's copy can (chat) fails at warm-up unless
+        ``allow_capability_change``. Raises :class:`ReloadConflictError` while one runs,
+        :class:`InvalidRequestError` for a rollout the member cannot hold.
         """
         job = self._job(model_name)
         if job.pending:
@@ -142,6 +144,7 @@ class ReloadManager:
                     warmup_iterations or current.warmup_iterations or settings.warmup_iterations
                 ),
                 rollout=rollout,
+                allow_capability_change=allow_capability_change,
             )
         )
         try:
@@ -160,11 +163,18 @@ class ReloadManager:
         *,
         path: Path | str | None = None,
         rollout: RolloutSpec | None = None,
+        allow_capability_change: bool = False,
     ) -> ReloadStatus:
         """Reload ``model_name`` and wait for the outcome (completed, failed or
         rolled_back)."""
         self.start_reload(
-            model_name, loader_func, warmup_func, warmup_iterations, path=path, rollout=rollout
+            model_name,
+            loader_func,
+            warmup_func,
+            warmup_iterations,
+            path=path,
+            rollout=rollout,
+            allow_capability_change=allow_capability_change,
         )
         return await self.wait_for_reload(model_name)
 

@@ -8,7 +8,13 @@ from typing import Any
 
 import anyio
 
-from ensemble_ops.serving.engine import ChatMessage, Completion, Engine, GenerationParams
+from ensemble_ops.serving.engine import (
+    ChatMessage,
+    Completion,
+    Engine,
+    GenerationParams,
+    complete,
+)
 from ensemble_ops.serving.slot import Loaded
 from ensemble_ops.tasks import TaskRunner
 
@@ -33,7 +39,7 @@ def chat_warmup(prompt: str, max_tokens: int) -> WarmupFunc:
 
     def warm(engine: Engine) -> Completion:
         chat = engine.render_chat([ChatMessage("user", prompt)])
-        return engine.complete(chat.tokens, dataclasses.replace(params, stop=chat.stop))
+        return complete(engine, chat.tokens, dataclasses.replace(params, stop=chat.stop))
 
     return warm
 

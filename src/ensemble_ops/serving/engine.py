@@ -1,22 +1,36 @@
 """The inference engine seam: the ``Engine`` protocol and the records it works with.
 
-Every method is synchronous and may take long: callers run them in worker threads. The
-implementation over llama.cpp is ``ensemble_ops.serving.llama_engine.LlamaEngine``.
+An engine takes *sequences*: ``submit`` hands it a prompt's tokens and a ``SequenceSink``,
+returns at once, and the engine's own thread feeds the sink (its pieces, then one end). No
+caller thread waits on the engine, so a member running many requests costs no thread per
+request. ``complete`` is the blocking convenience for code that runs in a worker thread
+(warm-ups, tests). The implementation over llama.cpp is
+``ensemble_ops.serving.llama_engine.LlamaEngine``.
 """
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeAlias
 
+from ensemble_ops.errors import EngineError
+
 __all__ = [
+    "CHAT",
+    "COMPLETION",
     "ChatMessage",
     "ChatPrompt",
     "Completion",
     "Engine",
+    "EngineFailure",
+    "EngineInfo",
     "GenerationParams",
     "OnText",
+    "SequenceHandle",
+    "SequenceSink",
+    "complete",
     "plain_transcript",
 ]
 
@@ -24,6 +38,9 @@ OnText: TypeAlias = Callable[[str], None]
 """Receives each piece of generated text while streaming; raising from it stops generation."""
 
 FinishReason: TypeAlias = Literal["stop", "length"]
+Capability: TypeAlias = Literal["chat", "completion"]
+CHAT: Capability = "chat"
+COMPLETION: Capability = "completion"
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,8 @@ class Completion:
     time_to_first_token_s: float | None = None
     decode_s: float = 0.0
     """From the first token to the last."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV cells were reused from an earlier prompt (prefix reuse)."""
 
     @property
     def time_per_output_token_s(self) -> float | None:
@@ -74,8 +93,16 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class EngineFailure:
+    """How a sequence ended when the engine failed it (or it was cancelled)."""
+
+    message: str
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
 class EngineInfo:
-    """Static facts about a loaded model, for /v1/models and health."""
+    """Static facts about a loaded model, for /v1/models, health and routing."""
 
     n_ctx: int
     weights_bytes: int
@@ -87,6 +114,27 @@ class EngineInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     parallel: int = 1
     """Sequences decoded together (KV streams of n_ctx tokens each)."""
+    capabilities: frozenset[Capability] = frozenset({COMPLETION})
+    """What the copy can do: ``completion`` always, ``chat`` with a chat template."""
+
+    @property
+    def can_chat(self) -> bool:
+        return CHAT in self.capabilities
+
+
+class SequenceSink(Protocol):
+    """Where an engine sends one sequence's output, from the engine's own thread."""
+
+    def piece(self, text: str) -> None:
+        """More text (only for sequences submitted with ``incremental=True``)."""
+
+    def end(self, outcome: Completion | EngineFailure) -> None:
+        """The sequence ended; called exactly once, after every piece."""
+
+
+class SequenceHandle(Protocol):
+    def cancel(self) -> None:
+        """Stop the sequence (any thread); its sink then gets a cancelled failure."""
 
 
 class Engine(Protocol):
@@ -96,7 +144,8 @@ class Engine(Protocol):
     def info(self) -> EngineInfo: ...
 
     def tokenize(self, text: str) -> list[int]:
-        """Tokens of a completion prompt, with the model's BOS token where it wants one."""
+        """Tokens of a completion prompt, with the model's BOS token where it wants one (an
+        empty prompt is the BOS token alone, where the model has one)."""
         ...
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt: ...
@@ -120,20 +169,71 @@ class Engine(Protocol):
         """Tokens decoded per step since the last call (llm_batch_size)."""
         ...
 
-    def complete(
+    def submit(
         self,
         tokens: list[int],
         params: GenerationParams,
-        on_text: OnText | None = None,
+        sink: SequenceSink,
         *,
         head_start_s: float = 0.0,
-    ) -> Completion:
-        """Generate at most ``params.max_tokens`` tokens after ``tokens``. Called from worker
-        threads, many at once; ``head_start_s`` moves the request ahead in the admission
-        order (its priority)."""
+        incremental: bool = True,
+    ) -> SequenceHandle:
+        """Start generating at most ``params.max_tokens`` tokens after ``tokens``; return at
+        once. Raises ``InvalidRequestError`` (a ``ContextLengthExceededError`` among them) for
+        what the engine must never be handed: no token, a token outside the vocabulary, more
+        than the context holds. ``head_start_s`` moves the sequence ahead in the admission
+        order (its priority); ``incremental=False`` sends no pieces, only the end (whose text
+        is the whole answer)."""
         ...
 
     def close(self) -> None: ...
+
+
+class _Collector:
+    """A sink that a worker thread waits on (``complete``)."""
+
+    def __init__(self) -> None:
+        self.items: queue.SimpleQueue[str | Completion | EngineFailure] = queue.SimpleQueue()
+
+    def piece(self, text: str) -> None:
+        self.items.put(text)
+
+    def end(self, outcome: Completion | EngineFailure) -> None:
+        self.items.put(outcome)
+
+
+def complete(
+    engine: Engine,
+    tokens: list[int],
+    params: GenerationParams,
+    on_text: OnText | None = None,
+    *,
+    head_start_s: float = 0.0,
+) -> Completion:
+    """Generate and wait for the end (blocks: call it from a worker thread). ``on_text`` gets
+    each piece; raising from it cancels the sequence. Raises ``EngineError`` when the engine
+    failed the sequence."""
+    sink = _Collector()
+    handle = engine.submit(
+        tokens, params, sink, head_start_s=head_start_s, incremental=on_text is not None
+    )
+    try:
+        while True:
+            item = sink.items.get()
+            if isinstance(item, Completion):
+                return item
+            if isinstance(item, EngineFailure):
+                raise EngineError(_name(engine), item.message)
+            if on_text is not None:
+                on_text(item)
+    except BaseException:
+        handle.cancel()
+        raise
+
+
+def _name(engine: Engine) -> str:
+    """The member name for an engine's errors: its ``name`` attribute, where it has one."""
+    return str(getattr(engine, "name", "engine"))
 
 
 PLAIN_TRANSCRIPT_STOP = ("\nuser:", "\nsystem:")

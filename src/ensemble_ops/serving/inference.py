@@ -1,38 +1,38 @@
-"""One inference: the validated request, its result, the work done in the worker thread,
-and the stream a streaming answer flows through."""
+"""One inference: the validated request, its answer as a stream, and how a member turns the
+request into the tokens and parameters its engine is given."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ensemble_ops.config import ModeName
-from ensemble_ops.errors import ContextLengthExceededError
 from ensemble_ops.events import Copy
-from ensemble_ops.serving.engine import ChatMessage, Completion, Engine, GenerationParams, OnText
-from ensemble_ops.serving.spans import AttemptSpan
+from ensemble_ops.serving.engine import (
+    CHAT,
+    COMPLETION,
+    Capability,
+    ChatMessage,
+    Completion,
+    Engine,
+    GenerationParams,
+)
 
 __all__ = [
     "ENSEMBLE",
-    "HEAD_START_S",
+    "ClientGoneError",
     "InferenceRequest",
     "InferenceResult",
+    "Prepared",
     "TextStream",
-    "generate",
+    "prepare",
 ]
 
 ENSEMBLE = "ensemble"
-HEAD_START_S: dict[str, float] = {"fast": 2.0, "balanced": 1.0, "creative": 0.0}
-"""How far ahead of its arrival a request of each mode is admitted into a member's batch:
-a fast request overtakes balanced ones that arrived up to 1 s before it, creative ones up to
-2 s, and nothing waits more than 2 s behind later arrivals (no starvation)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,11 @@ class InferenceRequest:
     def kind(self) -> Literal["completion", "chat"]:
         return "completion" if self.prompt is not None else "chat"
 
+    @property
+    def needs(self) -> Capability:
+        """What a member must be able to do to answer it well."""
+        return COMPLETION if self.prompt is not None else CHAT
+
 
 @dataclass(frozen=True)
 class InferenceResult:
@@ -63,59 +68,58 @@ class InferenceResult:
     cached: bool
 
 
-def generate(
-    engine: Engine,
-    request: InferenceRequest,
-    attempt: AttemptSpan,
-    on_text: OnText | None = None,
-) -> Completion:
-    """The work of one request, in the worker thread that holds the instance."""
-    attempt.running()
-    params = request.params
+@dataclass(frozen=True)
+class Prepared:
+    """A request in the terms of one member's engine."""
+
+    tokens: list[int]
+    params: GenerationParams
+
+
+def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
+    """The tokens and parameters ``engine`` is given for ``request``: the prompt tokenized,
+    or the chat rendered with the model's template (whose stop strings join the request's).
+    Blocking (tokenizing a long prompt takes a while): run it in a worker thread."""
     if request.prompt is not None:
-        tokens = engine.tokenize(request.prompt)
-    else:
-        chat = engine.render_chat(request.messages)
-        tokens = chat.tokens
-        params = GenerationParams(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            seed=params.seed,
-            stop=params.stop + tuple(s for s in chat.stop if s not in params.stop),
-        )
-    n_ctx = engine.info.n_ctx
-    if len(tokens) + params.max_tokens > n_ctx:
-        raise ContextLengthExceededError(request.model, len(tokens), params.max_tokens, n_ctx)
-    started = time.perf_counter()
-    completion = engine.complete(
-        tokens, params, on_text, head_start_s=HEAD_START_S.get(request.mode, 0.0)
-    )
-    return dataclasses.replace(completion, engine_s=time.perf_counter() - started)
+        return Prepared(engine.tokenize(request.prompt), request.params)
+    chat = engine.render_chat(request.messages)
+    params = request.params
+    extra = tuple(s for s in chat.stop if s not in params.stop)
+    return Prepared(chat.tokens, replace(params, stop=params.stop + extra))
+
+
+class ClientGoneError(Exception):
+    """The client stopped waiting for the answer; its generation was cancelled."""
 
 
 class TextStream:
-    """A streaming completion running on one member.
+    """One request's answer as it is produced: pieces of text, then one end.
 
-    ``await first()`` waits for the first piece (or the end), so errors found before any
-    text (context too long, engine failure) can still become a proper HTTP error; then
-    iterate ``pieces()``; ``result`` holds the completion once it ends. The generation runs
-    in a task of the ensemble's task group, which holds the lease until the worker thread has
-    really stopped. ``close()`` (idempotent) says the client is gone: the worker's next piece
-    fails to send and generation stops within one token.
+    Every answer is a stream; a non-streamed one (``incremental=False``) has no pieces, only
+    the end, whose completion holds the whole text. ``await first()`` waits for the first
+    piece or the end and raises the error of an answer that failed before any text, so it can
+    still become a proper HTTP error; ``member`` and ``cached`` are final from then on. Then
+    iterate ``pieces()``, or ``await wait()`` for the completion. ``close()`` (idempotent) says
+    the client is gone: whatever generates the answer is cancelled through ``when_closed``.
     """
 
-    def __init__(self, member: str, request: InferenceRequest) -> None:
-        self.member = member
+    def __init__(self, request: InferenceRequest, *, incremental: bool) -> None:
         self.request = request
+        self.incremental = incremental
+        self.member: str | None = None
+        self.cached = False
         self.result: Completion | None = None
         self.error: Exception | None = None
         self.produced = 0
+        self.closed = False
         self._first = anyio.Event()
+        self._ended = anyio.Event()
+        self._on_close: list[Callable[[], None]] = []
         # Unbounded (max_tokens bounds it): a slow reader never holds the model.
-        send, receive = anyio.create_memory_object_stream[str](math.inf)
-        self._send: MemoryObjectSendStream[str] = send
-        self._receive: MemoryObjectReceiveStream[str] = receive
+        self._queue: deque[str] = deque()
+        self._more = anyio.Event()
+
+    # -- the consumer's side -----------------------------------------------------------------
 
     async def first(self) -> None:
         """Wait for the first piece or the end; raise the error if it ended with no text."""
@@ -124,26 +128,62 @@ class TextStream:
             raise self.error
 
     async def pieces(self) -> AsyncIterator[str]:
-        async with self._receive:
-            async for piece in self._receive:
-                yield piece
+        """The pieces as they come; raises the error of an answer that failed mid-way."""
+        while True:
+            while self._queue:
+                yield self._queue.popleft()
+            if self._ended.is_set() or self.closed:
+                break
+            await self._more.wait()
+            self._more = anyio.Event()
         if self.error is not None:
             raise self.error
 
+    async def wait(self) -> Completion:
+        """The completion once the answer has ended; raises its error if it failed."""
+        await self._ended.wait()
+        if self.error is not None:
+            raise self.error
+        if self.result is None:
+            raise ClientGoneError("the answer was cancelled")
+        return self.result
+
     def close(self) -> None:
-        """The consumer's side: the client is gone (idempotent)."""
-        self._receive.close()
+        """The client is gone (idempotent): cancel what still generates the answer."""
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.clear()
+        self._more.set()
+        for cancel in self._on_close:
+            cancel()
+
+    # -- the producer's side (the request's walk) --------------------------------------------
+
+    def when_closed(self, cancel: Callable[[], None]) -> Callable[[], None]:
+        """Call ``cancel`` if the client leaves (at once if it has); returns a function that
+        forgets it again."""
+        if self.closed:
+            cancel()
+        self._on_close.append(cancel)
+        return lambda: self._on_close.remove(cancel)
+
+    def answering(self, member: str, *, cached: bool) -> None:
+        """Who answers, and whether from what was known; set before the first piece."""
+        self.member, self.cached = member, cached
 
     def deliver(self, piece: str) -> None:
-        """The producer's side: one more piece. Raises ``BrokenResourceError`` once the client
-        is gone, which is how the generation learns to stop."""
-        self._send.send_nowait(piece)
+        """One more piece (dropped once the client is gone)."""
+        if self.closed:
+            return
+        self._queue.append(piece)
         self.produced += 1
+        self._more.set()
         self._first.set()
 
-    def end(self, result: Completion | None, error: Exception | None) -> None:
-        """The producer's side: no more pieces; how the generation ended (both None when the
-        client left first)."""
+    def end(self, result: Completion | None, error: Exception | None = None) -> None:
+        """No more pieces: the completion, or the error (both None: the client left)."""
         self.result, self.error = result, error
-        self._send.close()
         self._first.set()
+        self._ended.set()
+        self._more.set()

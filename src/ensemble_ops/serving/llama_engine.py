@@ -2,9 +2,9 @@
 
 The weights and one context of ``parallel`` KV streams (``n_ctx`` tokens each: the
 per-request limit users know) are loaded through llama-cpp-python's low-level API; a
-vocabulary-only ``Llama`` object tokenizes and renders chat templates. ``complete`` is called
-from worker threads, as many at once as there are requests: each submits its sequence to
-the scheduler and waits for its pieces, so requests share every ``llama_decode``.
+vocabulary-only ``Llama`` object tokenizes and renders chat templates. ``submit`` checks what
+a sequence carries (the scheduler thread must never meet a batch llama.cpp refuses) and
+queues it; the scheduler decodes every running sequence in the same ``llama_decode``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ensemble_ops.errors import EngineError, InvalidRequestError
+from ensemble_ops.errors import ContextLengthExceededError, EngineError, InvalidRequestError
 from ensemble_ops.serving.engine import (
+    CHAT,
+    COMPLETION,
     PLAIN_TRANSCRIPT_STOP,
     ChatMessage,
     ChatPrompt,
@@ -24,12 +26,15 @@ from ensemble_ops.serving.engine import (
     EngineInfo,
     GenerationParams,
     OnText,
+    SequenceHandle,
+    SequenceSink,
+    complete,
     fold_system_messages,
     plain_transcript,
 )
 from ensemble_ops.serving.gguf_check import inspect_gguf
 from ensemble_ops.serving.llama_log import route_llama_logs
-from ensemble_ops.serving.scheduler import Failed, Finished, Scheduler, SequenceSpec
+from ensemble_ops.serving.scheduler import Scheduler, SequenceSpec
 
 if TYPE_CHECKING:
     from ensemble_ops.config import ModelSpec
@@ -67,9 +72,11 @@ class LlamaEngine:
         n_threads: int | None,
         n_gpu_layers: int,
         owns_model: bool,
+        chat_template: str | None = None,
     ) -> None:
         """``vocab`` is a ``llama_cpp.Llama`` for tokens and templates; ``model`` the weights
-        (a ``llama_model`` pointer), freed on close only when ``owns_model``."""
+        (a ``llama_model`` pointer), freed on close only when ``owns_model``;
+        ``chat_template`` replaces the GGUF's own template (or gives a file without one)."""
         import llama_cpp
 
         self._name = name
@@ -99,16 +106,16 @@ class LlamaEngine:
         if not ctx:
             raise EngineError(name, "cannot create a llama.cpp context")
         self._ctx = ctx
+        model_vocab = llama_cpp.llama_model_get_vocab(model)
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(model_vocab))
+        bos = int(llama_cpp.llama_vocab_bos(model_vocab))
+        self._bos = bos if 0 <= bos < self._n_vocab else None
         self._scheduler = Scheduler(
-            llama_cpp,
-            ctx,
-            llama_cpp.llama_model_get_vocab(model),
-            parallel=parallel,
-            n_batch=n_batch,
-            n_ctx=n_ctx,
+            llama_cpp, ctx, model_vocab, parallel=parallel, n_batch=n_batch, n_ctx=n_ctx
         )
-        self._info = _info(vocab, model, n_ctx, parallel, n_gpu_layers)
-        self._template: str | None = self._info.metadata.get("tokenizer.chat_template")
+        metadata = {str(k): str(v) for k, v in vocab.metadata.items()}
+        self._template = chat_template or metadata.get("tokenizer.chat_template") or None
+        self._info = _info(vocab, model, n_ctx, parallel, n_gpu_layers, self._template)
         self._formatter: Any = None
 
     @classmethod
@@ -139,6 +146,7 @@ class LlamaEngine:
                 n_threads=spec.n_threads,
                 n_gpu_layers=spec.n_gpu_layers,
                 owns_model=True,
+                chat_template=spec.chat_template,
             )
         except BaseException:
             vocab.close()
@@ -160,6 +168,11 @@ class LlamaEngine:
             n_gpu_layers=int(llm.model_params.n_gpu_layers),
             owns_model=False,
         )
+
+    @property
+    def name(self) -> str:
+        """The member this engine serves (named in its errors)."""
+        return self._name
 
     @property
     def info(self) -> EngineInfo:
@@ -186,6 +199,10 @@ class LlamaEngine:
 
     def tokenize(self, text: str) -> list[int]:
         tokens: list[int] = self._vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        if not tokens and self._bos is not None:
+            # An empty prompt (or one of nothing the vocabulary keeps) starts from BOS, as
+            # llama-server does; without a BOS token ``submit`` refuses it.
+            return [self._bos]
         return tokens
 
     def detokenize(self, tokens: list[int]) -> str:
@@ -236,6 +253,69 @@ class LlamaEngine:
         # A control token's text can be empty, and "" would match before any output.
         return ChatPrompt(tokens, tuple(s for s in stops if s))
 
+    def submit(
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        sink: SequenceSink,
+        *,
+        head_start_s: float = 0.0,
+        incremental: bool = True,
+    ) -> SequenceHandle:
+        """Check the sequence and queue it (see ``Engine.submit``); the scheduler's thread
+        feeds ``sink``."""
+        return self.submit_many([(tokens, params, sink)], head_start_s, incremental)[0]
+
+    def submit_many(
+        self,
+        sequences: list[tuple[list[int], GenerationParams, SequenceSink]],
+        head_start_s: float = 0.0,
+        incremental: bool = True,
+    ) -> list[SequenceHandle]:
+        """Check several sequences, then queue them at once: they start in the same step as
+        far as free slots allow. One that fails its check queues none."""
+        for tokens, params, _ in sequences:
+            self._check(tokens, params)
+        specs = [
+            (
+                SequenceSpec(
+                    tokens=tokens,
+                    max_tokens=params.max_tokens,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    seed=params.seed,
+                    stop=tuple(stop for stop in params.stop if stop),  # "" would stop at once
+                    head_start_s=head_start_s,
+                    incremental=incremental,
+                ),
+                sink,
+            )
+            for tokens, params, sink in sequences
+        ]
+        return list(self._scheduler.submit_many(specs))
+
+    def _check(self, tokens: list[int], params: GenerationParams) -> None:
+        """Refuse what would make llama.cpp fail a whole step (or abort the process): this
+        request's mistakes are its own, never its neighbours' or the member's."""
+        if not tokens:
+            raise InvalidRequestError(
+                f"The prompt is empty and model {self._name!r} has no BOS token to start "
+                "from; send some text.",
+                param="prompt",
+            )
+        if params.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be at least 1.", param="max_tokens")
+        if not all(0 <= token < self._n_vocab for token in tokens):
+            bad = next(t for t in tokens if not 0 <= t < self._n_vocab)
+            raise InvalidRequestError(
+                f"Token {bad} is outside the vocabulary of model {self._name!r} "
+                f"(0 to {self._n_vocab - 1}).",
+                param="prompt",
+            )
+        n_ctx = self._info.n_ctx
+        if len(tokens) + params.max_tokens > n_ctx:
+            raise ContextLengthExceededError(self._name, len(tokens), params.max_tokens, n_ctx)
+
     def complete(
         self,
         tokens: list[int],
@@ -244,41 +324,9 @@ class LlamaEngine:
         *,
         head_start_s: float = 0.0,
     ) -> Completion:
-        """Generate at most ``params.max_tokens`` tokens after ``tokens`` (blocks the calling
-        worker thread; many may call at once). ``on_text`` gets each piece; raising from it
-        cancels the sequence, whose KV cells are freed at the next step."""
-        handle = self._scheduler.submit(
-            SequenceSpec(
-                tokens=tokens,
-                max_tokens=params.max_tokens,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                seed=params.seed,
-                stop=params.stop,
-                head_start_s=head_start_s,
-                stream=on_text is not None,
-            )
-        )
-        try:
-            while True:
-                item = handle.items.get()
-                if isinstance(item, Finished):
-                    return Completion(
-                        item.text,
-                        "length" if item.finish_reason == "length" else "stop",
-                        item.prompt_tokens,
-                        item.completion_tokens,
-                        queue_wait_s=item.queue_wait_s,
-                        time_to_first_token_s=item.time_to_first_token_s,
-                        decode_s=item.decode_s,
-                    )
-                if isinstance(item, Failed):
-                    raise EngineError(self._name, item.message)
-                if on_text is not None:
-                    on_text(item)
-        except BaseException:
-            handle.cancel()
-            raise
+        """Generate and wait for the end (blocking; from a worker thread): see
+        ``engine.complete``."""
+        return complete(self, tokens, params, on_text, head_start_s=head_start_s)
 
     def close(self) -> None:
         """Stop the scheduler (failing what still runs) and free the context and weights."""
@@ -291,8 +339,11 @@ class LlamaEngine:
             self._vocab.close()
 
 
-def _info(vocab: Any, model: Any, n_ctx: int, parallel: int, n_gpu_layers: int) -> EngineInfo:
-    """llama.cpp's own sizes: the weights, and the KV cache of every stream."""
+def _info(
+    vocab: Any, model: Any, n_ctx: int, parallel: int, n_gpu_layers: int, template: str | None
+) -> EngineInfo:
+    """llama.cpp's own sizes (the weights, and the KV cache of every stream), and what the
+    copy can do: chat needs a template."""
     import llama_cpp
 
     n_layer = llama_cpp.llama_model_n_layer(model)
@@ -314,4 +365,5 @@ def _info(vocab: Any, model: Any, n_ctx: int, parallel: int, n_gpu_layers: int) 
         gpu_bytes=(weights + kv_bytes) * gpu_layers // max(n_layer, 1) if offload else 0,
         metadata=metadata,
         parallel=parallel,
+        capabilities=frozenset({COMPLETION, CHAT}) if template else frozenset({COMPLETION}),
     )

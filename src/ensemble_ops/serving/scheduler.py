@@ -10,28 +10,33 @@ generating. Each sequence samples with its own sampler chain, stops at end-of-ge
 stop string or exactly ``max_tokens``, and frees its KV cells the moment it ends or its
 consumer cancels it (noticed at the next step).
 
+A step that llama.cpp refuses is decoded again one sequence at a time, so only the sequence
+that makes it fail is failed and its neighbours go on (the engine validates what it admits,
+so this is the net under that check, not the check).
+
 Written by hand because llama-cpp-python's high-level API runs one sequence per context;
-llama.cpp's own server does the same loop in C++. Pieces travel to the consumer through a
-``queue.SimpleQueue`` per sequence: the scheduler never blocks on a slow reader, which only
-slows itself (its pieces wait in its queue; ``max_tokens`` bounds them).
+llama.cpp's own server does the same loop in C++. Output goes to each sequence's sink from
+this thread; the scheduler never waits for a consumer.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
-import itertools
-import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Failed", "Finished", "Scheduler", "SequenceHandle", "SequenceSpec"]
+from ensemble_ops.serving.engine import Completion, EngineFailure, SequenceSink
+
+__all__ = ["Scheduler", "SequenceSpec", "Ticket"]
 
 _PIECE_BYTES = 256
-_EMPTY_DEADLINE = float("inf")
+_CANCELLED = EngineFailure("cancelled", cancelled=True)
 
 
 @dataclass(frozen=True)
@@ -48,38 +53,15 @@ class SequenceSpec:
     """Subtracted from the arrival time to order admission (higher priority, larger)."""
     top_k: int = 40
     min_p: float = 0.05
-    stream: bool = True
-    """Hand over pieces as they come; False sends only the end (no thread wakes per token,
+    incremental: bool = True
+    """Hand over pieces as they come; False sends only the end (no consumer wakes per token,
     which on a busy batch costs more than the decode's own Python work)."""
 
 
-@dataclass(frozen=True)
-class Finished:
-    """The last item of a sequence's queue when it ended normally."""
-
-    text: str
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
-    queue_wait_s: float
-    time_to_first_token_s: float | None
-    decode_s: float
-    """From the first token to the last (time per output token = decode_s / (n - 1))."""
-
-
-@dataclass(frozen=True)
-class Failed:
-    """The last item of a sequence's queue when the engine failed it."""
-
-    message: str
-
-
-class SequenceHandle:
-    """The consumer's side of one sequence: read ``items`` (str pieces, then one
-    ``Finished`` or ``Failed``), or ``cancel`` it."""
+class Ticket:
+    """The consumer's hold on one submitted sequence: ``cancel`` it from any thread."""
 
     def __init__(self) -> None:
-        self.items: queue.SimpleQueue[str | Finished | Failed] = queue.SimpleQueue()
         self.cancelled = False  # read by the scheduler thread at each step
 
     def cancel(self) -> None:
@@ -89,7 +71,8 @@ class SequenceHandle:
 @dataclass
 class _Sequence:
     spec: SequenceSpec
-    handle: SequenceHandle
+    sink: SequenceSink
+    ticket: Ticket
     deadline: float
     submitted: float
     seq_id: int = -1
@@ -104,6 +87,17 @@ class _Sequence:
     text: list[str] = field(default_factory=list)
     sent: int = 0  # characters of "".join(text) handed to the consumer
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+
+
+@dataclass
+class _Entry:
+    """One sequence's share of a step: tokens with their positions, logits on the last."""
+
+    sequence: _Sequence
+    tokens: list[int]
+    start: int  # position of the first token
+    wants_logits: bool
+    fed_after: int | None = None  # prompt entries: the sequence's ``fed`` once decoded
 
 
 class Scheduler:
@@ -126,7 +120,6 @@ class Scheduler:
         self._running: dict[int, _Sequence] = {}
         self._free = deque(range(parallel))
         self._closing = False
-        self._arrivals = itertools.count()
         self.step_started: float | None = None
         """monotonic() when the running step began; None between steps (watchdog)."""
         self.batch_sizes: deque[int] = deque(maxlen=4096)
@@ -136,17 +129,25 @@ class Scheduler:
 
     # -- the consumer's side (any thread) ----------------------------------------------------
 
-    def submit(self, spec: SequenceSpec) -> SequenceHandle:
-        handle = SequenceHandle()
+    def submit(self, spec: SequenceSpec, sink: SequenceSink) -> Ticket:
+        """Queue a sequence (checked by the caller: tokens in the vocabulary, within n_ctx)."""
+        return self.submit_many([(spec, sink)])[0]
+
+    def submit_many(self, items: list[tuple[SequenceSpec, SequenceSink]]) -> list[Ticket]:
+        """Queue several sequences at once: the next admission sees them all, so they start
+        in the same step as far as free slots allow."""
         now = time.monotonic()
-        sequence = _Sequence(spec, handle, now - spec.head_start_s, now)
+        sequences = [
+            _Sequence(spec, sink, Ticket(), now - spec.head_start_s, now) for spec, sink in items
+        ]
         with self._lock:
-            if self._closing:
-                handle.items.put(Failed("the engine is closed"))
-                return handle
-            self._waiting.append(sequence)
-            self._lock.notify()
-        return handle
+            if not self._closing:
+                self._waiting.extend(sequences)
+                self._lock.notify()
+                return [sequence.ticket for sequence in sequences]
+        for sequence in sequences:
+            _deliver_end(sequence.sink, EngineFailure("the engine is closed"))
+        return [sequence.ticket for sequence in sequences]
 
     @property
     def free_slots(self) -> int:
@@ -185,7 +186,7 @@ class Scheduler:
             if self._running:
                 self._step()
         for sequence in leftovers:
-            self._end(sequence, Failed("the engine closed"))
+            self._end(sequence, EngineFailure("the engine closed"))
 
     def _admit(self) -> None:
         """Waiting sequences into free slots, earliest deadline first (under the lock)."""
@@ -194,8 +195,11 @@ class Scheduler:
         self._waiting.sort(key=lambda s: s.deadline)
         while self._free and self._waiting:
             sequence = self._waiting.pop(0)
-            if sequence.handle.cancelled:
-                sequence.handle.items.put(Failed("cancelled"))
+            if sequence.ticket.cancelled:
+                _deliver_end(sequence.sink, _CANCELLED)
+                continue
+            if not sequence.spec.tokens:  # nothing to decode: it would never end
+                _deliver_end(sequence.sink, EngineFailure("a sequence needs at least one token"))
                 continue
             sequence.seq_id = self._free.popleft()
             sequence.sampler = self._sampler(sequence.spec)
@@ -218,50 +222,79 @@ class Scheduler:
         return chain
 
     def _drop_cancelled(self) -> None:
-        for sequence in [s for s in self._running.values() if s.handle.cancelled]:
-            self._end(sequence, Failed("cancelled"))
+        for sequence in [s for s in self._running.values() if s.ticket.cancelled]:
+            self._end(sequence, _CANCELLED)
+
+    def _plan(self) -> list[_Entry]:
+        """This step's entries: one token for each generating sequence, then prompt chunks
+        of admitted ones while the batch has room."""
+        entries: list[_Entry] = []
+        room = self._n_batch
+        for sequence in self._running.values():
+            if sequence.next_token is not None:
+                entries.append(_Entry(sequence, [sequence.next_token], sequence.n_past, True))
+                room -= 1
+        for sequence in self._running.values():
+            prompt = sequence.spec.tokens
+            if sequence.fed >= len(prompt) or room <= 0:
+                continue
+            chunk = prompt[sequence.fed : sequence.fed + room]
+            fed_after = sequence.fed + len(chunk)
+            entries.append(
+                _Entry(sequence, chunk, sequence.n_past, fed_after == len(prompt), fed_after)
+            )
+            room -= len(chunk)
+        return entries
 
     def _step(self) -> None:
+        entries = self._plan()
+        status = self._decode(entries)
+        if status == 0:
+            self._advance(entries)
+            return
+        if len(entries) == 1:
+            self._end(entries[0].sequence, EngineFailure(f"llama_decode returned {status}"))
+            return
+        # Tell the culprit from its neighbours: each entry alone. llama.cpp drops the cells
+        # of a failed batch, so the ones that pass alone go on as if nothing happened.
+        for entry in entries:
+            status = self._decode([entry])
+            if status == 0:
+                self._advance([entry])
+            else:
+                self._end(entry.sequence, EngineFailure(f"llama_decode returned {status}"))
+
+    def _decode(self, entries: Iterable[_Entry]) -> int:
         batch, n = self._batch, 0
-        for sequence in self._running.values():  # one token each for those generating
-            sequence.logits_index = -1
-            if sequence.next_token is not None:
-                self._add(n, sequence.next_token, sequence.n_past, sequence.seq_id, True)
-                sequence.logits_index, sequence.n_past, n = n, sequence.n_past + 1, n + 1
-        for sequence in self._running.values():  # then prompt chunks, within n_batch
-            prompt = sequence.spec.tokens
-            if sequence.fed >= len(prompt) or n >= self._n_batch:
-                continue
-            chunk = prompt[sequence.fed : sequence.fed + self._n_batch - n]
-            for i, token in enumerate(chunk):
-                last = sequence.fed + i == len(prompt) - 1
-                self._add(n, token, sequence.n_past, sequence.seq_id, last)
-                if last:
-                    sequence.logits_index = n
-                sequence.n_past, n = sequence.n_past + 1, n + 1
-            sequence.fed += len(chunk)
+        for entry in entries:
+            sequence = entry.sequence
+            last = len(entry.tokens) - 1
+            for i, token in enumerate(entry.tokens):
+                batch.token[n] = token
+                batch.pos[n] = entry.start + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = sequence.seq_id
+                batch.logits[n] = entry.wants_logits and i == last
+                n += 1
+            sequence.logits_index = n - 1 if entry.wants_logits else -1
         batch.n_tokens = n
         self.step_started = time.monotonic()
         try:
-            status = self._ll.llama_decode(self._ctx, batch)
+            status: int = self._ll.llama_decode(self._ctx, batch)
         finally:
             self.step_started = None
         self.batch_sizes.append(n)
-        if status != 0:
-            for sequence in list(self._running.values()):
-                self._end(sequence, Failed(f"llama_decode returned {status}"))
-            return
-        for sequence in list(self._running.values()):
-            if sequence.logits_index >= 0:
-                self._sampled(sequence)
+        return status
 
-    def _add(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
-        batch = self._batch
-        batch.token[i] = token
-        batch.pos[i] = pos
-        batch.n_seq_id[i] = 1
-        batch.seq_id[i][0] = seq_id
-        batch.logits[i] = logits
+    def _advance(self, entries: list[_Entry]) -> None:
+        """The entries were decoded: move each sequence on, sampling where it has logits."""
+        for entry in entries:
+            sequence = entry.sequence
+            sequence.n_past = entry.start + len(entry.tokens)
+            if entry.fed_after is not None:
+                sequence.fed = entry.fed_after
+            if entry.wants_logits:
+                self._sampled(sequence)
 
     def _sampled(self, sequence: _Sequence) -> None:
         ll = self._ll
@@ -269,6 +302,7 @@ class Scheduler:
         now = time.monotonic()
         if sequence.first_token is None:
             sequence.first_token = now
+        sequence.next_token = None
         if ll.llama_vocab_is_eog(self._vocab, token):
             self._finish(sequence, "stop")
             return
@@ -290,8 +324,7 @@ class Scheduler:
             at = text.find(stop, sequence.sent)
             if at >= 0:
                 sequence.text = [text[:at]]
-                if at > sequence.sent and sequence.spec.stream:
-                    sequence.handle.items.put(text[sequence.sent : at])
+                self._send(sequence, text[sequence.sent : at])
                 sequence.sent = at
                 return True
         safe = len(text)
@@ -302,10 +335,17 @@ class Scheduler:
                         safe = min(safe, len(text) - size)
                         break
         if safe > sequence.sent:
-            if sequence.spec.stream:
-                sequence.handle.items.put(text[sequence.sent : safe])
+            self._send(sequence, text[sequence.sent : safe])
             sequence.sent = safe
         return False
+
+    def _send(self, sequence: _Sequence, text: str) -> None:
+        if not text or not sequence.spec.incremental:
+            return
+        try:
+            sequence.sink.piece(text)
+        except Exception:  # a consumer that cannot take more has gone: stop generating
+            sequence.ticket.cancel()
 
     def _finish(self, sequence: _Sequence, reason: str, *, at_stop: bool = False) -> None:
         if not at_stop:  # what the decoder still holds, and any held-back tail, goes out
@@ -315,19 +355,20 @@ class Scheduler:
         first = sequence.first_token
         self._end(
             sequence,
-            Finished(
+            Completion(
                 text="".join(sequence.text),
-                finish_reason=reason,
+                finish_reason="length" if reason == "length" else "stop",
                 prompt_tokens=len(sequence.spec.tokens),
                 completion_tokens=sequence.generated,
+                engine_s=now - sequence.submitted,
                 queue_wait_s=sequence.admitted - sequence.submitted,
                 time_to_first_token_s=None if first is None else first - sequence.submitted,
                 decode_s=0.0 if first is None else now - first,
             ),
         )
 
-    def _end(self, sequence: _Sequence, last: Finished | Failed) -> None:
-        """Free the sequence's slot, KV cells and sampler; hand over its last item."""
+    def _end(self, sequence: _Sequence, outcome: Completion | EngineFailure) -> None:
+        """Free the sequence's slot, KV cells and sampler; hand over how it ended."""
         if sequence.seq_id >= 0:
             self._ll.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
             self._ll.llama_sampler_free(sequence.sampler)
@@ -335,4 +376,10 @@ class Scheduler:
                 self._running.pop(sequence.seq_id, None)
                 self._free.append(sequence.seq_id)
             sequence.seq_id = -1
-        sequence.handle.items.put(last)
+        _deliver_end(sequence.sink, outcome)
+
+
+def _deliver_end(sink: SequenceSink, outcome: Completion | EngineFailure) -> None:
+    """Tell ``sink`` how its sequence ended; a consumer that is gone cannot stop the loop."""
+    with contextlib.suppress(Exception):  # the consumer's failure is its own: the batch goes on
+        sink.end(outcome)

@@ -23,7 +23,7 @@ import anyio.to_thread
 from ensemble_ops.config import ModelSpec
 from ensemble_ops.errors import InvalidRequestError, ModelUnavailableError, OverloadedError
 from ensemble_ops.events import Copy, ModelLoaded
-from ensemble_ops.serving.engine import Engine
+from ensemble_ops.serving.engine import Capability, Engine
 from ensemble_ops.serving.sticky import bucket
 
 __all__ = ["Lease", "Loaded", "ModelSlot", "SlotState", "loaded_event"]
@@ -87,8 +87,8 @@ class Loaded:
         return min(max(math.ceil(waiting / rate), 1), 60)
 
     async def run(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``func`` in a worker thread (the engine batches it with the others)."""
-        with self._timed():
+        """Run blocking ``func`` in a worker thread (a warm-up that waits for its answer)."""
+        with self.running():
             return await anyio.to_thread.run_sync(
                 functools.partial(func, *args, **kwargs), limiter=self.limiter
             )
@@ -103,15 +103,15 @@ class Loaded:
     async def run_claimed(self, token: object, func: Callable[..., T], *args: Any) -> T:
         """Run ``func`` in a worker thread on the thread ``token`` claimed, then free it."""
         try:
-            with self._timed():
+            with self.running():
                 return await anyio.to_thread.run_sync(functools.partial(func, *args))
         finally:
             self.limiter.release_on_behalf_of(token)
 
     @contextlib.contextmanager
-    def _timed(self) -> Iterator[None]:
-        """Count a call as running (watchdog) and its end as an answer (Retry-After); on
-        the event loop, so the bookkeeping needs no lock."""
+    def running(self) -> Iterator[None]:
+        """Count an inference as running (watchdog) and its end as an answer (Retry-After);
+        on the event loop, so the bookkeeping needs no lock. Closing waits for every one."""
         key = object()
         self._running[key] = time.monotonic()
         try:
@@ -222,6 +222,12 @@ class ModelSlot:
     def candidate(self) -> Loaded | None:
         """A rollout's new copy while it serves beside the active one."""
         return self._candidate
+
+    def capable(self, needs: Capability) -> bool | None:
+        """Whether the serving copy can do ``needs``; None while no copy is loaded."""
+        if self._active is None:
+            return None
+        return needs in self._active.engine.info.capabilities
 
     def choose(self, session: str | None, asked: Copy | None = None) -> Copy:
         """Which copy answers a request: the one it asks for, else the candidate for the

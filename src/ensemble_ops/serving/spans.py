@@ -8,7 +8,8 @@ every call is a no-op on a non-recording span.
 
 Attributes beyond the conventions, for what they do not cover (yet): ``gen_ai.request.stream``
 (asked of this project; not in 1.37), ``ensemble_ops.cache`` (``hit``, ``miss`` or
-``coalesced`` for deterministic requests), ``ensemble_ops.mode``. Span events:
+``coalesced`` for deterministic requests), ``ensemble_ops.mode``, ``ensemble_ops.skipped`` (why
+routing passed a member over). Span events:
 ``ensemble_ops.started`` (the worker began: ``ensemble_ops.queue_wait_s``) and, for streams,
 ``ensemble_ops.first_token`` (``ensemble_ops.prefill_s``: prompt evaluation plus the first
 token).
@@ -41,8 +42,9 @@ _OPERATIONS = {"chat": "chat", "completion": "text_completion"}
 class AttemptSpan:
     """One attempt of a request on one member; ``record_*`` and ``fail`` fill it in."""
 
-    def __init__(self, span: Span, capture_content: bool) -> None:
+    def __init__(self, span: Span, capture_content: bool, *, stream: bool = False) -> None:
         self.span = span
+        self.stream = stream
         self._capture = capture_content
         self._started = time.perf_counter()
         self._running_at: float | None = None
@@ -82,7 +84,7 @@ class AttemptSpan:
         span = tracer.start_span(
             f"{operation} {request.model}", kind=SpanKind.INTERNAL, attributes=attributes
         )
-        return cls(span, capture_content)
+        return cls(span, capture_content, stream=stream)
 
     @contextmanager
     def current(self) -> Iterator[AttemptSpan]:
@@ -98,6 +100,10 @@ class AttemptSpan:
     def cache(self, how: str) -> None:
         """``hit``, ``miss``, or ``coalesced`` (answered by an identical request in flight)."""
         self.span.set_attribute("ensemble_ops.cache", how)
+
+    def skipped(self, reason: str) -> None:
+        """Routing passed the member over without running the request on it."""
+        self.span.set_attribute("ensemble_ops.skipped", reason)
 
     def running(self) -> None:
         """The worker thread took the request: the queue wait ends here."""

@@ -64,10 +64,16 @@ class ReloadBody(BaseModel):
     promote_timeout_s: Annotated[float, Field(strict=False)] | SkipJsonSchema[None] = _optional(
         "Blue-green: roll back when not promoted within this long."
     )
+    allow_capability_change: bool = Field(
+        default=False,
+        description="Let the new copy lack what the member's copy can do (chat, for a file "
+        "without a chat template); otherwise such a copy fails at warm-up.",
+    )
 
     _FIELDS: ClassVar[str] = (
         "path, warmup_iterations, rollout, steps, min_requests, min_seconds, gates, "
-        "failure_budget, deadline_s, shadow_percent, after_shadow, promote_timeout_s"
+        "failure_budget, deadline_s, shadow_percent, after_shadow, promote_timeout_s, "
+        "allow_capability_change"
     )
 
     @field_validator("*", mode="before")
@@ -89,7 +95,9 @@ class ReloadBody(BaseModel):
 
     def rollout_spec(self, default: RolloutSpec) -> RolloutSpec:
         """This reload's rollout: ``default`` with the fields given here."""
-        given = self.model_dump(exclude_none=True, exclude={"path", "warmup_iterations"})
+        given = self.model_dump(
+            exclude_none=True, exclude={"path", "warmup_iterations", "allow_capability_change"}
+        )
         if "rollout" in given:
             given["kind"] = given.pop("rollout")
         if self.gates is not None:  # the gates given, on top of the default ones

@@ -276,6 +276,12 @@ class MemberMeta(_Response):
     architecture: Omittable[str] = None
     weights_bytes: Omittable[int] = None
     gpu_offload: Omittable[bool] = None
+    capabilities: Omittable[list[Literal["chat", "completion"]]] = Field(
+        default=None,
+        description="What the loaded copy can do: completion always, chat with a chat "
+        "template (its GGUF's, or the member's chat_template). Routing to ensemble sends "
+        "chats only to members that can chat.",
+    )
 
 
 class ModelCard(_Response):

@@ -46,6 +46,7 @@ async def start_reload(request: Request) -> Response:
         warmup_iterations=options.warmup_iterations,
         path=options.path,
         rollout=options.rollout_spec(manager.settings.rollout),
+        allow_capability_change=options.allow_capability_change,
     )
     return JSONResponse(
         dump_reload_status(status),

@@ -42,7 +42,8 @@ from ensemble_ops.http.protocol import (
     Usage,
     parse_body,
 )
-from ensemble_ops.serving.ensemble import ENSEMBLE, Ensemble, InferenceRequest, InferenceResult
+from ensemble_ops.serving.engine import Completion as EngineCompletion
+from ensemble_ops.serving.ensemble import ENSEMBLE, Ensemble, InferenceRequest, TextStream
 
 __all__ = ["read_json", "routes"]
 
@@ -67,16 +68,15 @@ def _note(request: Request, inference: InferenceRequest, **fields: Any) -> None:
     log_fields(request.scope).update(model=inference.model, mode=inference.mode, **fields)
 
 
-def _note_result(request: Request, result: InferenceResult) -> None:
-    completion = result.completion
+def _note_result(request: Request, stream: TextStream, completion: EngineCompletion) -> None:
     fields = log_fields(request.scope)
     fields.update(
-        member=result.member,
-        cached=result.cached,
+        member=stream.member,
+        cached=stream.cached,
         prompt_tokens=completion.prompt_tokens,
         completion_tokens=completion.completion_tokens,
     )
-    if not result.cached:  # the batch's side: time waiting for a sequence slot
+    if not stream.cached:  # the batch's side: time waiting for a sequence slot
         fields["queue_wait_ms"] = round(completion.queue_wait_s * 1000, 2)
 
 
@@ -98,15 +98,21 @@ def _inference_route(
             require_admin(request)
         inference = parsed.to_request(settings, response_id=reply.new_id(), headers=headers)
         _note(request, inference, stream=parsed.stream)
-        if parsed.stream:
-            return await _stream(request, inference, chunk, parsed.include_usage)
-        result = await _ensemble(request).complete(inference)
-        _note_result(request, result)
-        whole = reply.of(inference.response_id, result.member, result.completion)
-        return JSONResponse(
-            whole.model_dump(mode="json"),
-            headers={"X-Ensemble-Member": result.member, "X-Cache": _cache_header(result)},
-        )
+        # One path for both: a non-streamed answer is its stream, collected.
+        stream = _ensemble(request).answer(inference, incremental=parsed.stream)
+        try:
+            # The first piece (or the end): an error before any text is still a real 4xx/5xx.
+            await stream.first()
+            if parsed.stream:
+                return _events(request, stream, chunk, parsed.include_usage)
+            completion = await stream.wait()
+        except BaseException:
+            stream.close()  # the client left, or the answer failed: stop generating
+            raise
+        _note_result(request, stream, completion)
+        member = stream.member or inference.model
+        whole = reply.of(inference.response_id, member, completion)
+        return JSONResponse(whole.model_dump(mode="json"), headers=_answer_headers(stream))
 
     return ApiRoute(
         path,
@@ -123,33 +129,29 @@ def _inference_route(
     )
 
 
-def _cache_header(result: InferenceResult) -> str:
-    return "HIT" if result.cached else "MISS"
+def _answer_headers(stream: TextStream) -> dict[str, str]:
+    """Who answered, and whether from the cache (or an identical request in flight)."""
+    return {"X-Ensemble-Member": stream.member or "", "X-Cache": "HIT" if stream.cached else "MISS"}
 
 
 def _event(body: BaseModel) -> str:
     return f"data: {json.dumps(body.model_dump(mode='json'), ensure_ascii=False)}\n\n"
 
 
-async def _stream(
-    request: Request, inference: InferenceRequest, chunk: type[Chunk[Any]], include_usage: bool
+def _events(
+    request: Request, stream: TextStream, chunk: type[Chunk[Any]], include_usage: bool
 ) -> Response:
-    stream = _ensemble(request).start_stream(inference)
-    try:
-        # Wait for the first piece: an error found before any text is still a real 4xx/5xx.
-        await stream.first()
-    except BaseException:
-        stream.close()
-        raise
+    """The answer as server-sent events: its pieces as chunks, then the finish."""
     fields = log_fields(request.scope)
-    fields["member"] = stream.member
+    fields.update(member=stream.member, cached=stream.cached)
     created = int(time.time())
+    member = stream.member or stream.request.model
 
     def event(choices: list[Any], usage: Usage | None = None) -> str:
         body = chunk(
-            id=inference.response_id,
+            id=stream.request.response_id,
             created=created,
-            model=stream.member,
+            model=member,
             choices=choices,
             usage=usage,
         )
@@ -180,7 +182,7 @@ async def _stream(
     return StreamingResponse(
         events(),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Ensemble-Member": stream.member},
+        headers={"Cache-Control": "no-cache", **_answer_headers(stream)},
         # Runs after the response ends, also when the client went away before the body
         # started: the generation must be told to stop either way.
         background=BackgroundTask(stream.close),
@@ -198,13 +200,14 @@ def _model_card(request: Request, name: str) -> ModelCard:
             "architecture": info.architecture,
             "weights_bytes": info.weights_bytes,
             "gpu_offload": info.gpu_offload,
+            "capabilities": sorted(info.capabilities),
+            "n_ctx": info.n_ctx,
         }
     meta = MemberMeta(
         state=slot.state,
         description=slot.spec.description,
-        n_ctx=slot.spec.n_ctx,
         n_gpu_layers=slot.spec.n_gpu_layers,
-        **loaded,
+        **{"n_ctx": slot.spec.n_ctx, **loaded},
     )
     created = int(active.loaded_at) if active is not None else 0
     return ModelCard(id=name, created=created, meta=meta)

@@ -1,0 +1,37 @@
+"""Settings: one validated object from a TOML file plus ``ENSEMBLE_OPS_*`` overrides.
+
+The sections are declared by concern (``sections``, ``members``, ``rollout``) and read in one
+place (``settings``); everything is importable from here.
+"""
+
+from ensemble_ops.config.members import ModelSpec, ModeName, ModeSpec, SplitSpec
+from ensemble_ops.config.rollout import GATES, GateSpec, ReloadSettings, RolloutKind, RolloutSpec
+from ensemble_ops.config.sections import (
+    CacheSettings,
+    HealthSettings,
+    LoggingSettings,
+    MetricsSettings,
+    ServerSettings,
+    TracingSettings,
+)
+from ensemble_ops.config.settings import ENV_PREFIX, Settings
+
+__all__ = [
+    "ENV_PREFIX",
+    "GATES",
+    "CacheSettings",
+    "GateSpec",
+    "HealthSettings",
+    "LoggingSettings",
+    "MetricsSettings",
+    "ModeName",
+    "ModeSpec",
+    "ModelSpec",
+    "ReloadSettings",
+    "RolloutKind",
+    "RolloutSpec",
+    "ServerSettings",
+    "Settings",
+    "SplitSpec",
+    "TracingSettings",
+]

@@ -1,0 +1,362 @@
+"""The request path as a whole: fallback to the next member, streams that behave like
+completions, the client leaving, and what the engine is asked."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import anyio
+import pytest
+
+from ensemble_ops.config import ModeName
+from ensemble_ops.errors import (
+    EngineError,
+    ModelUnavailableError,
+    NoMemberAvailableError,
+    OverloadedError,
+)
+from ensemble_ops.events import InferenceFailed, InferenceFinished
+from ensemble_ops.serving.demo import DemoModel, write_model
+from ensemble_ops.serving.engine import (
+    ChatMessage,
+    Completion,
+    EngineFailure,
+    GenerationParams,
+    SequenceHandle,
+    SequenceSink,
+)
+from ensemble_ops.serving.ensemble import Ensemble, TextStream
+from ensemble_ops.serving.llama_engine import LlamaEngine
+
+from ..conftest import EngineWrapper, GatedEngine
+from .conftest import MEMBERS, SAMPLED, Engines, EnsembleFactory, Events, members, request
+
+
+async def _collect(stream: TextStream) -> str:
+    await stream.first()
+    return "".join([piece async for piece in stream.pieces()])
+
+
+async def _until_idle(ensemble: Ensemble, name: str) -> None:
+    loaded = ensemble.slots[name].active
+    assert loaded is not None
+    with anyio.fail_after(10):
+        while loaded.in_flight:
+            await anyio.sleep(0.01)
+
+
+class TestFallback:
+    async def test_a_full_member_passes_the_request_to_the_next(
+        self, ensemble: Ensemble, events: Events
+    ) -> None:
+        """A member whose queue is full is skipped; the failed attempt is not the request's
+        end, the answer is."""
+        held = ensemble.slots["c"].acquire()
+        try:
+            result = await ensemble.complete(request())
+        finally:
+            held.release()
+        assert result.member == "a"
+        failed = events.of(InferenceFailed)
+        assert [(f.model, f.error_type, f.final) for f in failed] == [("c", "overloaded", False)]
+        assert [f.model for f in events.of(InferenceFinished)] == ["a"]
+
+    async def test_a_failing_member_passes_the_request_to_the_next(
+        self, ensemble: Ensemble, engines: Engines, events: Events
+    ) -> None:
+        """An engine failure on the preferred member: the next one answers."""
+        engines.by_name["c"].failing = True
+        result = await ensemble.complete(request())
+        assert result.member == "a"
+        assert engines.by_name["c"].calls == 1
+        failed = events.of(InferenceFailed)
+        assert [(f.model, f.error_type, f.final) for f in failed] == [("c", "engine_error", False)]
+
+    async def test_a_named_member_does_not_fall_back(
+        self, ensemble: Ensemble, engines: Engines, events: Events
+    ) -> None:
+        """A request naming a member fails with that member's error, as the final outcome."""
+        engines.by_name["b"].failing = True
+        with pytest.raises(EngineError, match="llama_decode returned -3"):
+            await ensemble.complete(request("b"))
+        held = ensemble.slots["a"].acquire()
+        try:
+            with pytest.raises(OverloadedError):
+                await ensemble.complete(request("a"))
+        finally:
+            held.release()
+        assert [(f.model, f.error_type, f.final) for f in events.of(InferenceFailed)] == [
+            ("b", "engine_error", True),
+            ("a", "overloaded", True),
+        ]
+        assert engines.by_name["a"].calls == engines.by_name["c"].calls == 0
+
+    async def test_when_no_member_can_serve_each_says_why(
+        self, ensemble: Ensemble, engines: Engines, events: Events
+    ) -> None:
+        """Every member full or failing: one final failure of the ensemble, naming each
+        member's reason."""
+        engines.by_name["a"].failing = True
+        held = [ensemble.slots["c"].acquire()]
+        ensemble.slots["b"].unload("reloading")
+        try:
+            with pytest.raises(NoMemberAvailableError) as refused:
+                await ensemble.complete(request())
+        finally:
+            for lease in held:
+                lease.release()
+        assert refused.value.reasons == {
+            "c": "overloaded",
+            "a": "Inference failed on model 'a': llama_decode returned -3",
+            "b": "the model is being reloaded (its old copy was unloaded first)",
+        }
+        finals = [(f.model, f.error_type) for f in events.of(InferenceFailed) if f.final]
+        assert finals == [("ensemble", "no_member_available")]
+
+    async def test_a_stream_whose_first_member_fails_is_answered_by_the_next(
+        self, ensemble: Ensemble, engines: Engines, events: Events
+    ) -> None:
+        """A stream falls back like a completion as long as nothing was sent: the preferred
+        member fails before its first piece, the next one streams the answer."""
+        engines.by_name["c"].failing = True
+        stream = ensemble.answer(request(params=SAMPLED), incremental=True)
+        text = await _collect(stream)
+        assert stream.member == "a"
+        assert stream.result is not None
+        assert text == stream.result.text
+        failed = events.of(InferenceFailed)
+        assert [(f.model, f.error_type, f.final) for f in failed] == [("c", "engine_error", False)]
+        assert [(f.model, f.stream) for f in events.of(InferenceFinished)] == [("a", True)]
+
+    async def test_a_stream_that_fails_after_its_first_piece_ends_with_the_error(
+        self, make_ensemble: EnsembleFactory, events: Events
+    ) -> None:
+        """Past the first piece there is no fallback: the stream ends with the error, which
+        is the request's final outcome."""
+        ensemble = make_ensemble()
+        await ensemble.load_all()
+        slot = ensemble.slots["c"]
+        active = slot.active
+        assert active is not None
+        slot.install(_FailsMidStream(LlamaEngine.load(slot.spec)))
+        stream = ensemble.answer(request(params=SAMPLED), incremental=True)
+        await stream.first()
+        pieces: list[str] = []
+
+        async def read() -> None:
+            async for piece in stream.pieces():
+                pieces.append(piece)
+
+        with pytest.raises(EngineError, match="decode failed mid-way"):
+            await read()
+        assert pieces == ["partial"]
+        assert stream.member == "c"
+        failed = [(f.model, f.final) for f in events.of(InferenceFailed)]
+        assert failed == [("c", True)]
+        await active.close()
+
+
+class _FailsMidStream(EngineWrapper):
+    """An engine that sends one piece and then fails: a decode failing mid-answer, which a
+    real model cannot do on demand."""
+
+    def submit(
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        sink: SequenceSink,
+        *,
+        head_start_s: float = 0.0,
+        incremental: bool = True,
+    ) -> SequenceHandle:
+        sink.piece("partial")
+        sink.end(EngineFailure("decode failed mid-way"))
+        return _Done()
+
+
+class _Done:
+    def cancel(self) -> None:
+        pass
+
+
+class _PausesAfterFirstPiece(EngineWrapper):
+    """A real engine whose thread stops after its first piece until ``resume``: the client
+    then leaves mid-answer by construction, not by a race with a fast model."""
+
+    def __init__(self, real: LlamaEngine) -> None:
+        super().__init__(real)
+        self.resume = threading.Event()
+
+    def submit(
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        sink: SequenceSink,
+        *,
+        head_start_s: float = 0.0,
+        incremental: bool = True,
+    ) -> SequenceHandle:
+        resume = self.resume
+
+        class Pausing:
+            def piece(self, text: str) -> None:
+                sink.piece(text)
+                resume.wait(timeout=30)
+
+            def end(self, outcome: Completion | EngineFailure) -> None:
+                sink.end(outcome)
+
+        return super().submit(
+            tokens, params, Pausing(), head_start_s=head_start_s, incremental=incremental
+        )
+
+
+class TestStreams:
+    async def test_a_stream_starts_on_the_first_member_that_can_take_it(
+        self, ensemble: Ensemble, events: Events
+    ) -> None:
+        """A stream skips a full member, yields the text, and frees the member at the end."""
+        held = ensemble.slots["c"].acquire()
+        try:
+            stream = ensemble.answer(request(params=SAMPLED), incremental=True)
+            text = await _collect(stream)
+        finally:
+            held.release()
+        assert stream.member == "a"
+        assert stream.result is not None
+        assert text == stream.result.text
+        await _until_idle(ensemble, "a")
+        finished = events.of(InferenceFinished)
+        assert [(f.model, f.stream, f.outcome) for f in finished] == [("a", True, "success")]
+        assert finished[0].time_to_first_token_s is not None
+
+    async def test_a_stream_no_member_can_take_fails_before_it_starts(
+        self, ensemble: Ensemble, events: Events
+    ) -> None:
+        """With every member full, the stream fails before any text (so the client gets a
+        503, not a 200 with an error inside)."""
+        held = [ensemble.slots[name].acquire() for name in MEMBERS]
+        try:
+            with pytest.raises(NoMemberAvailableError):
+                await ensemble.answer(request(), incremental=True).first()
+            with pytest.raises(OverloadedError):
+                await ensemble.answer(request("b"), incremental=True).first()
+        finally:
+            for lease in held:
+                lease.release()
+        assert [f.final for f in events.of(InferenceFailed) if f.final] == [True, True]
+
+    async def test_a_stream_the_client_leaves_stops_and_frees_the_member(
+        self, make_ensemble: EnsembleFactory, events: Events
+    ) -> None:
+        """Closing the stream stops generation at the next step: the member is free again,
+        the outcome is cancelled, and far fewer tokens than asked were made."""
+        ensemble = make_ensemble()
+        await ensemble.load_all()
+        slot = ensemble.slots["b"]
+        previous = slot.active
+        assert previous is not None
+        paused = _PausesAfterFirstPiece(LlamaEngine.load(slot.spec))
+        slot.install(paused)
+        await previous.close()
+        long = GenerationParams(max_tokens=200, temperature=0.9, top_p=1.0)
+        stream = ensemble.answer(request("b", long), incremental=True)
+        await stream.first()
+        stream.close()  # while the engine is held after its first piece
+        paused.resume.set()
+        await _until_idle(ensemble, "b")
+        with anyio.fail_after(10):
+            while not events.of(InferenceFinished):
+                await anyio.sleep(0.01)
+        finished = events.of(InferenceFinished)
+        assert [(f.model, f.outcome) for f in finished] == [("b", "cancelled")]
+        assert finished[0].completion_tokens < 10
+
+    async def test_a_completion_the_caller_stops_waiting_for_is_cancelled(
+        self, make_ensemble: EnsembleFactory, events: Events
+    ) -> None:
+        """A non-streamed request whose caller goes away (its client disconnected) cancels
+        its sequence in the engine; the outcome is cancelled."""
+        ensemble = make_ensemble()
+        await ensemble.load_all()
+        slot = ensemble.slots["b"]
+        previous = slot.active
+        assert previous is not None
+        gated = GatedEngine(LlamaEngine.load(slot.spec))
+        slot.install(gated)
+        await previous.close()
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(ensemble.complete, request("b"))
+                with anyio.fail_after(10):
+                    while not gated.arrived.is_set():
+                        await anyio.sleep(0.01)
+                scope.cancel()  # the caller leaves while its sequence is in the engine
+        gated.release.set()
+        await _until_idle(ensemble, "b")
+        with anyio.fail_after(10):
+            while not events.of(InferenceFinished):
+                await anyio.sleep(0.01)
+        assert [(f.model, f.outcome) for f in events.of(InferenceFinished)] == [("b", "cancelled")]
+
+    async def test_a_stream_that_fails_before_any_text_raises_its_error(
+        self, ensemble: Ensemble, engines: Engines
+    ) -> None:
+        """An engine failure before the first piece is raised by first()."""
+        engines.by_name["b"].failing = True
+        stream = ensemble.answer(request("b"), incremental=True)
+        with pytest.raises(EngineError):
+            await stream.first()
+        stream.close()
+        await _until_idle(ensemble, "b")
+
+    async def test_a_closed_ensemble_refuses_streams_too(self, ensemble: Ensemble) -> None:
+        """After close(), a stream fails before any text with the member's reason."""
+        await ensemble.close(drain_timeout_s=1.0)
+        with pytest.raises(ModelUnavailableError, match="not loaded"):
+            await ensemble.answer(request("a"), incremental=True).first()
+
+
+class TestWhatTheEngineIsAsked:
+    async def test_chat_messages_use_the_template_and_its_stop_strings(
+        self, make_ensemble: EnsembleFactory, engines: Engines, tmp_path: Path
+    ) -> None:
+        """A chat request is rendered for the member and stops at the end of its turn as well
+        as at the request's own stop strings, each once."""
+        model = DemoModel("untemplated", 64, 2, 192, 4, seed=1, chat_template="")
+        ensemble = make_ensemble(members(write_model(model, tmp_path / model.filename)))
+        await ensemble.load_all()
+        member = engines.by_name["a"]
+        chat = (ChatMessage("user", "Hello"),)
+        prompt = member.render_chat(chat)
+        assert prompt.stop == ("\nuser:", "\nsystem:")  # turn markers of the transcript
+        own = GenerationParams(4, 0.0, 1.0, stop=("!", "\nuser:"))
+        result = await ensemble.complete(request("a", own, prompt=None, messages=chat))
+        asked, _ = member.asked[-1]
+        assert asked.stop == ("!", "\nuser:", "\nsystem:")
+        assert (asked.max_tokens, asked.temperature, asked.top_p) == (4, 0.0, 1.0)
+        assert result.completion.prompt_tokens == len(prompt.tokens)
+        assert result.completion.text == member.real.complete(prompt.tokens, asked).text
+
+    async def test_a_completion_sends_the_prompt_unchanged(
+        self, ensemble: Ensemble, engines: Engines
+    ) -> None:
+        """A plain prompt is tokenized as it is, with the request's parameters."""
+        params = GenerationParams(4, 0.0, 1.0, stop=("x",))
+        result = await ensemble.complete(request("a", params, prompt="Hello there"))
+        assert engines.by_name["a"].asked == [(params, 2.0)]
+        assert result.completion.prompt_tokens == len(engines.by_name["a"].tokenize("Hello there"))
+
+    @pytest.mark.parametrize(
+        ("mode", "head_start_s"), [("fast", 2.0), ("balanced", 1.0), ("creative", 0.0)]
+    )
+    async def test_each_mode_gets_its_place_in_the_admission_order(
+        self, ensemble: Ensemble, engines: Engines, mode: ModeName, head_start_s: float
+    ) -> None:
+        """A fast request is admitted up to 2 s ahead of its arrival, balanced 1 s, creative
+        not at all, streamed or not: fast overtakes the others, and nothing waits more than
+        2 s behind."""
+        await ensemble.complete(request("b", SAMPLED, mode=mode))
+        assert await _collect(ensemble.answer(request("b", SAMPLED, mode=mode), incremental=True))
+        assert [head for _, head in engines.by_name["b"].asked] == [head_start_s] * 2

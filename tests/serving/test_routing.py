@@ -1,0 +1,168 @@
+"""Routing: the members a request may go to, in order, by name, mode, health, capability
+and context size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ensemble_ops.config import ModeName, Settings
+from ensemble_ops.errors import ContextLengthExceededError, ModelNotFoundError
+from ensemble_ops.events import InferenceFailed, InferenceFinished
+from ensemble_ops.serving.demo import DemoModel, write_model
+from ensemble_ops.serving.engine import ChatMessage, GenerationParams
+from ensemble_ops.serving.ensemble import Ensemble
+
+from ..conftest import EngineWrapper, route
+from .conftest import EnsembleFactory, Events, request
+
+CHAT = (ChatMessage("user", "Hello"),)
+BASE = DemoModel("base", 64, 2, 192, 4, seed=1, chat_template="")
+"""A model without a chat template: it can only continue text."""
+
+
+def _mixed(tmp_path: Path, demo_dir: Path) -> Settings:
+    """``base`` (no chat template, preferred by every mode) and ``instruct`` (ChatML)."""
+    base = write_model(BASE, tmp_path / BASE.filename)
+    return Settings.from_mapping(
+        {
+            "models": [
+                {"name": "base", "path": str(base), "n_ctx": 256},
+                {"name": "instruct", "path": str(demo_dir / "demo-tiny.gguf"), "n_ctx": 256},
+            ],
+            "modes": {mode: {"prefer": ["base"]} for mode in ("fast", "balanced", "creative")},
+        },
+        environ={},
+    )
+
+
+class TestOrder:
+    async def test_a_named_member_is_the_only_candidate(self, ensemble: Ensemble) -> None:
+        """A request naming a member goes to that member and no other."""
+        assert route(ensemble, "b") == ["b"]
+        assert (await ensemble.complete(request("b"))).member == "b"
+
+    async def test_an_unknown_member_is_not_found(self, ensemble: Ensemble) -> None:
+        """An unknown name is refused, naming the members there are."""
+        with pytest.raises(ModelNotFoundError, match="choose one of: ensemble, a, b, c"):
+            route(ensemble, "d")
+        with pytest.raises(ModelNotFoundError):
+            await ensemble.complete(request("d"))
+
+    async def test_the_mode_preference_comes_first_then_the_rest_in_config_order(
+        self, ensemble: Ensemble
+    ) -> None:
+        """model "ensemble" tries the mode's preferred members, then the others as declared."""
+        assert route(ensemble, "ensemble", "fast") == ["c", "a", "b"]
+        assert route(ensemble, "ensemble", "creative") == ["a", "b", "c"]
+        assert (await ensemble.complete(request())).member == "c"
+
+    async def test_unfit_members_go_last_not_away(self, make_ensemble: EnsembleFactory) -> None:
+        """Members the health view finds unfit are tried after every fit one, in order."""
+        ensemble = make_ensemble(can_serve=lambda name: name not in ("c", "a"))
+        await ensemble.load_all()
+        assert route(ensemble, "ensemble", "fast") == ["b", "c", "a"]
+        assert (await ensemble.complete(request())).member == "b"
+        assert route(ensemble, "c") == ["c"]  # asked for by name: still served
+
+
+class TestCapability:
+    @pytest.mark.parametrize("mode", ["fast", "balanced", "creative"])
+    async def test_a_chat_skips_a_member_that_cannot_chat(
+        self,
+        make_ensemble: EnsembleFactory,
+        tmp_path: Path,
+        demo_dir: Path,
+        mode: ModeName,
+    ) -> None:
+        """Every mode prefers the base model; a chat to the ensemble goes to the member
+        with a template all the same, while a completion still goes to the base model."""
+        ensemble = make_ensemble(_mixed(tmp_path, demo_dir))
+        await ensemble.load_all()
+        chat = request("ensemble", prompt=None, messages=CHAT, mode=mode)
+        assert (await ensemble.complete(chat)).member == "instruct"
+        text = request("ensemble", mode=mode)
+        assert (await ensemble.complete(text)).member == "base"
+
+    async def test_a_member_named_for_a_chat_still_answers_it(
+        self, make_ensemble: EnsembleFactory, tmp_path: Path, demo_dir: Path
+    ) -> None:
+        """Naming a member without a template still works: it gets the plain transcript."""
+        ensemble = make_ensemble(_mixed(tmp_path, demo_dir))
+        await ensemble.load_all()
+        result = await ensemble.complete(request("base", prompt=None, messages=CHAT))
+        assert result.member == "base"
+
+    async def test_when_no_member_can_chat_the_ensemble_still_answers(
+        self, make_ensemble: EnsembleFactory, tmp_path: Path
+    ) -> None:
+        """An ensemble of base models answers chats in the plain transcript rather than
+        refusing them."""
+        base = write_model(BASE, tmp_path / BASE.filename)
+        settings = Settings.from_mapping(
+            {"models": [{"name": n, "path": str(base), "n_ctx": 256} for n in ("x", "y")]},
+            environ={},
+        )
+        ensemble = make_ensemble(settings)
+        await ensemble.load_all()
+        result = await ensemble.complete(request("ensemble", prompt=None, messages=CHAT))
+        assert result.member == "x"
+
+    async def test_a_chat_template_in_the_config_lets_a_member_chat(
+        self, make_ensemble: EnsembleFactory, tmp_path: Path, demo_dir: Path
+    ) -> None:
+        """chat_template gives a file without one a template: the member can chat, renders
+        with it, and routing sends it chats."""
+        template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+        settings = _mixed(tmp_path, demo_dir)
+        data = settings.model_dump(mode="python")
+        data["models"][0]["chat_template"] = template
+        ensemble = make_ensemble(Settings.model_validate(data))
+        await ensemble.load_all()
+        loaded = ensemble.slots["base"].active
+        assert loaded is not None
+        assert loaded.engine.info.can_chat
+        engine = loaded.engine
+        assert isinstance(engine, EngineWrapper)
+        rendered = engine.real.detokenize(engine.render_chat(list(CHAT)).tokens)
+        assert rendered.endswith("<user>Hello<assistant>")
+        assert (await ensemble.complete(request(prompt=None, messages=CHAT))).member == "base"
+
+
+class TestContextSize:
+    async def test_a_prompt_too_long_for_one_member_goes_to_one_with_room(
+        self, make_ensemble: EnsembleFactory, demo_dir: Path, events: Events
+    ) -> None:
+        """The preferred member's context is too small for the prompt: the next member,
+        with a larger one, answers, and the skip is no failure of anyone."""
+        path = str(demo_dir / "demo-tiny.gguf")
+        settings = Settings.from_mapping(
+            {
+                "models": [
+                    {"name": "small", "path": path, "n_ctx": 64},
+                    {"name": "large", "path": path, "n_ctx": 512},
+                ],
+                "modes": {"fast": {"prefer": ["small"]}},
+            },
+            environ={},
+        )
+        ensemble = make_ensemble(settings)
+        await ensemble.load_all()
+        long_prompt = "word " * 100
+        result = await ensemble.complete(request(prompt=long_prompt))
+        assert result.member == "large"
+        assert (await ensemble.complete(request(prompt="Hi"))).member == "small"
+        assert events.of(InferenceFailed) == []
+        assert [e.model for e in events.of(InferenceFinished)] == ["large", "small"]
+
+    async def test_a_prompt_too_long_for_every_member_is_the_clients_error(
+        self, ensemble: Ensemble, events: Events
+    ) -> None:
+        """When no member has room, the answer is context_length_exceeded (a 400), naming the
+        largest context, once."""
+        over = GenerationParams(max_tokens=250, temperature=0.0, top_p=1.0)
+        with pytest.raises(ContextLengthExceededError, match="maximum context length is 256"):
+            await ensemble.complete(request(params=over, prompt="Hello " * 10))
+        finals = [(f.model, f.error_type) for f in events.of(InferenceFailed) if f.final]
+        assert finals == [("ensemble", "context_length_exceeded")]
