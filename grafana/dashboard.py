@@ -372,10 +372,68 @@ ROLLOUTS: list[PanelSpec] = [
 ]
 """Canary, shadow and blue-green reloads: the new copy's share, its gates, and both copies."""
 
+COMPUTE: list[PanelSpec] = [
+    PanelSpec(
+        "timeseries",
+        "Compute share by member",
+        "Share of the time each member's decode steps held threads of the machine's "
+        "budget (llm_compute_threads). Members active together share the budget; one alone "
+        "takes it all.",
+        [(f"llm_compute_busy_ratio{{{M}}}", "{{model}}")],
+        "percentunit",
+        6,
+        {"ratio": True},
+    ),
+    PanelSpec(
+        "timeseries",
+        "Compute wait p95",
+        "Time a decode step waited for threads another member's steps held. Rising: the "
+        "members want more cores than the machine has (a replica, or fewer members per node).",
+        [
+            (
+                f"histogram_quantile(0.95, sum by (le, model) (rate("
+                f"llm_compute_wait_seconds_bucket{{{M}}}[{RATE}])))",
+                "{{model}}",
+            )
+        ],
+        "s",
+        6,
+    ),
+    PanelSpec(
+        "timeseries",
+        "Prefix cache hit rate",
+        "Share of prompt tokens whose KV cells were reused from an earlier prompt (not "
+        "prefilled again): chats that resend their history and shared preambles.",
+        [
+            (
+                f"sum by (model) (rate(llm_prefix_cache_hits_tokens_total{{{M}}}[{RATE}])) / "
+                f"clamp_min(sum by (model) (rate("
+                f"llm_prefix_cache_queries_tokens_total{{{M}}}[{RATE}])), 1e-9)",
+                "{{model}}",
+            )
+        ],
+        "percentunit",
+        6,
+    ),
+    PanelSpec(
+        "timeseries",
+        "KV cache kept for prompts to come",
+        "Share of each member's KV cache idle slots keep (retained prefixes), beside the "
+        "share running sequences hold (the Batching row); retained cells give way to "
+        "running ones, least recently used first.",
+        [(f"llm_kv_cache_retained_ratio{{{M}}}", "{{model}}")],
+        "percentunit",
+        6,
+        {"ratio": True},
+    ),
+]
+"""One machine, many models: the compute budget's shares and waits, and prompt prefix reuse."""
+
 ROWS: list[tuple[str, int, list[PanelSpec]]] = [
     ("Health, reloads, streaming and queues", 100, BEYOND),
     ("Batching", 200, BATCHING),
     ("Rollouts", 300, ROLLOUTS),
+    ("Compute and prefix reuse", 400, COMPUTE),
 ]
 """The rows below the twelve panels: title, the row's id (its panels count on from it), panels."""
 

@@ -171,6 +171,13 @@ class EngineWrapper:
     def kv_usage(self) -> float:
         return self.real.kv_usage
 
+    @property
+    def kv_retained(self) -> float:
+        return self.real.kv_retained
+
+    def expected_wait_s(self, target_s: float) -> float:
+        return self.real.expected_wait_s(target_s)
+
     def drain_batch_sizes(self) -> list[int]:
         return self.real.drain_batch_sizes()
 
@@ -186,11 +193,15 @@ class EngineWrapper:
         params: GenerationParams,
         sink: SequenceSink,
         *,
-        head_start_s: float = 0.0,
+        target_s: float = 0.0,
         incremental: bool = True,
     ) -> SequenceHandle:
         return self.real.submit(
-            tokens, params, sink, head_start_s=head_start_s, incremental=incremental
+            tokens,
+            params,
+            sink,
+            target_s=target_s,
+            incremental=incremental,
         )
 
     def complete(
@@ -199,10 +210,10 @@ class EngineWrapper:
         params: GenerationParams,
         on_text: OnText | None = None,
         *,
-        head_start_s: float = 0.0,
+        target_s: float = 0.0,
     ) -> Completion:
         """Blocking, through this wrapper's own ``submit``."""
-        return complete(self, tokens, params, on_text, head_start_s=head_start_s)
+        return complete(self, tokens, params, on_text, target_s=target_s)
 
     def close(self) -> None:
         self.closed = True
@@ -231,7 +242,7 @@ class FlakyEngine(EngineWrapper):
         params: GenerationParams,
         sink: SequenceSink,
         *,
-        head_start_s: float = 0.0,
+        target_s: float = 0.0,
         incremental: bool = True,
     ) -> SequenceHandle:
         self.calls += 1
@@ -239,7 +250,11 @@ class FlakyEngine(EngineWrapper):
             sink.end(EngineFailure("llama_decode returned -3"))
             return _Ended()
         return super().submit(
-            tokens, params, sink, head_start_s=head_start_s, incremental=incremental
+            tokens,
+            params,
+            sink,
+            target_s=target_s,
+            incremental=incremental,
         )
 
 
@@ -273,7 +288,7 @@ class GatedEngine(EngineWrapper):
         params: GenerationParams,
         sink: SequenceSink,
         *,
-        head_start_s: float = 0.0,
+        target_s: float = 0.0,
         incremental: bool = True,
     ) -> SequenceHandle:
         self.calls += 1
@@ -285,7 +300,11 @@ class GatedEngine(EngineWrapper):
                 sink.end(EngineFailure("cancelled", cancelled=True))
                 return
             handle.inner = self.real.submit(
-                tokens, params, sink, head_start_s=head_start_s, incremental=incremental
+                tokens,
+                params,
+                sink,
+                target_s=target_s,
+                incremental=incremental,
             )
             if handle.cancelled:  # cancelled while it was being handed over
                 handle.inner.cancel()

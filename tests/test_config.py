@@ -78,6 +78,22 @@ class TestDefaults:
         assert settings.modes["creative"].max_tokens == defaults["creative"].max_tokens
         assert settings.modes["balanced"] == defaults["balanced"]
 
+    def test_latency_targets_and_the_compute_budget(self, tmp_path: Path) -> None:
+        """The modes' latency targets default to the product's 2.5 / 3 / 4 s and can be set;
+        the compute budget defaults to the machine's (None) and can be fixed."""
+        settings = Settings.from_toml(_write(tmp_path, MINIMAL), environ={})
+        targets = {mode: spec.latency_target_s for mode, spec in settings.modes.items()}
+        assert targets == {"fast": 2.5, "balanced": 3.0, "creative": 4.0}
+        assert settings.server.compute_threads is None
+        environ = {
+            "ENSEMBLE_OPS_MODES__FAST__LATENCY_TARGET_S": "1.5",
+            "ENSEMBLE_OPS_SERVER__COMPUTE_THREADS": "3",
+        }
+        tuned = Settings.from_toml(_write(tmp_path, MINIMAL), environ=environ)
+        assert tuned.modes["fast"].latency_target_s == 1.5
+        assert tuned.modes["fast"].max_tokens == settings.modes["fast"].max_tokens
+        assert tuned.server.compute_threads == 3
+
     def test_one_key_of_a_mode_from_the_environment(self, tmp_path: Path) -> None:
         """ENSEMBLE_OPS_MODES__FAST__MAX_TOKENS alone changes that key only."""
         environ = {"ENSEMBLE_OPS_MODES__FAST__MAX_TOKENS": "12"}
@@ -105,6 +121,14 @@ class TestErrors:
                 r"^modes\.fast\.prefer: unknown model 'zz'$",
             ),
             ("", r"^models: Field required$"),
+            (
+                MINIMAL + "[server]\ncompute_threads = 0\n",
+                r"^server\.compute_threads: Input should be greater than or equal to 1",
+            ),
+            (
+                MINIMAL + "[modes.fast]\nlatency_target_s = 0\n",
+                r"^modes\.fast\.latency_target_s: Input should be greater than 0",
+            ),
             (
                 MINIMAL.replace('name = "a"', 'name = "a"\nparallel = 0'),
                 r"^models\[0\]\.parallel: Input should be greater than or equal to 1",

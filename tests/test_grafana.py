@@ -65,8 +65,8 @@ class TestDashboard:
         )
 
     def test_twelve_panels_then_the_rows_beyond(self) -> None:
-        """The twelve panels in order and type, then the health/reload/queue, batching and
-        rollout rows."""
+        """The twelve panels in order and type, then the health/reload/queue, batching,
+        rollout and compute rows."""
         panels = _committed()["panels"]
         assert [(p["title"], p["type"]) for p in panels[:12]] == TWELVE
         assert panels[12]["type"] == "row"
@@ -87,12 +87,19 @@ class TestDashboard:
             "Queue wait p95",
         ]
         assert (panels[24]["type"], panels[24]["title"]) == ("row", "Rollouts")
-        assert [p["title"] for p in panels[25:]] == [
+        assert [p["title"] for p in panels[25:30]] == [
             "Candidate weight",
             "Gate verdicts",
             "Rollout outcomes",
             "Request rate by copy",
             "Latency p95 by copy",
+        ]
+        assert (panels[30]["type"], panels[30]["title"]) == ("row", "Compute and prefix reuse")
+        assert [p["title"] for p in panels[31:]] == [
+            "Compute share by member",
+            "Compute wait p95",
+            "Prefix cache hit rate",
+            "KV cache kept for prompts to come",
         ]
         stacking = panels[11]["fieldConfig"]["defaults"]["custom"]["stacking"]
         assert stacking["mode"] == "normal"

@@ -8,12 +8,14 @@ layer renders them in one place and adds nothing of its own.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import ClassVar
 
 __all__ = [
     "ConfigError",
     "ContextLengthExceededError",
+    "DeadlineUnreachableError",
     "EngineError",
     "EnsembleOpsError",
     "InvalidModelFileError",
@@ -113,6 +115,23 @@ class OverloadedError(EnsembleOpsError):
         super().__init__(
             f"The model {name!r} is overloaded ({queue_size} requests already waiting); "
             f"retry in {retry_after_s} s."
+        )
+
+
+class DeadlineUnreachableError(OverloadedError):
+    """The member could not even start the request before its latency target (estimated
+    from the requests ahead of it and its measured rate): a 503 now, not a late answer."""
+
+    code = "deadline_unreachable"
+
+    def __init__(self, name: str, target_s: float, wait_s: float) -> None:
+        self.name = name
+        self.retry_after_s = max(1, math.ceil(wait_s - target_s))
+        EnsembleOpsError.__init__(
+            self,
+            f"The model {name!r} cannot start this request within its latency target of "
+            f"{target_s:g} s (about {wait_s:.1f} s of work is ahead of it); retry in "
+            f"{self.retry_after_s} s.",
         )
 
 

@@ -131,6 +131,13 @@ class InferenceFinished:
     time_per_output_token_s: float | None = None
     """Decode time per token after the first (None for a hit or fewer than two tokens)."""
     copy: Copy = "stable"
+    cached_tokens: int = 0
+    """Prompt tokens whose KV cells the engine reused (prefix reuse; 0 for a cache hit)."""
+    compute_wait_s: float = 0.0
+    """Time its decode steps waited for the machine's cores, held by other members' steps
+    (or the other copy's): latency minus this is what the copy itself took."""
+    first_token_compute_wait_s: float = 0.0
+    """The part of that wait before the first token."""
 
 
 @dataclass(frozen=True)

@@ -105,38 +105,40 @@ class TestOpenAIClient:
 
 class TestUnderLoad:
     def test_models_and_probes_answer_while_every_member_generates(self, server: Server) -> None:
-        """/v1/models and the health probes return while all three members generate."""
-        started = threading.Barrier(4)
-        finished: dict[str, float] = {}
+        """/v1/models and the health probes return while all three members generate: two
+        clients per member keep a long stream open at all times, and the metrics answered
+        in the same window show every member with requests in flight."""
+        members = ("demo-tiny", "demo-small", "demo-base")
+        stop = threading.Event()
+        streaming = {member: threading.Event() for member in members}
 
         def generate(member: str) -> None:
             body = {"model": member, "prompt": "Go", "max_tokens": 2000, "stream": True}
-            with httpx.stream(
-                "POST", f"{server.url}/v1/completions", json=body, timeout=120
-            ) as response:
-                lines = response.iter_lines()
-                next(line for line in lines if line.startswith("data:"))
-                started.wait()
-                for _ in lines:
-                    pass
-            finished[member] = time.monotonic()
+            while not stop.is_set():
+                with httpx.stream(
+                    "POST", f"{server.url}/v1/completions", json=body, timeout=120
+                ) as response:
+                    for _ in response.iter_lines():
+                        streaming[member].set()
+                        if stop.is_set():
+                            break
 
-        threads = [
-            threading.Thread(target=generate, args=(m,))
-            for m in ("demo-tiny", "demo-small", "demo-base")
-        ]
+        threads = [threading.Thread(target=generate, args=(m,)) for m in members * 2]
         for thread in threads:
             thread.start()
-        started.wait(timeout=60)
-        paths = ["/v1/models", "/health/live", "/health/ready", "/health/llm/all"]
-        answers = {path: httpx.get(f"{server.url}{path}", timeout=30) for path in paths}
-        answered = time.monotonic()
-        for thread in threads:
-            thread.join(timeout=120)
+        try:
+            assert all(event.wait(60) for event in streaming.values())
+            paths = ["/v1/models", "/health/live", "/health/ready", "/health/llm/all"]
+            answers = {path: httpx.get(f"{server.url}{path}", timeout=30) for path in paths}
+            metrics = httpx.get(f"{server.url}/health/metrics/json", timeout=30).json()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=120)
         assert {path: r.status_code for path, r in answers.items()} == dict.fromkeys(paths, 200)
         assert answers["/health/llm/all"].json()["healthy_count"] == 3
-        assert len(finished) == 3
-        assert answered < min(finished.values())
+        in_flight = {m: metrics[f"llm_active_requests_model={m}"] for m in members}
+        assert all(count >= 1 for count in in_flight.values()), in_flight
 
     def test_disconnect_mid_stream_frees_the_member(self, server: Server) -> None:
         """A client that leaves mid-stream stops its generation; the member serves on."""

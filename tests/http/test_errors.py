@@ -33,8 +33,11 @@ class TestTable:
         assert len(codes) == len(set(codes))
         overloaded = errors.OverloadedError("m", 1, retry_after_s=7)
         assert overloaded.retry_after_s == 7  # from the member's measured rate
+        late = errors.DeadlineUnreachableError("m", target_s=2.5, wait_s=6.1)
+        assert late.retry_after_s == 4  # the wait beyond the target, rounded up
+        measured = {errors.OverloadedError: overloaded, errors.DeadlineUnreachableError: late}
         for cls in classes:
-            retry = overloaded.retry_after_s if cls is errors.OverloadedError else cls.retry_after_s
+            retry = measured[cls].retry_after_s if cls in measured else cls.retry_after_s
             assert (cls.status == 503) == (retry is not None and cls.status != 409)
 
     def test_unexpected_exceptions_are_internal_errors(self) -> None:

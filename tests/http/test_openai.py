@@ -136,12 +136,16 @@ class TestCompletions:
         whole = await client.post("/v1/completions", json=request)
         assert [r.headers["x-cache"] for r in (first, second, whole)] == ["MISS", "HIT", "HIT"]
         texts = []
+        usage = whole.json()["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"]  # a hit
         for answer in (first, second):
             chunks = _sse(answer.text)
             texts.append("".join(c["choices"][0]["text"] for c in chunks if c["choices"]))
-            assert chunks[-1]["usage"] == whole.json()["usage"]
+            counts = {k: v for k, v in chunks[-1]["usage"].items() if k != "prompt_tokens_details"}
+            assert counts == {k: v for k, v in usage.items() if k != "prompt_tokens_details"}
             assert chunks[-2]["choices"][0]["finish_reason"] == "length"
         assert texts == [whole.json()["choices"][0]["text"]] * 2
+        assert _sse(second.text)[-1]["usage"] == usage  # both hits: every prompt token cached
 
     async def test_session_and_copy_are_accepted(self, client: httpx.AsyncClient) -> None:
         """A user, a session header of 256 characters and X-Ensemble-Copy in any case are
@@ -199,6 +203,29 @@ class TestSessionAndCopy:
             settings, headers=InferenceHeaders.parse(headers)
         )
         assert request.copy == copy
+
+
+class TestPrefixReuse:
+    async def test_usage_reports_the_prompt_tokens_not_evaluated_again(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """Two sampled prompts (never cached) sharing a long preamble: the second's usage
+        says how many prompt tokens reused the first one's cells, and the metrics count
+        them in tokens."""
+        preamble = "Please answer briefly and politely about the weather. " * 6
+        asked = {"model": "demo-base", "max_tokens": 4, "temperature": 0.9}
+        first = await client.post("/v1/completions", json=asked | {"prompt": preamble + "Rain?"})
+        second = await client.post("/v1/completions", json=asked | {"prompt": preamble + "Sun?"})
+        usages = [answer.json()["usage"] for answer in (first, second)]
+        cached = [usage["prompt_tokens_details"]["cached_tokens"] for usage in usages]
+        assert cached[0] == 0
+        assert 0 < cached[1] < usages[1]["prompt_tokens"]
+        flat = (await client.get("/health/metrics/json")).json()
+        queries = flat["llm_prefix_cache_queries_tokens_total_model=demo-base"]
+        hits = flat["llm_prefix_cache_hits_tokens_total_model=demo-base"]
+        assert queries == sum(usage["prompt_tokens"] for usage in usages)
+        assert hits == cached[1]
+        assert flat["llm_kv_cache_retained_ratio_model=demo-base"] > 0
 
 
 class TestCache:

@@ -496,11 +496,13 @@ class TestRollouts:
 
             async def series() -> dict[str, Any]:
                 body: dict[str, Any] = (await client.get("/health/metrics/json")).json()
-                # The watchdog's lag sample moves on its own.
+                # The watchdog's lag sample, and the compute share since the last scrape, move
+                # on their own.
+                moving = ("llm_event_loop_lag", "llm_compute_busy_ratio")
                 return {
                     k: v
                     for k, v in body.items()
-                    if k.startswith("llm_") and not k.startswith("llm_event_loop_lag")
+                    if k.startswith("llm_") and not k.startswith(moving)
                 }
 
             before = await series()

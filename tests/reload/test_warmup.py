@@ -155,10 +155,14 @@ class _Asked(EngineWrapper):
         params: GenerationParams,
         sink: SequenceSink,
         *,
-        head_start_s: float = 0.0,
+        target_s: float = 0.0,
         incremental: bool = True,
     ) -> SequenceHandle:
         self.asked.append(params)
         return super().submit(
-            tokens, params, sink, head_start_s=head_start_s, incremental=incremental
+            tokens,
+            params,
+            sink,
+            target_s=target_s,
+            incremental=incremental,
         )

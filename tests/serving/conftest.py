@@ -66,21 +66,29 @@ class Member(FlakyEngine):
         params: GenerationParams,
         sink: SequenceSink,
         *,
-        head_start_s: float = 0.0,
+        target_s: float = 0.0,
         incremental: bool = True,
     ) -> SequenceHandle:
-        self.asked.append((params, head_start_s))
+        self.asked.append((params, target_s))
         if self.fail_next:
             self.fail_next -= 1
             self.failing = True
             try:
                 return super().submit(
-                    tokens, params, sink, head_start_s=head_start_s, incremental=incremental
+                    tokens,
+                    params,
+                    sink,
+                    target_s=target_s,
+                    incremental=incremental,
                 )
             finally:
                 self.failing = False
         return super().submit(
-            tokens, params, sink, head_start_s=head_start_s, incremental=incremental
+            tokens,
+            params,
+            sink,
+            target_s=target_s,
+            incremental=incremental,
         )
 
 

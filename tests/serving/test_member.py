@@ -141,7 +141,7 @@ class _Together(EngineWrapper):
         params: GenerationParams,
         sink: SequenceSink,
         *,
-        head_start_s: float = 0.0,
+        target_s: float = 0.0,
         incremental: bool = True,
     ) -> SequenceHandle:
         with self._lock:
@@ -150,7 +150,7 @@ class _Together(EngineWrapper):
                 return _NotYet()
             held, self._held = self._held, []
         self.rounds.append(sum(len(tokens) for tokens, _, _ in held))
-        self.real.submit_many(held, head_start_s, incremental)
+        self.real.submit_many(held, target_s, incremental)
         return _NotYet()
 
 

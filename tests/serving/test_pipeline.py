@@ -11,6 +11,7 @@ import pytest
 
 from ensemble_ops.config import ModeName
 from ensemble_ops.errors import (
+    DeadlineUnreachableError,
     EngineError,
     ModelUnavailableError,
     NoMemberAvailableError,
@@ -167,7 +168,7 @@ class _FailsMidStream(EngineWrapper):
         params: GenerationParams,
         sink: SequenceSink,
         *,
-        head_start_s: float = 0.0,
+        target_s: float = 0.0,
         incremental: bool = True,
     ) -> SequenceHandle:
         sink.piece("partial")
@@ -194,7 +195,7 @@ class _PausesAfterFirstPiece(EngineWrapper):
         params: GenerationParams,
         sink: SequenceSink,
         *,
-        head_start_s: float = 0.0,
+        target_s: float = 0.0,
         incremental: bool = True,
     ) -> SequenceHandle:
         resume = self.resume
@@ -208,7 +209,11 @@ class _PausesAfterFirstPiece(EngineWrapper):
                 sink.end(outcome)
 
         return super().submit(
-            tokens, params, Pausing(), head_start_s=head_start_s, incremental=incremental
+            tokens,
+            params,
+            Pausing(),
+            target_s=target_s,
+            incremental=incremental,
         )
 
 
@@ -345,18 +350,80 @@ class TestWhatTheEngineIsAsked:
         """A plain prompt is tokenized as it is, with the request's parameters."""
         params = GenerationParams(4, 0.0, 1.0, stop=("x",))
         result = await ensemble.complete(request("a", params, prompt="Hello there"))
-        assert engines.by_name["a"].asked == [(params, 2.0)]
+        assert engines.by_name["a"].asked == [(params, 2.5)]
         assert result.completion.prompt_tokens == len(engines.by_name["a"].tokenize("Hello there"))
 
     @pytest.mark.parametrize(
-        ("mode", "head_start_s"), [("fast", 2.0), ("balanced", 1.0), ("creative", 0.0)]
+        ("mode", "target_s"), [("fast", 2.5), ("balanced", 3.0), ("creative", 4.0)]
     )
     async def test_each_mode_gets_its_place_in_the_admission_order(
-        self, ensemble: Ensemble, engines: Engines, mode: ModeName, head_start_s: float
+        self, ensemble: Ensemble, engines: Engines, mode: ModeName, target_s: float
     ) -> None:
-        """A fast request is admitted up to 2 s ahead of its arrival, balanced 1 s, creative
-        not at all, streamed or not: fast overtakes the others, and nothing waits more than
-        2 s behind."""
+        """Each request is admitted by its deadline, arrival + its mode's latency target
+        (fast 2.5 s, balanced 3 s, creative 4 s), streamed or not: fast overtakes creative
+        requests that arrived up to 1.5 s before it, and nothing is starved."""
         await ensemble.complete(request("b", SAMPLED, mode=mode))
         assert await _collect(ensemble.answer(request("b", SAMPLED, mode=mode), incremental=True))
-        assert [head for _, head in engines.by_name["b"].asked] == [head_start_s] * 2
+        assert [head for _, head in engines.by_name["b"].asked] == [target_s] * 2
+
+
+class _FarBehind(EngineWrapper):
+    """A real engine whose queue is said to be ``wait_s`` long: the state of a member far
+    behind under load, which a test cannot make on demand without the load."""
+
+    def __init__(self, real: LlamaEngine, wait_s: float) -> None:
+        super().__init__(real)
+        self.wait_s = wait_s
+        self.submitted = 0
+
+    def expected_wait_s(self, target_s: float) -> float:
+        return self.wait_s
+
+    def submit(
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        sink: SequenceSink,
+        *,
+        target_s: float = 0.0,
+        incremental: bool = True,
+    ) -> SequenceHandle:
+        self.submitted += 1
+        return super().submit(tokens, params, sink, target_s=target_s, incremental=incremental)
+
+
+class TestLatencyTargets:
+    async def test_a_request_that_cannot_start_in_time_is_refused_at_once(
+        self, make_ensemble: EnsembleFactory, events: Events
+    ) -> None:
+        """A member with 6 s of work ahead cannot start a fast request (2.5 s target): 503
+        with a Retry-After for the rest of the wait, nothing submitted; with the ensemble
+        the next member answers instead."""
+        ensemble = make_ensemble()
+        await ensemble.load_all()
+        slot = ensemble.slots["c"]
+        previous = slot.active
+        assert previous is not None
+        behind = _FarBehind(LlamaEngine.load(slot.spec), wait_s=6.0)
+        slot.install(behind)
+        await previous.close()
+        with pytest.raises(DeadlineUnreachableError) as refused:
+            await ensemble.complete(request("c", mode="fast"))
+        assert refused.value.retry_after_s == 4  # 6 s of work, 2.5 s of target
+        assert behind.submitted == 0
+        assert (await ensemble.complete(request(mode="fast"))).member == "a"
+        failed = [(f.model, f.error_type, f.final) for f in events.of(InferenceFailed)]
+        assert failed == [("c", "deadline_unreachable", True), ("c", "deadline_unreachable", False)]
+
+    async def test_a_longer_target_can_wait_longer(self, make_ensemble: EnsembleFactory) -> None:
+        """The same 3.5 s of work ahead refuses a fast request but not a creative one (4 s)."""
+        ensemble = make_ensemble()
+        await ensemble.load_all()
+        slot = ensemble.slots["b"]
+        previous = slot.active
+        assert previous is not None
+        slot.install(_FarBehind(LlamaEngine.load(slot.spec), wait_s=3.5))
+        await previous.close()
+        with pytest.raises(DeadlineUnreachableError):
+            await ensemble.complete(request("b", mode="fast"))
+        assert (await ensemble.complete(request("b", mode="creative"))).member == "b"

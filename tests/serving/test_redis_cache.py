@@ -101,7 +101,7 @@ class TestSharing:
         self, server: RedisServer, raw: redis.Redis, make_cache: Any
     ) -> None:
         """An answer larger than max_value_bytes is skipped, a smaller one stored."""
-        cache = make_cache(server.url, max_value_bytes=200)
+        cache = make_cache(server.url, max_value_bytes=400)  # the small one takes about 230
         await cache.put("big", Completion("x" * 500, "length", 1, 500))
         await cache.put("small", ANSWER)
         assert raw.keys("*") == [b"ensemble-ops:answer:small"]

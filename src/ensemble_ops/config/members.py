@@ -22,12 +22,16 @@ class ModeSpec(Section):
     top_p: Annotated[float, Field(gt=0, le=1)]
     prefer: Annotated[tuple[str, ...], Field(strict=False)] = ()
     """Members tried first, in order, for ``model: "ensemble"``; the rest follow."""
+    latency_target_s: Annotated[float, Field(gt=0, strict=False)] = 3.0
+    """The answer's latency target: requests are admitted, and given the cores, earliest
+    deadline (arrival + target) first, across every member; one that cannot start before
+    its target gets 503 with Retry-After at once instead of a late answer."""
 
 
 DEFAULT_MODES: dict[ModeName, ModeSpec] = {
-    "fast": ModeSpec(max_tokens=64, temperature=0.2, top_p=0.9),
-    "balanced": ModeSpec(max_tokens=128, temperature=0.7, top_p=0.95),
-    "creative": ModeSpec(max_tokens=256, temperature=1.0, top_p=1.0),
+    "fast": ModeSpec(max_tokens=64, temperature=0.2, top_p=0.9, latency_target_s=2.5),
+    "balanced": ModeSpec(max_tokens=128, temperature=0.7, top_p=0.95, latency_target_s=3.0),
+    "creative": ModeSpec(max_tokens=256, temperature=1.0, top_p=1.0, latency_target_s=4.0),
 }
 
 

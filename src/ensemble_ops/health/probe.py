@@ -19,14 +19,11 @@ from ensemble_ops.config import HealthSettings
 from ensemble_ops.errors import ModelUnavailableError, OverloadedError
 from ensemble_ops.events import EventBus, ProbeFinished
 from ensemble_ops.health.status import ProbeResult
-from ensemble_ops.serving.engine import Engine, GenerationParams, complete
+from ensemble_ops.serving.engine import PROBE_TARGET_S, Engine, GenerationParams, complete
 from ensemble_ops.serving.slot import Lease, ModelSlot
 from ensemble_ops.tasks import TaskRunner
 
 __all__ = ["Prober"]
-
-_PROBE_HEAD_START_S = 3600.0
-"""Ahead of every request in the engine's admission order."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +124,7 @@ class Prober:
         prompt = self._settings.probe_prompt
 
         def one_token(engine: Engine) -> None:
-            complete(engine, engine.tokenize(prompt), params, head_start_s=_PROBE_HEAD_START_S)
+            complete(engine, engine.tokenize(prompt), params, target_s=PROBE_TARGET_S)
 
         loaded = lease.loaded
         error: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -27,9 +28,10 @@ from ensemble_ops.http.routes import health as health_routes
 from ensemble_ops.http.routes import metrics as metrics_routes
 from ensemble_ops.http.routes import openai as api
 from ensemble_ops.observability.log_view import subscribe_log
-from ensemble_ops.observability.metrics import Metrics
+from ensemble_ops.observability.metrics import ComputeReadings, Metrics
 from ensemble_ops.observability.tracing import build_tracer_provider, tracer_of
 from ensemble_ops.reload.manager import ReloadManager
+from ensemble_ops.serving.compute import ComputeArbiter, available_cores
 from ensemble_ops.serving.ensemble import EngineLoader, Ensemble
 from ensemble_ops.serving.gpu import GpuMonitor
 from ensemble_ops.serving.llama_engine import LlamaEngine
@@ -46,11 +48,13 @@ _log = structlog.get_logger("ensemble_ops.app")
 def create_app(
     settings: Settings,
     *,
-    loader: EngineLoader = LlamaEngine.load,
+    loader: EngineLoader | None = None,
     tracer_provider: TracerProvider | None = None,
 ) -> Starlette:
     """Build the app. Models load in the background once the lifespan starts, so the
-    server answers (readiness 503) while they load; ``loader`` is the engine factory.
+    server answers (readiness 503) while they load; ``loader`` is the engine factory
+    (default: ``LlamaEngine.load`` with the app's compute arbiter, which every member's
+    decode steps share).
 
     ``tracer_provider`` receives the app's spans (tests pass one with an in-memory
     exporter); without one, ``[tracing]`` decides, and tracing off means no SDK at all.
@@ -60,6 +64,8 @@ def create_app(
     tracer = tracer_of(provider)
     bus = EventBus()
     runner = TaskRunner()
+    compute = ComputeArbiter(settings.server.compute_threads or available_cores())
+    loader = loader or functools.partial(LlamaEngine.load, compute=compute)
     subscribe_log(bus)
     members = [spec.name for spec in settings.models]
     view = HealthView(bus, settings.health, members)
@@ -72,6 +78,7 @@ def create_app(
     )
     metrics.subscribe(bus)
     metrics.on_collect(lambda m: _collect_slots(m, ensemble))
+    metrics.on_collect(ComputeReadings(compute, members).collect)
     watchdog = Watchdog(settings.health, ensemble.instances, bus)
     gpu = GpuMonitor()
     health = HealthChecker(
@@ -136,6 +143,7 @@ def create_app(
     app.state.watchdog = watchdog
     app.state.reload = reload
     app.state.metrics = metrics
+    app.state.compute = compute
     return app
 
 
@@ -148,9 +156,9 @@ def _collect_slots(metrics: Metrics, ensemble: Ensemble) -> None:
         if active is None:
             metrics.active.set({"model": name}, 0)
             metrics.queue_depth.set({"model": name}, 0)
-            metrics.set_kv_cache_usage(name, 0.0)
+            metrics.set_kv_cache_usage(name, 0.0, 0.0)
             continue
         metrics.active.set({"model": name}, active.in_flight)
         metrics.queue_depth.set({"model": name}, max(active.in_flight - active.parallel, 0))
-        metrics.set_kv_cache_usage(name, active.engine.kv_usage)
+        metrics.set_kv_cache_usage(name, active.engine.kv_usage, active.engine.kv_retained)
         metrics.observe_batch_sizes(name, active.engine.drain_batch_sizes())

@@ -24,6 +24,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 """Tokens per decode step: one per running sequence while decoding, more while prefilling."""
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+COMPUTE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RELOAD_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # Each value a series from the start, taken from the vocabularies the events declare.
@@ -160,6 +161,38 @@ class MetricFamilies:
             buckets=QUEUE_WAIT_BUCKETS,
             registry=r,
         )
+        self.kv_cache_retained = Gauge(
+            "llm_kv_cache_retained_ratio",
+            "Share of the member's KV cache idle slots keep for prompts to come (prefix "
+            "reuse; freed least recently used when running sequences need it).",
+            registry=r,
+        )
+        self.prefix_queries = Counter(
+            "llm_prefix_cache_queries_tokens_total",
+            "Prompt tokens of the member's engine answers (what prefix reuse could save).",
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "llm_prefix_cache_hits_tokens_total",
+            "Prompt tokens whose KV cells were reused from an earlier prompt (not prefilled).",
+            registry=r,
+        )
+        self.compute_threads = Gauge(
+            "llm_compute_threads",
+            "The threads every member's decode steps share (the process's compute budget).",
+            registry=r,
+        )
+        self.compute_wait = Histogram(
+            "llm_compute_wait_seconds",
+            "Time a decode step of the member waited for its threads (others held them).",
+            buckets=COMPUTE_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.compute_busy = Gauge(
+            "llm_compute_busy_ratio",
+            "Share of the time since the last scrape the member's decode steps held threads.",
+            registry=r,
+        )
         self.loop_lag = Gauge(
             "llm_event_loop_lag_seconds", "Latest event-loop lag seen by the watchdog.", registry=r
         )
@@ -200,6 +233,10 @@ class MetricFamilies:
             one_hot(self.health, member, "status", "unknown", HEALTH_STATES)
             self.reload_progress.set({"model": member}, 0)
             self.kv_cache_usage.set({"model": member}, 0)
+            self.kv_cache_retained.set({"model": member}, 0)
+            self.prefix_queries.set({"model": member}, 0)
+            self.prefix_hits.set({"model": member}, 0)
+            self.compute_busy.set({"model": member}, 0)
             self.rollout_weight.set({"model": member}, 0)
             for gate in GATES:
                 one_hot(self.gate_verdict, member, "verdict", None, GATE_VERDICTS, gate=gate)

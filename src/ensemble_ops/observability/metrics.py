@@ -55,8 +55,9 @@ from ensemble_ops.observability.families import (
     MetricFamilies,
     one_hot,
 )
+from ensemble_ops.serving.compute import ComputeArbiter
 
-__all__ = ["INFERENCE_BUCKETS", "Metrics"]
+__all__ = ["INFERENCE_BUCKETS", "ComputeReadings", "Metrics"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -161,10 +162,12 @@ class Metrics(MetricFamilies):
         """
         self._call(self._observe_batch_sizes, model, tuple(sizes))
 
-    def set_kv_cache_usage(self, model: str, ratio: float) -> None:
-        """Set llm_kv_cache_usage_ratio{model}: the share of the KV cache in use, 0 to 1."""
+    def set_kv_cache_usage(self, model: str, ratio: float, retained: float = 0.0) -> None:
+        """Set llm_kv_cache_usage_ratio{model} (the share of the KV cache running sequences
+        hold) and llm_kv_cache_retained_ratio{model} (kept by idle slots), each 0 to 1."""
         # Clamped: the contract promises 0..1, and the engine's count may round past it.
         self._call(self.kv_cache_usage.set, {"model": model}, min(max(ratio, 0.0), 1.0))
+        self._call(self.kv_cache_retained.set, {"model": model}, min(max(retained, 0.0), 1.0))
 
     def update_model_status(
         self,
@@ -241,8 +244,9 @@ class Metrics(MetricFamilies):
             self.threads.set({}, self._process.num_threads())
             with contextlib.suppress(psutil.Error, AttributeError):  # no fds on Windows
                 self.fds.set({}, self._process.num_fds())
-        for hook in self._collect_hooks:
-            hook(self)
+        if self.enabled:  # a disabled registry records nothing, read or counted
+            for hook in self._collect_hooks:
+                hook(self)
 
     def render(self, accept: list[str]) -> tuple[bytes, dict[str, str]]:
         self.collect()
@@ -298,6 +302,8 @@ class Metrics(MetricFamilies):
         if event.cached or event.outcome != "success":
             return
         self.inference.observe({**labels, "copy": event.copy}, event.latency_s)
+        self.prefix_queries.add({"model": event.model}, event.prompt_tokens)
+        self.prefix_hits.add({"model": event.model}, event.cached_tokens)
         self.tokens.add({"model": event.model, "kind": "prompt"}, event.prompt_tokens)
         self.tokens.add({"model": event.model, "kind": "completion"}, event.completion_tokens)
         if event.time_to_first_token_s is not None:
@@ -396,3 +402,27 @@ def _number(value: Any) -> float | str:
     if math.isfinite(number):
         return number
     return "NaN" if math.isnan(number) else ("+Inf" if number > 0 else "-Inf")
+
+
+class ComputeReadings:
+    """The compute arbiter's figures at scrape time: the budget, each member's waits for
+    threads since the last scrape, and the share of that time it held them."""
+
+    def __init__(self, compute: ComputeArbiter, members: list[str]) -> None:
+        self._compute = compute
+        self._members = members
+        self._last = time.monotonic()
+        self._busy = dict.fromkeys(members, 0.0)
+
+    def collect(self, metrics: Metrics) -> None:
+        now = time.monotonic()
+        elapsed, self._last = max(now - self._last, 1e-9), now
+        metrics.compute_threads.set({}, self._compute.threads)
+        for member in self._members:
+            labels = {"model": member}
+            for wait in self._compute.drain_waits(member):
+                metrics.compute_wait.observe(labels, wait)
+            busy = self._compute.busy_seconds(member)
+            share = (busy - self._busy.get(member, 0.0)) / elapsed
+            self._busy[member] = busy
+            metrics.compute_busy.set(labels, min(max(share, 0.0), 1.0))

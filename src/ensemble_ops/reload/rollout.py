@@ -71,10 +71,13 @@ class LiveRollout:
 
     def on_finished(self, event: InferenceFinished) -> None:
         if event.model == self.model and not event.cached and event.outcome == "success":
+            # Each copy on its own time: both share the machine's cores, so the waits for
+            # the other copy's (or another member's) steps would blur the comparison.
+            ttft = event.time_to_first_token_s
             self.window.answered(
                 event.copy,
-                event.latency_s,
-                event.time_to_first_token_s,
+                event.latency_s - event.compute_wait_s,
+                None if ttft is None else ttft - event.first_token_compute_wait_s,
                 event.completion_tokens == 0,
             )
 

@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 
 from ensemble_ops.serving.engine import (
+    BACKGROUND_TARGET_S,
     ChatMessage,
     Completion,
     Engine,
@@ -39,7 +40,12 @@ def chat_warmup(prompt: str, max_tokens: int) -> WarmupFunc:
 
     def warm(engine: Engine) -> Completion:
         chat = engine.render_chat([ChatMessage("user", prompt)])
-        return complete(engine, chat.tokens, dataclasses.replace(params, stop=chat.stop))
+        return complete(
+            engine,
+            chat.tokens,
+            dataclasses.replace(params, stop=chat.stop),
+            target_s=BACKGROUND_TARGET_S,  # behind the requests the old copy still serves
+        )
 
     return warm
 

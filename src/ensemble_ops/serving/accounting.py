@@ -103,6 +103,9 @@ class Attempt:
                 queue_wait_s=None if cached else completion.queue_wait_s,
                 time_per_output_token_s=None if cached else completion.time_per_output_token_s,
                 copy=self.copy,
+                cached_tokens=0 if cached else completion.cached_tokens,
+                compute_wait_s=0.0 if cached else completion.compute_wait_s,
+                first_token_compute_wait_s=0.0 if cached else completion.first_token_compute_wait_s,
             )
         )
 

@@ -67,6 +67,9 @@ def real_settings(
             "name": model.name,
             "path": str(paths[model.name]),
             "n_ctx": model.n_ctx,
+            # Eight sequences per step: what llama-server reaches with -np 8 on these small
+            # models, at about 400 MB of KV cache each (docs/performance.md).
+            "parallel": 8,
             "description": f"{model.description}; licence: {model.licence}",
             "optional": not require_files,
         }

@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable
 
+from ensemble_ops.config import ModeName
 from ensemble_ops.errors import (
     EngineError,
     ModelUnavailableError,
@@ -37,12 +38,12 @@ class Copies:
     """Chooses and leases a member's copy for each request, and mirrors shadow traffic."""
 
     def __init__(
-        self, bus: EventBus, runner: TaskRunner, head_start_s: Callable[[str], float]
+        self, bus: EventBus, runner: TaskRunner, target_s: Callable[[ModeName], float]
     ) -> None:
-        """``head_start_s`` gives a mode's priority in the engines' admission order."""
+        """``target_s`` gives a mode's priority in the engines' admission order."""
         self._bus = bus
         self._runner = runner
-        self._head_start_s = head_start_s
+        self._target_s = target_s
 
     @staticmethod
     def choose(slot: ModelSlot, request: InferenceRequest) -> Copy:
@@ -99,17 +100,18 @@ class Copies:
         stream = TextStream(request, incremental=False)
         try:
             completion = await run_on(
-                lease, stream, _Silent(), head_start_s=self._head_start_s(request.mode)
+                lease, stream, _Silent(), target_s=self._target_s(request.mode)
             )
         except Exception as err:
             finished = ShadowFinished(
                 slot.name, time.perf_counter() - started, None, 0, True, error_code(err)
             )
-        else:
+        else:  # on the copy's own time, as the gates judge the answered requests
+            ttft = completion.time_to_first_token_s
             finished = ShadowFinished(
                 slot.name,
-                time.perf_counter() - started,
-                completion.time_to_first_token_s,
+                time.perf_counter() - started - completion.compute_wait_s,
+                None if ttft is None else ttft - completion.first_token_compute_wait_s,
                 completion.completion_tokens,
                 completion.completion_tokens == 0,
             )

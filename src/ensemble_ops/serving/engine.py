@@ -18,8 +18,10 @@ from typing import Literal, Protocol, TypeAlias
 from ensemble_ops.errors import EngineError
 
 __all__ = [
+    "BACKGROUND_TARGET_S",
     "CHAT",
     "COMPLETION",
+    "PROBE_TARGET_S",
     "ChatMessage",
     "ChatPrompt",
     "Completion",
@@ -33,6 +35,11 @@ __all__ = [
     "complete",
     "plain_transcript",
 ]
+
+PROBE_TARGET_S = -3600.0
+"""A health probe's target: ahead of every request (it takes one token)."""
+BACKGROUND_TARGET_S = 60.0
+"""Warm-ups and quality runs: behind the requests (whose targets are seconds), never starved."""
 
 OnText: TypeAlias = Callable[[str], None]
 """Receives each piece of generated text while streaming; raising from it stops generation."""
@@ -83,6 +90,10 @@ class Completion:
     """From the first token to the last."""
     cached_tokens: int = 0
     """Prompt tokens whose KV cells were reused from an earlier prompt (prefix reuse)."""
+    compute_wait_s: float = 0.0
+    """Time its steps waited for the machine's cores (held by other members' steps)."""
+    first_token_compute_wait_s: float = 0.0
+    """The part of that wait before its first token."""
 
     @property
     def time_per_output_token_s(self) -> float | None:
@@ -165,6 +176,16 @@ class Engine(Protocol):
         """Share of the KV cache held by running sequences (0..1)."""
         ...
 
+    @property
+    def kv_retained(self) -> float:
+        """Share of the KV cache kept by idle slots for prompts to come (prefix reuse)."""
+        ...
+
+    def expected_wait_s(self, target_s: float) -> float:
+        """How long a sequence submitted now with ``target_s`` would wait to start (0 when
+        a slot is free or the rate is not known yet)."""
+        ...
+
     def drain_batch_sizes(self) -> list[int]:
         """Tokens decoded per step since the last call (llm_batch_size)."""
         ...
@@ -175,15 +196,15 @@ class Engine(Protocol):
         params: GenerationParams,
         sink: SequenceSink,
         *,
-        head_start_s: float = 0.0,
+        target_s: float = 0.0,
         incremental: bool = True,
     ) -> SequenceHandle:
         """Start generating at most ``params.max_tokens`` tokens after ``tokens``; return at
         once. Raises ``InvalidRequestError`` (a ``ContextLengthExceededError`` among them) for
         what the engine must never be handed: no token, a token outside the vocabulary, more
-        than the context holds. ``head_start_s`` moves the sequence ahead in the admission
-        order (its priority); ``incremental=False`` sends no pieces, only the end (whose text
-        is the whole answer)."""
+        than the context holds. ``target_s`` is the sequence's latency target: admission and
+        the cores go earliest deadline (arrival + target) first; ``incremental=False`` sends
+        no pieces, only the end (whose text is the whole answer)."""
         ...
 
     def close(self) -> None: ...
@@ -208,15 +229,13 @@ def complete(
     params: GenerationParams,
     on_text: OnText | None = None,
     *,
-    head_start_s: float = 0.0,
+    target_s: float = 0.0,
 ) -> Completion:
     """Generate and wait for the end (blocks: call it from a worker thread). ``on_text`` gets
     each piece; raising from it cancels the sequence. Raises ``EngineError`` when the engine
     failed the sequence."""
     sink = _Collector()
-    handle = engine.submit(
-        tokens, params, sink, head_start_s=head_start_s, incremental=on_text is not None
-    )
+    handle = engine.submit(tokens, params, sink, target_s=target_s, incremental=on_text is not None)
     try:
         while True:
             item = sink.items.get()

@@ -14,7 +14,7 @@ import anyio
 import anyio.to_thread
 from opentelemetry.trace import NoOpTracer, Tracer
 
-from ensemble_ops.config import ModelSpec, Settings
+from ensemble_ops.config import ModelSpec, ModeName, Settings
 from ensemble_ops.events import EventBus, ModelLoadFailed, ModelUnloaded
 from ensemble_ops.serving.answers import KnownAnswers
 from ensemble_ops.serving.cache import (
@@ -50,11 +50,6 @@ __all__ = [
 EngineLoader = Callable[[ModelSpec], Engine]
 """Loads a member's engine from its ModelSpec (blocking; run in a worker thread)."""
 
-HEAD_START_S: dict[str, float] = {"fast": 2.0, "balanced": 1.0, "creative": 0.0}
-"""How far ahead of its arrival a request of each mode is admitted into a member's batch:
-a fast request overtakes balanced ones that arrived up to 1 s before it, creative ones up to
-2 s, and nothing waits more than 2 s behind later arrivals (no starvation)."""
-
 
 class Ensemble:
     """Members by name; loads and closes them, and answers requests through the pipeline."""
@@ -85,14 +80,19 @@ class Ensemble:
         self.router = Router(settings, self.slots, can_serve)
         self._pipeline = Pipeline(
             router=self.router,
-            copies=Copies(bus, runner, _head_start_s),
+            copies=Copies(bus, runner, self.target_s),
             known=KnownAnswers(self.cache),
             bus=bus,
             runner=runner,
             tracer=tracer or NoOpTracer(),
-            head_start_s=_head_start_s,
+            target_s=self.target_s,
             capture_content=settings.tracing.capture_content,
         )
+
+    def target_s(self, mode: ModeName) -> float:
+        """A mode's latency target: its requests' deadline is arrival + this, in every
+        member's admission and for the machine's cores (``modes.<mode>.latency_target_s``)."""
+        return self.settings.modes[mode].latency_target_s
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -178,7 +178,3 @@ class Ensemble:
             self.bus.publish(ModelUnloaded(slot.name, old.generation))
         if self.cache is not None:
             await self.cache.aclose()
-
-
-def _head_start_s(mode: str) -> float:
-    return HEAD_START_S.get(mode, 0.0)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ensemble_ops.errors import ContextLengthExceededError, EngineError, InvalidRequestError
+from ensemble_ops.serving.compute import ComputeArbiter, available_cores
 from ensemble_ops.serving.engine import (
     CHAT,
     COMPLETION,
@@ -32,9 +32,10 @@ from ensemble_ops.serving.engine import (
     fold_system_messages,
     plain_transcript,
 )
+from ensemble_ops.serving.generation import SequenceSpec
 from ensemble_ops.serving.gguf_check import inspect_gguf
 from ensemble_ops.serving.llama_log import route_llama_logs
-from ensemble_ops.serving.scheduler import Scheduler, SequenceSpec
+from ensemble_ops.serving.scheduler import Scheduler
 
 if TYPE_CHECKING:
     from ensemble_ops.config import ModelSpec
@@ -73,29 +74,28 @@ class LlamaEngine:
         n_gpu_layers: int,
         owns_model: bool,
         chat_template: str | None = None,
+        compute: ComputeArbiter | None = None,
     ) -> None:
         """``vocab`` is a ``llama_cpp.Llama`` for tokens and templates; ``model`` the weights
         (a ``llama_model`` pointer), freed on close only when ``owns_model``;
-        ``chat_template`` replaces the GGUF's own template (or gives a file without one)."""
+        ``chat_template`` replaces the GGUF's own template (or gives a file without one).
+        ``compute`` is the machine's arbiter every member's steps share (default: one of its
+        own over the cores this process may use); ``n_threads`` caps this member's grants."""
         import llama_cpp
 
         self._name = name
         self._vocab = vocab
         self._model = model
         self._owns_model = owns_model
-        # llama-cpp-python's defaults when unset: half the cores for generation, all for
-        # prompt batches. More generation threads than free cores make ggml's threads spin
-        # against each other (measured: 20x slower on a loaded 2-core machine).
-        cores = os.cpu_count() or 1
-        threads = n_threads or max(cores // 2, 1)
-        batch_threads = n_threads or cores
+        compute = compute or ComputeArbiter(available_cores())
+        threads = min(n_threads or compute.threads, compute.threads)  # each step sets its own
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx * parallel
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = parallel
         params.n_threads = threads
-        params.n_threads_batch = batch_threads
+        params.n_threads_batch = threads
         # One cache of n_ctx x parallel cells shared by the sequences (each stays within
         # n_ctx: requests over it are refused before they start). Chosen by measurement on
         # demo-base, 2 cores: 945 tokens/s at 8 sequences against 6 with a stream per
@@ -110,17 +110,31 @@ class LlamaEngine:
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(model_vocab))
         bos = int(llama_cpp.llama_vocab_bos(model_vocab))
         self._bos = bos if 0 <= bos < self._n_vocab else None
+        # llama.cpp's context defaults to a full-size sliding-window cache (swa_full), whose
+        # cells are all kept: prefixes then reuse as in any other model.
+        n_swa = 0 if params.swa_full else int(llama_cpp.llama_model_n_swa(model))
         self._scheduler = Scheduler(
-            llama_cpp, ctx, model_vocab, parallel=parallel, n_batch=n_batch, n_ctx=n_ctx
+            llama_cpp,
+            ctx,
+            model_vocab,
+            name=name,
+            parallel=parallel,
+            n_batch=n_batch,
+            n_ctx=n_ctx,
+            n_swa=n_swa,
+            compute=compute,
+            max_threads=n_threads,
         )
         metadata = {str(k): str(v) for k, v in vocab.metadata.items()}
         self._template = chat_template or metadata.get("tokenizer.chat_template") or None
         self._info = _info(vocab, model, n_ctx, parallel, n_gpu_layers, self._template)
         self._formatter: Any = None
+        self._closed = False
 
     @classmethod
-    def load(cls, spec: ModelSpec) -> LlamaEngine:
-        """Check and load ``spec``'s GGUF file (slow: run it in a worker thread)."""
+    def load(cls, spec: ModelSpec, compute: ComputeArbiter | None = None) -> LlamaEngine:
+        """Check and load ``spec``'s GGUF file (slow: run it in a worker thread); its steps
+        take their threads from ``compute``."""
         import llama_cpp
 
         inspect_gguf(spec.path)
@@ -147,6 +161,7 @@ class LlamaEngine:
                 n_gpu_layers=spec.n_gpu_layers,
                 owns_model=True,
                 chat_template=spec.chat_template,
+                compute=compute,
             )
         except BaseException:
             vocab.close()
@@ -192,12 +207,22 @@ class LlamaEngine:
     def kv_usage(self) -> float:
         return self._scheduler.kv_usage
 
+    @property
+    def kv_retained(self) -> float:
+        """Share of the KV cache idle slots keep for the prompts to come."""
+        return self._scheduler.kv_retained
+
+    def expected_wait_s(self, target_s: float) -> float:
+        """How long a sequence submitted now with ``target_s`` would wait for a slot."""
+        return self._scheduler.expected_wait_s(target_s)
+
     def drain_batch_sizes(self) -> list[int]:
         """Tokens per decode step since the last call (for llm_batch_size)."""
         sizes = self._scheduler.batch_sizes
         return [sizes.popleft() for _ in range(len(sizes))]
 
     def tokenize(self, text: str) -> list[int]:
+        self._open()
         tokens: list[int] = self._vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         if not tokens and self._bos is not None:
             # An empty prompt (or one of nothing the vocabulary keeps) starts from BOS, as
@@ -217,6 +242,7 @@ class LlamaEngine:
         template that refuses system messages (Gemma's, Mistral's) gets them folded into the
         first user turn; a conversation the template still refuses is the client's to fix.
         """
+        self._open()
         template = self._template
         if template is None:
             return ChatPrompt(self.tokenize(plain_transcript(messages)), PLAIN_TRANSCRIPT_STOP)
@@ -259,21 +285,22 @@ class LlamaEngine:
         params: GenerationParams,
         sink: SequenceSink,
         *,
-        head_start_s: float = 0.0,
+        target_s: float = 0.0,
         incremental: bool = True,
     ) -> SequenceHandle:
         """Check the sequence and queue it (see ``Engine.submit``); the scheduler's thread
         feeds ``sink``."""
-        return self.submit_many([(tokens, params, sink)], head_start_s, incremental)[0]
+        return self.submit_many([(tokens, params, sink)], target_s, incremental)[0]
 
     def submit_many(
         self,
         sequences: list[tuple[list[int], GenerationParams, SequenceSink]],
-        head_start_s: float = 0.0,
+        target_s: float = 0.0,
         incremental: bool = True,
     ) -> list[SequenceHandle]:
         """Check several sequences, then queue them at once: they start in the same step as
         far as free slots allow. One that fails its check queues none."""
+        self._open()
         for tokens, params, _ in sequences:
             self._check(tokens, params)
         specs = [
@@ -285,7 +312,7 @@ class LlamaEngine:
                     top_p=params.top_p,
                     seed=params.seed,
                     stop=tuple(stop for stop in params.stop if stop),  # "" would stop at once
-                    head_start_s=head_start_s,
+                    target_s=target_s,
                     incremental=incremental,
                 ),
                 sink,
@@ -293,6 +320,10 @@ class LlamaEngine:
             for tokens, params, sink in sequences
         ]
         return list(self._scheduler.submit_many(specs))
+
+    def _open(self) -> None:
+        if self._closed:
+            raise EngineError(self._name, "the engine is closed")
 
     def _check(self, tokens: list[int], params: GenerationParams) -> None:
         """Refuse what would make llama.cpp fail a whole step (or abort the process): this
@@ -322,16 +353,20 @@ class LlamaEngine:
         params: GenerationParams,
         on_text: OnText | None = None,
         *,
-        head_start_s: float = 0.0,
+        target_s: float = 0.0,
     ) -> Completion:
         """Generate and wait for the end (blocking; from a worker thread): see
         ``engine.complete``."""
-        return complete(self, tokens, params, on_text, head_start_s=head_start_s)
+        return complete(self, tokens, params, on_text, target_s=target_s)
 
     def close(self) -> None:
-        """Stop the scheduler (failing what still runs) and free the context and weights."""
+        """Stop the scheduler (failing what still runs) and free the context and weights;
+        afterwards every call raises ``EngineError`` (llama.cpp would touch freed memory)."""
         import llama_cpp
 
+        if self._closed:
+            return
+        self._closed = True
         self._scheduler.close()
         llama_cpp.llama_free(self._ctx)
         if self._owns_model:

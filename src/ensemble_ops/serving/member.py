@@ -15,15 +15,15 @@ from typing import Protocol
 
 import anyio.to_thread
 
-from ensemble_ops.errors import EngineError
+from ensemble_ops.errors import DeadlineUnreachableError, EngineError
 from ensemble_ops.serving.engine import Completion, EngineFailure
 from ensemble_ops.serving.inference import ClientGoneError, InferenceRequest, TextStream, prepare
 from ensemble_ops.serving.slot import Lease
 
 __all__ = ["INLINE_CHARS", "Progress", "run_on"]
 
-INLINE_CHARS = 4096
-"""Requests up to this many characters are tokenized on the event loop (well under 1 ms)."""
+INLINE_CHARS = 8192
+"""Requests up to this many characters are tokenized on the event loop (up to about 4 ms)."""
 
 
 class Progress(Protocol):
@@ -59,12 +59,13 @@ class _LoopSink:
 
 
 async def run_on(
-    lease: Lease, stream: TextStream, progress: Progress, *, head_start_s: float
+    lease: Lease, stream: TextStream, progress: Progress, *, target_s: float
 ) -> Completion:
     """Generate ``stream``'s request on the leased copy; pieces go to ``stream`` as they
     come (when it is incremental). Raises what the engine refuses (a 400: the prompt is too
-    long, a chat the template refuses), ``EngineError`` when it fails the sequence, and
-    ``ClientGoneError`` when the client left first (the sequence is cancelled)."""
+    long, a chat the template refuses), ``DeadlineUnreachableError`` when the request could
+    not start within ``target_s`` (its latency target), ``EngineError`` when the engine fails
+    the sequence, and ``ClientGoneError`` when the client left first (it is cancelled)."""
     loaded = lease.loaded
     engine = loaded.engine
     request = stream.request
@@ -74,13 +75,16 @@ async def run_on(
         prepared = await anyio.to_thread.run_sync(prepare, engine, request)
     if stream.closed:
         raise ClientGoneError("the client left before the request started")
+    wait_s = engine.expected_wait_s(target_s)
+    if wait_s > target_s:
+        raise DeadlineUnreachableError(loaded.name, target_s, wait_s)
     sink = _LoopSink(stream, progress)
     with loaded.running():
         handle = engine.submit(
             prepared.tokens,
             prepared.params,
             sink,
-            head_start_s=head_start_s,
+            target_s=target_s,
             incremental=stream.incremental,
         )
         progress.running()

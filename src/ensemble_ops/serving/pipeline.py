@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from opentelemetry.trace import Tracer
 
+from ensemble_ops.config import ModeName
 from ensemble_ops.errors import (
     ContextLengthExceededError,
     EnsembleOpsError,
@@ -50,7 +51,7 @@ class Pipeline:
         bus: EventBus,
         runner: TaskRunner,
         tracer: Tracer,
-        head_start_s: Callable[[str], float],
+        target_s: Callable[[ModeName], float],
         capture_content: bool = False,
     ) -> None:
         self._router = router
@@ -59,7 +60,7 @@ class Pipeline:
         self._bus = bus
         self._runner = runner
         self._tracer = tracer
-        self._head_start_s = head_start_s
+        self._target_s = target_s
         self._capture = capture_content
 
     def start(self, request: InferenceRequest, *, incremental: bool) -> TextStream:
@@ -153,12 +154,12 @@ class Pipeline:
     ) -> tuple[Completion, Loaded]:
         """Run on the chosen copy; a candidate's failure before any text is retried on the
         stable copy (the gates count it)."""
-        head_start_s = self._head_start_s(stream.request.mode)
+        target_s = self._target_s(stream.request.mode)
         lease = self._copies.lease(slot, stream.request, attempt.copy)
         attempt.copy = lease.copy
         stream.answering(slot.name, cached=False)
         try:
-            return await run_on(lease, stream, attempt, head_start_s=head_start_s), lease.loaded
+            return await run_on(lease, stream, attempt, target_s=target_s), lease.loaded
         except RETRYABLE as err:
             if not self._copies.retries_on_stable(lease, stream, err):
                 raise
@@ -168,7 +169,7 @@ class Pipeline:
         attempt.copy = "stable"
         stable = slot.acquire("stable")
         try:
-            return await run_on(stable, stream, attempt, head_start_s=head_start_s), stable.loaded
+            return await run_on(stable, stream, attempt, target_s=target_s), stable.loaded
         finally:
             stable.release()
 

@@ -2,13 +2,15 @@
 sequence in one ``llama_decode`` per step, over llama-cpp-python's low-level C API.
 
 Between steps the thread admits waiting sequences into free slots (``parallel`` of them, one
-KV stream each), earliest deadline first: a sequence's deadline is its arrival plus a head
-start per priority, so ``fast`` requests go first without starving ``creative`` ones. A step
-carries one token for each decoding sequence plus prompt chunks of admitted ones, up to
-``n_batch`` tokens, so a long prompt is prefilled over several steps while the others keep
-generating. Each sequence samples with its own sampler chain, stops at end-of-generation, a
-stop string or exactly ``max_tokens``, and frees its KV cells the moment it ends or its
-consumer cancels it (noticed at the next step).
+KV stream each), earliest deadline first: a sequence's deadline is its arrival plus its
+latency target, so ``fast`` requests go first without starving ``creative`` ones. A new
+sequence reuses the cells of the longest prompt prefix its member still holds
+(``kv_slots.py``) and prefills only the rest. A step carries one token for each decoding
+sequence plus prompt chunks of admitted ones, up to ``n_batch`` tokens, so a long prompt is
+prefilled over several steps while the others keep generating. Every step asks the
+machine's ``ComputeArbiter`` for its threads by the earliest deadline in it. Each sequence
+samples with its own sampler chain and stops at end-of-generation, a stop string or exactly
+``max_tokens`` (``generation.py``).
 
 A step that llama.cpp refuses is decoded again one sequence at a time, so only the sequence
 that makes it fail is failed and its neighbours go on (the engine validates what it admits,
@@ -21,41 +23,23 @@ this thread; the scheduler never waits for a consumer.
 
 from __future__ import annotations
 
-import codecs
-import contextlib
-import ctypes
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from ensemble_ops.serving.compute import ComputeArbiter
 from ensemble_ops.serving.engine import Completion, EngineFailure, SequenceSink
+from ensemble_ops.serving.generation import Generation, SequenceSpec, deliver_end
+from ensemble_ops.serving.kv_slots import KvSlots
 
 __all__ = ["Scheduler", "SequenceSpec", "Ticket"]
 
-_PIECE_BYTES = 256
 _CANCELLED = EngineFailure("cancelled", cancelled=True)
-
-
-@dataclass(frozen=True)
-class SequenceSpec:
-    """What one sequence asks for (the sampling of ``GenerationParams``, flattened)."""
-
-    tokens: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
-    head_start_s: float = 0.0
-    """Subtracted from the arrival time to order admission (higher priority, larger)."""
-    top_k: int = 40
-    min_p: float = 0.05
-    incremental: bool = True
-    """Hand over pieces as they come; False sends only the end (no consumer wakes per token,
-    which on a busy batch costs more than the decode's own Python work)."""
+_NO_ROOM = 1
+"""llama_decode's status when the KV cache has no room for the batch."""
 
 
 class Ticket:
@@ -69,31 +53,10 @@ class Ticket:
 
 
 @dataclass
-class _Sequence:
-    spec: SequenceSpec
-    sink: SequenceSink
-    ticket: Ticket
-    deadline: float
-    submitted: float
-    seq_id: int = -1
-    sampler: Any = None
-    fed: int = 0  # prompt tokens already in the KV cache
-    n_past: int = 0
-    next_token: int | None = None  # sampled, to be decoded in the next step
-    logits_index: int = -1
-    generated: int = 0
-    admitted: float = 0.0
-    first_token: float | None = None
-    text: list[str] = field(default_factory=list)
-    sent: int = 0  # characters of "".join(text) handed to the consumer
-    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
-
-
-@dataclass
 class _Entry:
     """One sequence's share of a step: tokens with their positions, logits on the last."""
 
-    sequence: _Sequence
+    sequence: Generation
     tokens: list[int]
     start: int  # position of the first token
     wants_logits: bool
@@ -104,21 +67,37 @@ class Scheduler:
     """The batching loop over one context; thread-safe ``submit``, ``close``."""
 
     def __init__(
-        self, llama_cpp: Any, ctx: Any, vocab: Any, *, parallel: int, n_batch: int, n_ctx: int
+        self,
+        llama_cpp: Any,
+        ctx: Any,
+        vocab: Any,
+        *,
+        name: str,
+        parallel: int,
+        n_batch: int,
+        n_ctx: int,
+        n_swa: int = 0,
+        compute: ComputeArbiter,
+        max_threads: int | None = None,
     ) -> None:
+        """``compute`` grants each step its threads (up to ``max_threads``, the member's
+        ``n_threads``)."""
         self._ll = llama_cpp
         self._ctx = ctx
         self._vocab = vocab
-        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._name = name
         self.parallel = parallel
         self._n_batch = n_batch
         self._n_ctx = n_ctx
+        self._compute = compute
+        self._max_threads = max_threads
+        self._threads = 0  # what the context was last set to
+        self._slots = KvSlots(llama_cpp, llama_cpp.llama_get_memory(ctx), parallel, n_swa=n_swa)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self._piece = ctypes.create_string_buffer(_PIECE_BYTES)
         self._lock = threading.Condition()
-        self._waiting: list[_Sequence] = []
-        self._running: dict[int, _Sequence] = {}
-        self._free = deque(range(parallel))
+        self._waiting: list[Generation] = []
+        self._running: list[Generation] = []
+        self._held_s: deque[float] = deque(maxlen=32)  # how long recent sequences held a slot
         self._closing = False
         self.step_started: float | None = None
         """monotonic() when the running step began; None between steps (watchdog)."""
@@ -133,12 +112,12 @@ class Scheduler:
         """Queue a sequence (checked by the caller: tokens in the vocabulary, within n_ctx)."""
         return self.submit_many([(spec, sink)])[0]
 
-    def submit_many(self, items: list[tuple[SequenceSpec, SequenceSink]]) -> list[Ticket]:
+    def submit_many(self, items: Sequence[tuple[SequenceSpec, SequenceSink]]) -> list[Ticket]:
         """Queue several sequences at once: the next admission sees them all, so they start
         in the same step as far as free slots allow."""
         now = time.monotonic()
         sequences = [
-            _Sequence(spec, sink, Ticket(), now - spec.head_start_s, now) for spec, sink in items
+            Generation(spec, sink, Ticket(), self._vocab, self._ll, now) for spec, sink in items
         ]
         with self._lock:
             if not self._closing:
@@ -146,20 +125,40 @@ class Scheduler:
                 self._lock.notify()
                 return [sequence.ticket for sequence in sequences]
         for sequence in sequences:
-            _deliver_end(sequence.sink, EngineFailure("the engine is closed"))
+            deliver_end(sequence.sink, EngineFailure("the engine is closed"))
         return [sequence.ticket for sequence in sequences]
 
     @property
     def free_slots(self) -> int:
         with self._lock:
-            return len(self._free) - len(self._waiting)
+            return self._slots.free - len(self._waiting)
+
+    def expected_wait_s(self, target_s: float) -> float:
+        """How long a sequence submitted now with ``target_s`` would wait for a slot: the
+        sequences it cannot overtake that find no free slot, at the rate full slots free
+        up (``parallel`` over the mean time recent sequences held one; 0 until known)."""
+        deadline = time.monotonic() + target_s
+        with self._lock:
+            ahead = sum(1 for s in self._waiting if s.deadline <= deadline)
+            short = ahead + 1 - self._slots.free
+            held = list(self._held_s)
+        if short <= 0 or not held:
+            return 0.0
+        # Slots free at parallel / mean hold time while all are taken: measured on the
+        # sequences' own time in a slot, so an idle spell never reads as a slow member.
+        return short * (sum(held) / len(held)) / self.parallel
 
     @property
     def kv_usage(self) -> float:
-        """Share of the KV cache the running sequences hold (cells / n_ctx x parallel)."""
+        """Share of the KV cache running sequences hold (cells / n_ctx x parallel)."""
         with self._lock:
-            used = sum(s.n_past for s in self._running.values())
-        return used / (self._n_ctx * self.parallel)
+            return self._slots.cells(running=True) / (self._n_ctx * self.parallel)
+
+    @property
+    def kv_retained(self) -> float:
+        """Share of the KV cache idle slots keep for prompts to come (an upper bound)."""
+        with self._lock:
+            return self._slots.cells(running=False) / (self._n_ctx * self.parallel)
 
     def close(self) -> None:
         """Fail what is left, stop the thread and free the batch (the context is the
@@ -178,11 +177,12 @@ class Scheduler:
                 while not (self._running or self._waiting or self._closing):
                     self._lock.wait()
                 if self._closing:
-                    leftovers = [*self._running.values(), *self._waiting]
+                    leftovers = [*self._running, *self._waiting]
                     self._waiting.clear()
                     break
                 self._admit()
-            self._drop_cancelled()
+            for sequence in [s for s in self._running if s.ticket.cancelled]:
+                self._end(sequence, _CANCELLED)
             if self._running:
                 self._step()
         for sequence in leftovers:
@@ -190,51 +190,31 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Waiting sequences into free slots, earliest deadline first (under the lock)."""
-        if not self._free or not self._waiting:
+        if not self._waiting or not self._slots.free:
             return
         self._waiting.sort(key=lambda s: s.deadline)
-        while self._free and self._waiting:
+        while self._waiting and self._slots.free:
             sequence = self._waiting.pop(0)
             if sequence.ticket.cancelled:
-                _deliver_end(sequence.sink, _CANCELLED)
+                deliver_end(sequence.sink, _CANCELLED)
                 continue
             if not sequence.spec.tokens:  # nothing to decode: it would never end
-                _deliver_end(sequence.sink, EngineFailure("a sequence needs at least one token"))
+                deliver_end(sequence.sink, EngineFailure("a sequence needs at least one token"))
                 continue
-            sequence.seq_id = self._free.popleft()
-            sequence.sampler = self._sampler(sequence.spec)
-            sequence.admitted = time.monotonic()
-            self._running[sequence.seq_id] = sequence
-
-    def _sampler(self, spec: SequenceSpec) -> Any:
-        ll = self._ll
-        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if spec.temperature <= 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
-            return chain
-        # top_k first: it shrinks the vocabulary before top_p has to sort it.
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(spec.top_k))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(spec.top_p, 1))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(spec.min_p, 1))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(spec.temperature))
-        seed = ll.LLAMA_DEFAULT_SEED if spec.seed is None else spec.seed & 0xFFFFFFFF
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
-        return chain
-
-    def _drop_cancelled(self) -> None:
-        for sequence in [s for s in self._running.values() if s.ticket.cancelled]:
-            self._end(sequence, _CANCELLED)
+            reuse = self._slots.take(sequence.spec.tokens)
+            sequence.admit(reuse.slot, reuse.cached)
+            self._running.append(sequence)
 
     def _plan(self) -> list[_Entry]:
         """This step's entries: one token for each generating sequence, then prompt chunks
         of admitted ones while the batch has room."""
         entries: list[_Entry] = []
         room = self._n_batch
-        for sequence in self._running.values():
+        for sequence in self._running:
             if sequence.next_token is not None:
                 entries.append(_Entry(sequence, [sequence.next_token], sequence.n_past, True))
                 room -= 1
-        for sequence in self._running.values():
+        for sequence in self._running:
             prompt = sequence.spec.tokens
             if sequence.fed >= len(prompt) or room <= 0:
                 continue
@@ -264,25 +244,38 @@ class Scheduler:
             else:
                 self._end(entry.sequence, EngineFailure(f"llama_decode returned {status}"))
 
-    def _decode(self, entries: Iterable[_Entry]) -> int:
+    def _decode(self, entries: list[_Entry]) -> int:
         batch, n = self._batch, 0
+        deadline = float("inf")
         for entry in entries:
             sequence = entry.sequence
+            deadline = min(deadline, sequence.deadline)
             last = len(entry.tokens) - 1
+            seq_id = sequence.seq_id
             for i, token in enumerate(entry.tokens):
                 batch.token[n] = token
                 batch.pos[n] = entry.start + i
                 batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = sequence.seq_id
+                batch.seq_id[n][0] = seq_id
                 batch.logits[n] = entry.wants_logits and i == last
                 n += 1
             sequence.logits_index = n - 1 if entry.wants_logits else -1
         batch.n_tokens = n
-        self.step_started = time.monotonic()
-        try:
-            status: int = self._ll.llama_decode(self._ctx, batch)
-        finally:
-            self.step_started = None
+        asked = time.monotonic()
+        with self._compute.grant(self._name, deadline, self._max_threads) as threads:
+            waited = time.monotonic() - asked
+            for entry in entries:  # the copies' own time leaves out the others' steps
+                entry.sequence.waited_s += waited
+            if threads != self._threads:
+                self._ll.llama_set_n_threads(self._ctx, threads, threads)
+                self._threads = threads
+            self.step_started = time.monotonic()
+            try:
+                status: int = self._ll.llama_decode(self._ctx, batch)
+                while status == _NO_ROOM and self._slots.evict_idle():
+                    status = self._ll.llama_decode(self._ctx, batch)
+            finally:
+                self.step_started = None
         self.batch_sizes.append(n)
         return status
 
@@ -290,96 +283,22 @@ class Scheduler:
         """The entries were decoded: move each sequence on, sampling where it has logits."""
         for entry in entries:
             sequence = entry.sequence
-            sequence.n_past = entry.start + len(entry.tokens)
-            if entry.fed_after is not None:
-                sequence.fed = entry.fed_after
+            sequence.decoded(entry.tokens, entry.start, entry.fed_after)
             if entry.wants_logits:
-                self._sampled(sequence)
+                outcome = sequence.sample(self._ctx)
+                if outcome is not None:
+                    self._end(sequence, outcome)
 
-    def _sampled(self, sequence: _Sequence) -> None:
-        ll = self._ll
-        token = ll.llama_sampler_sample(sequence.sampler, self._ctx, sequence.logits_index)
-        now = time.monotonic()
-        if sequence.first_token is None:
-            sequence.first_token = now
-        sequence.next_token = None
-        if ll.llama_vocab_is_eog(self._vocab, token):
-            self._finish(sequence, "stop")
-            return
-        sequence.generated += 1
-        size = ll.llama_token_to_piece(self._vocab, token, self._piece, _PIECE_BYTES, 0, False)
-        sequence.text.append(sequence.decoder.decode(self._piece.raw[: max(size, 0)]))
-        if self._emit(sequence, final=False):
-            self._finish(sequence, "stop", at_stop=True)
-        elif sequence.generated >= sequence.spec.max_tokens:
-            self._finish(sequence, "length")
-        else:
-            sequence.next_token = token
-
-    def _emit(self, sequence: _Sequence, *, final: bool) -> bool:
-        """Hand the consumer the text that cannot start a stop string; True at a stop."""
-        text = "".join(sequence.text)
-        stops = sequence.spec.stop
-        for stop in stops:
-            at = text.find(stop, sequence.sent)
-            if at >= 0:
-                sequence.text = [text[:at]]
-                self._send(sequence, text[sequence.sent : at])
-                sequence.sent = at
-                return True
-        safe = len(text)
-        if not final:  # hold back a tail that may be the beginning of a stop string
-            for stop in stops:
-                for size in range(min(len(stop) - 1, len(text) - sequence.sent), 0, -1):
-                    if text.endswith(stop[:size]):
-                        safe = min(safe, len(text) - size)
-                        break
-        if safe > sequence.sent:
-            self._send(sequence, text[sequence.sent : safe])
-            sequence.sent = safe
-        return False
-
-    def _send(self, sequence: _Sequence, text: str) -> None:
-        if not text or not sequence.spec.incremental:
-            return
-        try:
-            sequence.sink.piece(text)
-        except Exception:  # a consumer that cannot take more has gone: stop generating
-            sequence.ticket.cancel()
-
-    def _finish(self, sequence: _Sequence, reason: str, *, at_stop: bool = False) -> None:
-        if not at_stop:  # what the decoder still holds, and any held-back tail, goes out
-            sequence.text.append(sequence.decoder.decode(b"", final=True))
-            self._emit(sequence, final=True)
-        now = time.monotonic()
-        first = sequence.first_token
-        self._end(
-            sequence,
-            Completion(
-                text="".join(sequence.text),
-                finish_reason="length" if reason == "length" else "stop",
-                prompt_tokens=len(sequence.spec.tokens),
-                completion_tokens=sequence.generated,
-                engine_s=now - sequence.submitted,
-                queue_wait_s=sequence.admitted - sequence.submitted,
-                time_to_first_token_s=None if first is None else first - sequence.submitted,
-                decode_s=0.0 if first is None else now - first,
-            ),
-        )
-
-    def _end(self, sequence: _Sequence, outcome: Completion | EngineFailure) -> None:
-        """Free the sequence's slot, KV cells and sampler; hand over how it ended."""
-        if sequence.seq_id >= 0:
-            self._ll.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
-            self._ll.llama_sampler_free(sequence.sampler)
+    def _end(self, sequence: Generation, outcome: Completion | EngineFailure) -> None:
+        """Free the sequence's slot (keeping its cells for a prompt to come, unless it
+        failed) and sampler; hand over how it ended."""
+        slot = sequence.release()
+        if slot is not None:
+            # A sequence cancelled or done leaves correct cells; a failed step may not.
+            failed = isinstance(outcome, EngineFailure) and not outcome.cancelled
+            self._slots.release(slot, keep=not failed)
             with self._lock:
-                self._running.pop(sequence.seq_id, None)
-                self._free.append(sequence.seq_id)
-            sequence.seq_id = -1
-        _deliver_end(sequence.sink, outcome)
-
-
-def _deliver_end(sink: SequenceSink, outcome: Completion | EngineFailure) -> None:
-    """Tell ``sink`` how its sequence ended; a consumer that is gone cannot stop the loop."""
-    with contextlib.suppress(Exception):  # the consumer's failure is its own: the batch goes on
-        sink.end(outcome)
+                self._running.remove(sequence)
+                if isinstance(outcome, Completion):
+                    self._held_s.append(time.monotonic() - sequence.admitted)
+        deliver_end(sequence.sink, outcome)

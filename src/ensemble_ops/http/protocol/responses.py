@@ -83,19 +83,33 @@ class _Response(BaseModel):
     model_config = ConfigDict(json_schema_serialization_defaults_required=True)
 
 
+class PromptTokensDetails(_Response):
+    """OpenAI's breakdown of the prompt tokens."""
+
+    cached_tokens: NonNegativeInt = Field(
+        description="Prompt tokens not evaluated again: their KV cells were reused from an "
+        "earlier prompt (prefix reuse), or the whole answer came from the response cache."
+    )
+
+
 class Usage(_Response):
     """Exact token counts of one answer."""
 
     prompt_tokens: NonNegativeInt
     completion_tokens: NonNegativeInt
     total_tokens: NonNegativeInt
+    prompt_tokens_details: PromptTokensDetails
 
     @classmethod
-    def of(cls, completion: engine.Completion) -> Usage:
+    def of(cls, completion: engine.Completion, *, cached: bool = False) -> Usage:
+        """The usage of ``completion``; ``cached``: it came from the response cache, so no
+        prompt token was evaluated for it."""
+        reused = completion.prompt_tokens if cached else completion.cached_tokens
         return cls(
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,
             total_tokens=completion.prompt_tokens + completion.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=reused),
         )
 
 
@@ -126,14 +140,17 @@ class Reply(_Envelope[ChoiceT]):
         raise NotImplementedError
 
     @classmethod
-    def of(cls, answer_id: str, member: str, completion: engine.Completion) -> Self:
-        """The answer ``answer_id`` of ``member`` with ``completion``."""
+    def of(
+        cls, answer_id: str, member: str, completion: engine.Completion, *, cached: bool = False
+    ) -> Self:
+        """The answer ``answer_id`` of ``member`` with ``completion`` (``cached``: from the
+        response cache)."""
         return cls(
             id=answer_id,
             created=int(time.time()),
             model=member,
             choices=[cls.choice(completion)],
-            usage=Usage.of(completion),
+            usage=Usage.of(completion, cached=cached),
         )
 
 

@@ -111,7 +111,7 @@ def _inference_route(
             raise
         _note_result(request, stream, completion)
         member = stream.member or inference.model
-        whole = reply.of(inference.response_id, member, completion)
+        whole = reply.of(inference.response_id, member, completion, cached=stream.cached)
         return JSONResponse(whole.model_dump(mode="json"), headers=_answer_headers(stream))
 
     return ApiRoute(
@@ -176,7 +176,7 @@ def _events(
             )
             yield event([chunk.piece(None, result.finish_reason)])
             if include_usage:
-                yield event([], Usage.of(result))
+                yield event([], Usage.of(result, cached=stream.cached))
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(
