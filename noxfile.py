@@ -31,7 +31,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Serving and real-model throughput (against direct llama_cpp calls and the peers),
-    reload, metrics, tracing and shared-cache benchmarks."""
+    reload, metrics, tracing, shared-cache and API-key benchmarks."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks.serving", *session.posargs)
     session.run("python", "-m", "benchmarks.real_models")
@@ -40,6 +40,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks.metrics")
     session.run("python", "-m", "benchmarks.tracing")
     session.run("python", "-m", "benchmarks.shared_cache")
+    session.run("python", "-m", "benchmarks.access")
     session.run("python", "-m", "benchmarks.report", "--markdown")
 
 

@@ -331,9 +331,9 @@ def memory_check(server: Server) -> dict[str, Any]:
 # -- reloads ------------------------------------------------------------------------------
 
 
-async def _reload(url: str, poll_s: float) -> Reloaded:
+async def _reload(admin_url: str, poll_s: float) -> Reloaded:
     async with httpx.AsyncClient(timeout=60) as client:
-        return await reload_member(client, url, MEMBER, poll_s=poll_s)
+        return await reload_member(client, admin_url, MEMBER, poll_s=poll_s)
 
 
 def reload_leak(server: Server, reloads: int) -> dict[str, Any]:
@@ -343,7 +343,7 @@ def reload_leak(server: Server, reloads: int) -> dict[str, Any]:
     done: list[Reloaded] = []
     device_after, process_after = [], []
     for i in range(reloads):
-        done.append(asyncio.run(_reload(server.url, poll_s=0.05)))
+        done.append(asyncio.run(_reload(server.admin_url, poll_s=0.05)))
         time.sleep(0.5)  # the old copy closes once idle: let its memory go back
         device_after.append(smi_device_used_mb())
         process_after.append(smi_process_used_mb(server.pid)[0])
@@ -390,7 +390,7 @@ def reload_leak(server: Server, reloads: int) -> dict[str, Any]:
     return result
 
 
-async def reload_under_load(url: str, baseline_s: float) -> dict[str, Any]:
+async def reload_under_load(url: str, admin_url: str, baseline_s: float) -> dict[str, Any]:
     """One reload of gpu-large while 4 clients send completions before, during and after."""
     stop = asyncio.Event()
     body = {"model": MEMBER, "prompt": "Reload me", "max_tokens": MAX_TOKENS, "temperature": 0.8}
@@ -402,7 +402,7 @@ async def reload_under_load(url: str, baseline_s: float) -> dict[str, Any]:
     await asyncio.sleep(baseline_s)
     steady = await asyncio.to_thread(smi_device_used_mb)
     with PeakSampler(smi_device_used_mb, 0.2) as sampler:
-        reloaded = await _reload(url, poll_s=0.02)
+        reloaded = await _reload(admin_url, poll_s=0.02)
     await asyncio.sleep(baseline_s / 2)  # the clients keep going past the switch
     stop.set()
     records = (await users).records
@@ -698,7 +698,7 @@ def measure(
     results["reload_under_load"] = attempt(
         errors,
         "reload under load",
-        lambda: asyncio.run(reload_under_load(server.url, baseline_s)),
+        lambda: asyncio.run(reload_under_load(server.url, server.admin_url, baseline_s)),
     )
 
 

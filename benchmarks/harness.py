@@ -297,22 +297,33 @@ def write_config(
     ``n_ctx``, ``n_threads`` (when given) and ``model_fields``."""
     lines: list[str] = []
     for table, values in (sections or {}).items():
-        lines += [f"[{table}]", *(f"{key} = {json.dumps(value)}" for key, value in values.items())]
+        lines += [f"[{table}]", *(f"{key} = {_toml(value)}" for key, value in values.items())]
     for name, model in models.items():
         fields = {"name": name, "path": str(model), "n_ctx": n_ctx}
         fields |= {"n_threads": threads} if threads else {}
         fields |= dict(model_fields or {})
-        lines += ["[[models]]", *(f"{key} = {json.dumps(value)}" for key, value in fields.items())]
+        lines += ["[[models]]", *(f"{key} = {_toml(value)}" for key, value in fields.items())]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def _toml(value: Any) -> str:
+    """A TOML value: JSON's scalars and arrays are TOML too; tables are written inline."""
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return json.dumps(value)
+
+
 @dataclass
 class Server(Service):
-    """A running ``ensemble-ops serve``: its URL, process, members and work dir."""
+    """A running ``ensemble-ops serve``: its URL, process, members, work dir and the URL of
+    its admin listener (reloads)."""
 
     members: list[str]
     workdir: Path
+    admin_url: str
 
     @property
     def log(self) -> Path:
@@ -332,16 +343,20 @@ class Server(Service):
         sections: Mapping[str, Mapping[str, Any]] | None = None,
         env: Mapping[str, str] | None = None,
         timeout_s: float = START_TIMEOUT_S,
+        admin: bool = True,
     ) -> Iterator[Server]:
         """``ensemble-ops serve`` once ready (``ready_members``), stopped on exit.
 
         No ``models``: no config, so the default real-model ensemble. Otherwise a config in
         ``workdir`` (``write_config``); ``sections`` adds tables, e.g. ``{"cache":
         {"backend": "redis", "url": ...}}``. Logs go to ``workdir/server.log`` and stderr to
-        ``workdir/server.stderr``. ``env`` is added to ``server_env()``.
+        ``workdir/server.stderr``. ``env`` is added to ``server_env()``. ``admin``: give
+        the admin listener a free port of its own (a checkout from before the listener
+        existed takes no ``--admin-bind``: ``admin=False``, and ``admin_url`` is empty).
         """
-        port = free_port()
+        port, admin_bind = free_port(), f"127.0.0.1:{free_port()}"
         command = [sys.executable, "-m", "ensemble_ops", "serve", "--port", str(port)]
+        command += ["--admin-bind", admin_bind] if admin else []
         command += ["--log-file", str(workdir / "server.log")]
         if models is not None:
             config = workdir / "bench.toml"
@@ -357,14 +372,15 @@ class Server(Service):
         url = f"http://127.0.0.1:{port}"
         with _launched(
             command,
-            lambda: ready_members(url),
+            # The admin listener needs no API key, whatever keys the config holds.
+            lambda: ready_members(f"http://{admin_bind}" if admin else url),
             what="ensemble-ops serve",
             log=workdir / "server.stderr",
             tails=[workdir / "server.log"],
             env=server_env(env),
             timeout_s=timeout_s,
         ) as (process, members):
-            yield cls(process, url, members, workdir)
+            yield cls(process, url, members, workdir, f"http://{admin_bind}" if admin else "")
 
     def error_lines(self) -> list[str]:
         """The log's lines at level error or critical."""
@@ -853,13 +869,14 @@ class Reloaded:
 
 async def reload_member(
     client: httpx.AsyncClient,
-    url: str,
+    admin_url: str,
     member: str,
     *,
     poll_s: float = 0.1,
     timeout_s: float = 300.0,
 ) -> Reloaded:
-    """``POST /admin/models/{member}/reload``, then its status until it completes or fails."""
+    """``POST /admin/models/{member}/reload`` on the admin listener, then its status until it
+    completes or fails."""
     started = time.perf_counter()
     status = None
 
@@ -867,12 +884,12 @@ async def reload_member(
         return Reloaded(member, outcome, status, started, time.perf_counter() - started, error)
 
     try:
-        answer = await client.post(f"{url}/admin/models/{member}/reload")
+        answer = await client.post(f"{admin_url}/admin/models/{member}/reload")
         status = answer.status_code
         if status != 202:
             return ended("refused", f"{status} {answer.text[:500]}")
         while time.perf_counter() - started < timeout_s:
-            state = (await client.get(f"{url}/health/llm/reload/{member}")).json()
+            state = (await client.get(f"{admin_url}/health/llm/reload/{member}")).json()
             if state["state"] in ("completed", "failed"):
                 return ended(str(state["state"]), state.get("error"))
             await asyncio.sleep(poll_s)

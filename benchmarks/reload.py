@@ -56,7 +56,9 @@ async def run(server: Server, reloads: int, baseline_s: float) -> dict[str, Any]
         windows, outcomes, rss_after = [], [], []
         with PeakSampler(server.rss_bytes, 0.005) as sampler:
             for _ in range(reloads):
-                done = await reload_member(admin, server.url, MEMBER, poll_s=0.01, timeout_s=600)
+                done = await reload_member(
+                    admin, server.admin_url, MEMBER, poll_s=0.01, timeout_s=600
+                )
                 if done.outcome not in ("completed", "failed"):
                     raise RuntimeError(f"reload {done.outcome}: {done.error}")
                 windows.append((done.started, done.ended))

@@ -102,6 +102,7 @@ def main() -> None:
                     model_fields=fields,
                     sections=sections,
                     env={"PYTHONPATH": str(args.baseline.resolve())},
+                    admin=False,  # an older checkout may have no admin listener
                 )
             )
         for server in servers.values():  # warm both: the first request pays for page-ins

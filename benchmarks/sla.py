@@ -179,11 +179,11 @@ async def offer(
 
 
 async def reload(
-    client: httpx.AsyncClient, url: str, at_s: float, started: float
+    client: httpx.AsyncClient, admin_url: str, at_s: float, started: float
 ) -> dict[str, Any]:
     """At ``at_s``, reload RELOAD_MEMBER and follow it until it completes or fails."""
     await asyncio.sleep(max(0.0, started + at_s - time.perf_counter()))
-    done = await reload_member(client, url, RELOAD_MEMBER, timeout_s=RELOAD_TIMEOUT_S)
+    done = await reload_member(client, admin_url, RELOAD_MEMBER, timeout_s=RELOAD_TIMEOUT_S)
     record: dict[str, Any] = {"member": RELOAD_MEMBER, "at_s": round(done.started - started, 2)}
     if done.status is not None:
         record["status"] = done.status
@@ -196,7 +196,11 @@ async def reload(
 
 
 async def run(
-    url: str, schedule: list[Planned], timeout_s: float, reload_at_s: float | None
+    url: str,
+    admin_url: str,
+    schedule: list[Planned],
+    timeout_s: float,
+    reload_at_s: float | None,
 ) -> tuple[list[Outcome], dict[str, list[ProbeSample]], dict[str, Any] | None, float]:
     """Offer ``schedule`` open-loop; the outcomes, probe samples, reload record and lag (s)."""
     # No connection limit: a request waiting for a pooled connection would not be open-loop.
@@ -207,7 +211,7 @@ async def run(
             reloading = (
                 None
                 if reload_at_s is None
-                else asyncio.create_task(reload(client, url, reload_at_s, started))
+                else asyncio.create_task(reload(client, admin_url, reload_at_s, started))
             )
             tasks, lag = [], 0.0
             for planned in schedule:
@@ -458,6 +462,11 @@ def report(result: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", help="measure this running server instead of starting one")
+    parser.add_argument(
+        "--admin-url",
+        default="http://127.0.0.1:8001",
+        help="with --url: its admin listener, for the mid-run reload",
+    )
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="requests/s offered")
     parser.add_argument(
         "--duration", "--seconds", type=float, default=DEFAULT_DURATION_S, help="seconds"
@@ -487,11 +496,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         server = None
         if args.url:
-            url = args.url.rstrip("/")
+            url, admin_url = args.url.rstrip("/"), args.admin_url.rstrip("/")
             members = wait_ready(url, START_TIMEOUT_S)
         else:
             server = running.enter_context(Server.start(Path(tmp), timeout_s=START_TIMEOUT_S))
-            url, members = server.url, server.members
+            url, admin_url, members = server.url, server.admin_url, server.members
             if RELOAD_MEMBER not in members:
                 raise RuntimeError(f"not the real-model ensemble (demo fallback?): {members}")
         print(
@@ -499,7 +508,9 @@ def main() -> None:
             f"{len(schedule)} requests over {args.duration:g} s",
             flush=True,
         )
-        outcomes, probes, reloaded, lag = asyncio.run(run(url, schedule, args.timeout, reload_at))
+        outcomes, probes, reloaded, lag = asyncio.run(
+            run(url, admin_url, schedule, args.timeout, reload_at)
+        )
     result: dict[str, Any] = {
         "machine": machine() | {"load_average_before": [round(x, 2) for x in load_before]},
         "settings": {

@@ -80,6 +80,7 @@ class Soak:
 
     def __init__(self, server: Server, args: argparse.Namespace) -> None:
         self.url = server.url
+        self.admin_url = server.admin_url
         self.members = server.members
         self.server = server
         self.duration_s = args.minutes * 60
@@ -271,7 +272,7 @@ class Soak:
 
     async def reload(self, client: httpx.AsyncClient, member: str) -> dict[str, Any]:
         at_s = round(self.elapsed(), 1)
-        done = await reload_member(client, self.url, member, timeout_s=RELOAD_TIMEOUT_S)
+        done = await reload_member(client, self.admin_url, member, timeout_s=RELOAD_TIMEOUT_S)
         record: dict[str, Any] = {"member": member, "at_s": at_s}
         if done.status is not None:
             record["status"] = done.status
@@ -284,7 +285,7 @@ class Soak:
         record: dict[str, Any] = {"member": member, "path": path, "expected": 400}
         try:
             answer = await client.post(
-                f"{self.url}/admin/models/{member}/reload", json={"path": path}
+                f"{self.admin_url}/admin/models/{member}/reload", json={"path": path}
             )
             record["status"] = answer.status_code
         except httpx.HTTPError as err:

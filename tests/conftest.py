@@ -91,19 +91,29 @@ def _make_settings(demo_dir: Path) -> SettingsFactory:
     return make
 
 
+class AppClient(httpx.AsyncClient):
+    """A client of an app's public listener; ``admin`` is one of its admin listener."""
+
+    admin: httpx.AsyncClient
+
+
 @asynccontextmanager
-async def serving(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+async def serving(app: Starlette) -> AsyncIterator[AppClient]:
     """A client of ``app`` with its lifespan entered and every model loading finished."""
     async with LifespanManager(app) as manager:
         ensemble: Ensemble = app.state.ensemble
         await ensemble.loading_done.wait()
         transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        admin = httpx.ASGITransport(app=app.state.admin_app)
+        async with (
+            AppClient(transport=transport, base_url="http://test") as client,
+            httpx.AsyncClient(transport=admin, base_url="http://admin") as client.admin,
+        ):
             yield client
 
 
 @pytest.fixture(name="client")
-async def _client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+async def _client(settings: Settings) -> AsyncIterator[AppClient]:
     """The demo ensemble's app, in-process, lifespan entered and every model loaded."""
     async with serving(create_app(settings)) as client:
         yield client
@@ -192,17 +202,9 @@ class EngineWrapper:
         tokens: list[int],
         params: GenerationParams,
         sink: SequenceSink,
-        *,
-        target_s: float = 0.0,
-        incremental: bool = True,
+        **options: Any,
     ) -> SequenceHandle:
-        return self.real.submit(
-            tokens,
-            params,
-            sink,
-            target_s=target_s,
-            incremental=incremental,
-        )
+        return self.real.submit(tokens, params, sink, **options)
 
     def complete(
         self,
@@ -241,21 +243,13 @@ class FlakyEngine(EngineWrapper):
         tokens: list[int],
         params: GenerationParams,
         sink: SequenceSink,
-        *,
-        target_s: float = 0.0,
-        incremental: bool = True,
+        **options: Any,
     ) -> SequenceHandle:
         self.calls += 1
         if self.failing:
             sink.end(EngineFailure("llama_decode returned -3"))
             return _Ended()
-        return super().submit(
-            tokens,
-            params,
-            sink,
-            target_s=target_s,
-            incremental=incremental,
-        )
+        return super().submit(tokens, params, sink, **options)
 
 
 class _Parked:
@@ -287,9 +281,7 @@ class GatedEngine(EngineWrapper):
         tokens: list[int],
         params: GenerationParams,
         sink: SequenceSink,
-        *,
-        target_s: float = 0.0,
-        incremental: bool = True,
+        **options: Any,
     ) -> SequenceHandle:
         self.calls += 1
         handle = _Parked()
@@ -299,13 +291,7 @@ class GatedEngine(EngineWrapper):
             if handle.cancelled:
                 sink.end(EngineFailure("cancelled", cancelled=True))
                 return
-            handle.inner = self.real.submit(
-                tokens,
-                params,
-                sink,
-                target_s=target_s,
-                incremental=incremental,
-            )
+            handle.inner = self.real.submit(tokens, params, sink, **options)
             if handle.cancelled:  # cancelled while it was being handed over
                 handle.inner.cancel()
 

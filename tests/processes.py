@@ -37,8 +37,11 @@ def wait_until(
 class Server:
     process: subprocess.Popen[bytes]
     url: str
+    """The public listener."""
     stdout: Path
     stderr: Path
+    admin_url: str
+    """The admin listener."""
 
     def log_lines(self) -> list[dict[str, Any]]:
         """Every stdout line, parsed: a line that is not JSON fails the test."""
@@ -51,19 +54,34 @@ class Server:
 
 
 def start_serve(stdout: Path, stderr: Path, env: dict[str, str], port: int, *args: str) -> Server:
-    """Start ``ensemble-ops serve`` on ``port`` and return at once (no waiting)."""
+    """Start ``ensemble-ops serve`` on ``port``, its admin listener on a free port of its own
+    (``args`` may name another ``--admin-bind``), and return at once (no waiting)."""
+    given = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--admin-bind"]
+    admin = given[-1] if given else f"127.0.0.1:{free_port()}"
+    command = ["serve", "--port", str(port), "--admin-bind", admin, *args]
     with stdout.open("wb") as out, stderr.open("wb") as err:  # the child keeps its copies
         process = subprocess.Popen(
-            [sys.executable, "-m", "ensemble_ops", "serve", "--port", str(port), *args],
-            stdout=out,
-            stderr=err,
-            env=env,
+            [sys.executable, "-m", "ensemble_ops", *command], stdout=out, stderr=err, env=env
         )
-    return Server(process, f"http://127.0.0.1:{port}", stdout, stderr)
+    admin_url = admin if admin.startswith("unix:") else f"http://{admin}"
+    return Server(process, f"http://127.0.0.1:{port}", stdout, stderr, admin_url)
+
+
+def admin_get(server: Server, path: str) -> httpx.Response:
+    """GET ``path`` from the admin listener, over TCP or its Unix socket."""
+    if server.admin_url.startswith("unix:"):
+        socket_path = server.admin_url.removeprefix("unix:")
+        if not Path(socket_path).is_socket():  # httpcore leaks the socket of a failed connect
+            raise httpx.ConnectError(f"no socket at {socket_path} yet")
+        transport = httpx.HTTPTransport(uds=socket_path)
+        with httpx.Client(transport=transport, base_url="http://admin", timeout=1) as client:
+            return client.get(path)
+    return httpx.get(f"{server.admin_url}{path}", timeout=1)
 
 
 def wait_loaded(server: Server, timeout_s: float = 120.0) -> None:
-    """Wait until every member of ``server`` has loaded (or failed); stop it on a timeout."""
+    """Wait until every member of ``server`` has loaded (or failed); stop it on a timeout.
+    Asks the admin listener, which needs no API key."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -71,7 +89,7 @@ def wait_loaded(server: Server, timeout_s: float = 120.0) -> None:
                 f"server exited: {server.stderr.read_text()}{server.stdout.read_text()}"
             )
         try:
-            models = httpx.get(f"{server.url}/v1/models", timeout=1).json()["data"][1:]
+            models = admin_get(server, "/v1/models").json()["data"][1:]
             if all(m["meta"]["state"] in ("ready", "failed") for m in models):
                 return
         except httpx.TransportError:

@@ -6,11 +6,14 @@ import hashlib
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import httpx
 
 from ensemble_ops import __version__
+from ensemble_ops.access.keys import Keyring
+from ensemble_ops.config import AuthSettings
 from ensemble_ops.serving.real_models import REAL_MEMBERS
 
 from .processes import launch
@@ -42,6 +45,24 @@ class TestCli:
         for name in names:
             digest = hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
             assert digest == hashlib.sha256((demo_dir / name).read_bytes()).hexdigest()
+
+    def test_keys_new_prints_a_key_once_and_the_block_that_holds_its_hash(self) -> None:
+        """The printed block is valid config; the printed key is the one it names, and its
+        hash, never the key, is in the block."""
+        result = _run("keys", "new", "team-a")
+        assert result.returncode == 0, result.stderr
+        key = next(line.strip("# ").strip() for line in result.stdout.splitlines() if "eo-" in line)
+        block = tomllib.loads(result.stdout)
+        (entry,) = block["auth"]["keys"]
+        assert entry == {"name": "team-a", "key_sha256": hashlib.sha256(key.encode()).hexdigest()}
+        keyring = Keyring(AuthSettings.model_validate(block["auth"]))
+        caller = keyring.identify(key)
+        assert caller is not None
+        assert caller.name == "team-a"
+        assert _run("keys", "new", "team-a").stdout != result.stdout  # fresh each time
+        bad = _run("keys", "new", "no spaces")
+        assert bad.returncode == 2
+        assert "not a valid key name" in bad.stdout
 
     def test_bad_config_exits_2_with_one_line(
         self, tmp_path: Path, clean_env: dict[str, str]

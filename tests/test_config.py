@@ -197,6 +197,42 @@ class TestErrors:
                 TWO + '[splits."a b"]\nweights = {a = 1, b = 1}\n',
                 r"^splits\.a b\.\[key\]: String should match pattern",
             ),
+            (
+                MINIMAL + '[server]\nadmin_bind = "0.0.0.0:8001"\n',
+                r"^server\.admin_bind: 0\.0\.0\.0:8001 is reachable from other hosts; set server",
+            ),
+            (
+                MINIMAL + '[server]\nadmin_bind = "127.0.0.1:8000"\n',
+                r"^server\.admin_bind: port 8000 is the public port",
+            ),
+            (MINIMAL + '[server]\nadmin_bind = "unix:"\n', r"^server\.admin_bind: unix: needs"),
+            (
+                MINIMAL + '[server]\nadmin_bind = "localhost:99999"\n',
+                r"^server\.admin_bind: the port of 'localhost:99999' is not a port number",
+            ),
+            (
+                MINIMAL + '[[auth.keys]]\nname = "a"\nkey_sha256 = "secret"\n',
+                r"^auth\.keys\[0\]\.key_sha256: String should match pattern",
+            ),
+            (
+                MINIMAL + f'[[auth.keys]]\nname = "a"\nkey_sha256 = "{"0" * 64}"\nrpm = 0\n',
+                r"^auth\.keys\[0\]\.rpm: Input should be greater than 0",
+            ),
+            (
+                MINIMAL
+                + f'[[auth.keys]]\nname = "a"\nkey_sha256 = "{"0" * 64}"\nmodels = ["zz"]\n',
+                r"^auth\.keys\[0\]\.models: unknown model 'zz'",
+            ),
+            (
+                MINIMAL
+                + f'[[auth.keys]]\nname = "a"\nkey_sha256 = "{"0" * 64}"\n'
+                + f'[[auth.keys]]\nname = "a"\nkey_sha256 = "{"1" * 64}"\n',
+                r"^auth\.keys: duplicate key name 'a'",
+            ),
+            (
+                MINIMAL + "[auth]\nprotect_observability = true\n",
+                r"^auth: protect_observability needs at least one",
+            ),
         ],
     )
     def test_bad_config_is_one_line_naming_the_key(

@@ -377,6 +377,16 @@ class TestManifests:
         (container_port,) = _container()["ports"]
         assert (container_port["name"], container_port["containerPort"]) == ("http", 8000)
 
+    def test_the_admin_listener_is_on_no_port_of_the_service(self) -> None:
+        """The config leaves server.admin_bind at its loopback default, so the pod's admin
+        listener is reachable by port-forward only: no container port or Service port."""
+        assert "admin_bind" not in _ensemble_toml().get("server", {})
+        assert "--admin-bind" not in _container()["args"]
+        assert ServerSettings().admin_bind == "127.0.0.1:8001"
+        ports = [p["port"] for p in _object("Service")["spec"]["ports"]]
+        assert 8001 not in ports
+        assert 8001 not in [p["containerPort"] for p in _container()["ports"]]
+
     def test_optional_parts_are_components_outside_the_default(self) -> None:
         """KEDA, HPA and Redis are Components that list every file of theirs; the default
         kustomization names none of them."""

@@ -18,13 +18,19 @@ __all__ = [
     "DeadlineUnreachableError",
     "EngineError",
     "EnsembleOpsError",
+    "InvalidApiKeyError",
     "InvalidModelFileError",
     "InvalidRequestError",
+    "ModelNotAllowedError",
     "ModelNotFoundError",
     "ModelUnavailableError",
     "NoMemberAvailableError",
     "OverloadedError",
+    "ParallelLimitError",
+    "RateLimitError",
     "ReloadConflictError",
+    "RequestsLimitError",
+    "TokensLimitError",
     "error_code",
 ]
 
@@ -37,6 +43,12 @@ class EnsembleOpsError(Exception):
     code: ClassVar[str] = "internal_error"
     retry_after_s: int | None = None
     param: str | None = None
+    headers: ClassVar[dict[str, str]] = {}
+    """Response headers this error always carries."""
+
+    def response_headers(self) -> dict[str, str]:
+        """The headers of the response that renders this error."""
+        return dict(self.headers)
 
 
 class ConfigError(EnsembleOpsError):
@@ -147,6 +159,86 @@ class NoMemberAvailableError(EnsembleOpsError):
         self.reasons = reasons
         detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
         super().__init__(f"No ensemble member can serve this request right now ({detail}).")
+
+
+class InvalidApiKeyError(EnsembleOpsError):
+    """No API key, or one that is not configured (the key itself is never repeated)."""
+
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="ensemble-ops"'}
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"{reason} Send your key as 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'."
+        )
+
+
+class ModelNotAllowedError(EnsembleOpsError):
+    """The caller's key does not allow this model."""
+
+    status = 403
+    error_type = "invalid_request_error"
+    code = "model_not_allowed"
+    param = "model"
+
+    def __init__(self, key: str, model: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(
+            f"The key {key!r} may not use the model {model!r}; it may use: {', '.join(allowed)}."
+        )
+
+
+class RateLimitError(EnsembleOpsError):
+    """A key's limit refused the request; retry after ``retry_after_s`` (HTTP 429)."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+    limit = ""
+    """``requests``, ``tokens`` or ``parallel``."""
+
+    def __init__(
+        self, key: str, what: str, retry_after_s: float, quotas: dict[str, str] | None = None
+    ) -> None:
+        """``quotas``: the caller's ``x-ratelimit-*`` headers, sent with the 429 too."""
+        self.key = key
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        self._quotas = dict(quotas or {})
+        super().__init__(
+            f"Rate limit reached for key {key!r} on {what}; retry in {self.retry_after_s} s."
+        )
+
+    def response_headers(self) -> dict[str, str]:
+        return {**self.headers, **self._quotas}
+
+
+class RequestsLimitError(RateLimitError):
+    error_type = "requests"
+    limit = "requests"
+
+    def __init__(
+        self, key: str, rpm: int, retry_after_s: float, quotas: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(key, f"requests per minute (limit {rpm})", retry_after_s, quotas)
+
+
+class TokensLimitError(RateLimitError):
+    error_type = "tokens"
+    limit = "tokens"
+
+    def __init__(
+        self, key: str, tpm: int, retry_after_s: float, quotas: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(key, f"tokens per minute (limit {tpm})", retry_after_s, quotas)
+
+
+class ParallelLimitError(RateLimitError):
+    error_type = "requests"
+    code = "parallel_limit_exceeded"
+    limit = "parallel"
+
+    def __init__(self, key: str, max_parallel: int, quotas: dict[str, str] | None = None) -> None:
+        super().__init__(key, f"requests in flight (limit {max_parallel})", 1.0, quotas)
 
 
 class EngineError(EnsembleOpsError):

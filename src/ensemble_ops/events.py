@@ -27,11 +27,13 @@ __all__ = [
     "HealthChanged",
     "InferenceFailed",
     "InferenceFinished",
+    "LimitsBackendChanged",
     "LoopLagMeasured",
     "ModelLoadFailed",
     "ModelLoaded",
     "ModelUnloaded",
     "ProbeFinished",
+    "RateLimited",
     "ReloadFinished",
     "ReloadOutcome",
     "ReloadProgressed",
@@ -138,6 +140,9 @@ class InferenceFinished:
     (or the other copy's): latency minus this is what the copy itself took."""
     first_token_compute_wait_s: float = 0.0
     """The part of that wait before the first token."""
+    key: str = "anonymous"
+    """The caller's API key name (``anonymous`` without keys, ``operator`` on the admin
+    listener): a configured, bounded set, never the key itself."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,7 @@ class InferenceFailed:
     latency_s: float
     final: bool = True
     copy: Copy = "stable"
+    key: str = "anonymous"
 
 
 @dataclass(frozen=True)
@@ -218,6 +224,23 @@ class CacheBackendChanged:
     """A shared cache backend became reachable again (``up``) or stopped being reachable."""
 
     backend: str
+    up: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RateLimited:
+    """A key's limit refused a request (429): ``limit`` is requests, tokens or parallel."""
+
+    key: str
+    limit: str
+
+
+@dataclass(frozen=True)
+class LimitsBackendChanged:
+    """The shared store of the keys' limits became reachable again (``up``) or stopped being
+    reachable (each replica then counts on its own)."""
+
     up: bool
     reason: str | None = None
 

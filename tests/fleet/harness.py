@@ -85,8 +85,9 @@ class Replica:
         return self.sigterm().wait(timeout=timeout_s)
 
 
-def fleet_config(demo_dir: Path) -> str:
-    """Two small demo members sized so that three replicas share two cores."""
+def fleet_config(demo_dir: Path, keys: Sequence[str] = ()) -> str:
+    """Two small demo members sized so that three replicas share two cores; ``keys``: TOML
+    ``[[auth.keys]]`` blocks."""
     members = "".join(
         f"""
 [[models]]
@@ -105,22 +106,29 @@ shutdown_timeout_s = 20.0
 
 [reload]
 warmup_iterations = 1
-{members}"""
+{members}{"".join(keys)}"""
 
 
 class HAProxy:
     """A real HAProxy in front of the replicas, configured as a Kubernetes Service behaves:
     round robin over the replicas that pass readiness, and never a retry or a redispatch, so
-    a request sent to a replica that cannot take it is lost, not hidden."""
+    a request sent to a replica that cannot take it is lost, not hidden.
 
-    def __init__(self, directory: Path, replicas: Sequence[Replica]) -> None:
+    ``mode``: ``http`` (a TLS-terminating proxy would be: it adds X-Forwarded-For) or
+    ``tcp`` (bytes passed through). Either way it connects to the replicas from loopback."""
+
+    def __init__(
+        self, directory: Path, replicas: Sequence[Replica], *, mode: str = "http", name: str = ""
+    ) -> None:
         self._binary = required_binary("haproxy", "haproxy")
         self._directory = directory
-        self._socket = directory / "haproxy.sock"
+        stem = f"haproxy{name}"
+        self._socket = directory / f"{stem}.sock"
         self.port = free_port()
-        self._config = directory / "haproxy.cfg"
+        self._mode = mode
+        self._config = directory / f"{stem}.cfg"
         self._config.write_text(self._render(replicas))
-        self.log = directory / "haproxy.log"
+        self.log = directory / f"{stem}.log"
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -130,6 +138,14 @@ class HAProxy:
     def _render(self, replicas: Sequence[Replica]) -> str:
         servers = "".join(f"    server {r.name} 127.0.0.1:{r.port} check\n" for r in replicas)
         interval = f"{int(CHECK_INTERVAL_S * 1000)}ms"
+        http = self._mode == "http"
+        http_defaults = (
+            "    option httplog\n    option forwardfor\n    timeout http-request 10s\n"
+            "    timeout http-keep-alive 30s\n"
+            if http
+            else "    option tcplog\n"
+        )
+        served_by = "    http-response set-header X-Served-By %[srv_name]\n" if http else ""
         return f"""\
 global
     nbthread 1
@@ -138,16 +154,13 @@ global
     stats socket {self._socket} mode 600 level admin
 
 defaults
-    mode http
+    mode {self._mode}
     log global
-    option httplog
-    # A Kubernetes Service retries nothing: a refused or cut connection is a lost request.
+{http_defaults}    # Like a Kubernetes Service: no retry, a cut connection is a lost request.
     retries 0
     timeout connect 2s
     timeout client 60s
     timeout server 60s
-    timeout http-request 10s
-    timeout http-keep-alive 30s
     timeout queue 30s
     timeout check 1s
 
@@ -161,8 +174,7 @@ backend replicas
     http-check send meth GET uri /health/ready ver HTTP/1.1 hdr Host fleet
     http-check expect status 200
     default-server inter {interval} fall 1 rise 2
-    http-response set-header X-Served-By %[srv_name]
-{servers}"""
+{served_by}{servers}"""
 
     def start(self) -> None:
         check = subprocess.run(

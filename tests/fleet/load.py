@@ -71,8 +71,11 @@ class SteadyLoad:
         pause_s: float = 0.05,
         timeout_s: float = 30.0,
         seed: int = 0,
+        headers: dict[str, str] | None = None,
     ) -> None:
+        """``headers``: sent with every request (an API key)."""
         self._url = url
+        self._headers = headers or {}
         self._pause_s = pause_s
         self._timeout_s = timeout_s
         self._stop = threading.Event()
@@ -100,7 +103,9 @@ class SteadyLoad:
 
     def _client(self, seed: int) -> None:
         rng = random.Random(seed)
-        with httpx.Client(base_url=self._url, timeout=self._timeout_s) as client:
+        with httpx.Client(
+            base_url=self._url, timeout=self._timeout_s, headers=self._headers
+        ) as client:
             while not self._stop.is_set():
                 kind, path, body = _request(rng)
                 outcome = self._send(client, kind, path, body)

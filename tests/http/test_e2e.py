@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -305,7 +306,7 @@ class TestProcess:
 class TestReload:
     def test_cli_reload_with_progress(self, server: Server, server_env: dict[str, str]) -> None:
         """`ensemble-ops reload --wait` follows the reload to completed and exits 0."""
-        done = _cli(server_env, "reload", "demo-tiny", "--url", server.url, "--wait")
+        done = _cli(server_env, "reload", "demo-tiny", "--admin-url", server.admin_url, "--wait")
         assert done.returncode == 0, done.stderr
         assert "100.0% completed" in done.stderr
         assert "reload of demo-tiny completed" in done.stderr
@@ -313,14 +314,43 @@ class TestReload:
             server_env,
             "reload",
             "demo-tiny",
-            "--url",
-            server.url,
+            "--admin-url",
+            server.admin_url,
             "--path",
             "/etc/hostname",
             "--wait",
         )
         assert refused.returncode == 1
         assert "outside the model directory" in refused.stderr
+
+    def test_cli_finds_a_unix_socket_admin_listener_from_the_config(
+        self, tmp_path: Path, server_env: dict[str, str]
+    ) -> None:
+        """An admin listener on a Unix socket (mode 600): the CLI finds it from a config
+        holding only ``[server]`` (no models: a host without the model files), and the
+        public port answers the admin routes 404, which the CLI explains."""
+        socket_path = tmp_path / "admin.sock"
+        server = launch(tmp_path, server_env, "--demo", "--admin-bind", f"unix:{socket_path}")
+        try:
+            assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
+            listening = next(
+                line for line in server.log_lines() if line["event"] == "server.listening"
+            )
+            assert listening["admin"] == f"unix:{socket_path}"
+            config = tmp_path / "admin-only.toml"
+            config.write_text(f'[server]\nadmin_bind = "unix:{socket_path}"\n')
+            env = server_env  # no ENSEMBLE_OPS_* variables: the config alone says where
+            done = _cli(env, "reload", "demo-tiny", "--config", str(config), "--wait")
+            assert done.returncode == 0, done.stderr
+            assert "reload of demo-tiny completed" in done.stderr
+            public = _cli(env, "reload", "demo-tiny", "--admin-url", server.url)
+            assert public.returncode == 1
+            assert "404: Not Found (is" in public.stderr, public.stderr
+            nothing = _cli(env, "abort", "demo-tiny", "--admin-url", "unix:/nonexistent.sock")
+            assert nothing.returncode == 1
+            assert "cannot reach unix:/nonexistent.sock" in nothing.stderr
+        finally:
+            assert server.stop() == 0
 
     def test_cli_canary_shows_weight_and_gates_and_promotes_under_load(
         self, server: Server, server_env: dict[str, str]
@@ -352,8 +382,8 @@ class TestReload:
                 server_env,
                 "reload",
                 "demo-tiny",
-                "--url",
-                server.url,
+                "--admin-url",
+                server.admin_url,
                 "--canary",
                 "20,60",
                 "--min-requests",
@@ -376,7 +406,7 @@ class TestReload:
         assert len(lines) == len(set(lines)), done.stderr
         assert set(statuses) == {200}
         assert done.returncode == 0 or "rolled back: gate failed" in done.stderr, done.stderr
-        decided = _cli(server_env, "promote", "demo-tiny", "--url", server.url)
+        decided = _cli(server_env, "promote", "demo-tiny", "--admin-url", server.admin_url)
         assert decided.returncode == 1
         assert "No rollout of 'demo-tiny' is running" in decided.stderr
 

@@ -11,7 +11,7 @@ import pytest
 from ensemble_ops import errors
 from ensemble_ops.http.app import create_app
 
-from ..conftest import SettingsFactory, serving
+from ..conftest import AppClient, SettingsFactory, serving
 
 COMPLETION = {"model": "demo-tiny", "prompt": "Hello", "max_tokens": 4}
 
@@ -23,13 +23,14 @@ def _error(response: httpx.Response) -> dict[str, Any]:
 
 class TestTable:
     def test_every_error_has_its_own_code(self) -> None:
-        """No two error classes share a code, and each 503 says when to retry."""
+        """No two error classes share a code and type (OpenAI's rate_limit_exceeded is one
+        code, told apart by its type: requests or tokens), and each 503 says when to retry."""
         classes = [
             cls
             for cls in vars(errors).values()
             if isinstance(cls, type) and issubclass(cls, errors.EnsembleOpsError)
         ]
-        codes = [cls.code for cls in classes]
+        codes = [(cls.code, cls.error_type) for cls in classes]
         assert len(codes) == len(set(codes))
         overloaded = errors.OverloadedError("m", 1, retry_after_s=7)
         assert overloaded.retry_after_s == 7  # from the member's measured rate
@@ -47,7 +48,7 @@ class TestTable:
 
 
 class TestRendering:
-    async def test_context_length_error_names_max_tokens(self, client: httpx.AsyncClient) -> None:
+    async def test_context_length_error_names_max_tokens(self, client: AppClient) -> None:
         """The error's own param reaches the client: max_tokens, on completions and chat."""
         completion = await client.post("/v1/completions", json={**COMPLETION, "max_tokens": 2045})
         chat = await client.post(
@@ -83,22 +84,20 @@ class TestRendering:
         assert flat["llm_errors_total_model=ensemble,error_type=no_member_available"] == 1
 
     @pytest.mark.parametrize("path", ["a\u0000b", "\u0000", "models/\u0000.gguf"])
-    async def test_a_nul_byte_in_a_reload_path_is_a_400(
-        self, client: httpx.AsyncClient, path: str
-    ) -> None:
+    async def test_a_nul_byte_in_a_reload_path_is_a_400(self, client: AppClient, path: str) -> None:
         """A path the OS cannot even look at is the client's mistake, named, never a 500."""
-        response = await client.post("/admin/models/demo-tiny/reload", json={"path": path})
+        response = await client.admin.post("/admin/models/demo-tiny/reload", json={"path": path})
         assert response.status_code == 400
         assert _error(response)["param"] == "path"
         status = await client.get("/health/llm/reload/demo-tiny")
         assert status.json()["state"] == "idle"
 
     async def test_a_reload_during_a_reload_is_a_409_with_the_running_status(
-        self, client: httpx.AsyncClient
+        self, client: AppClient
     ) -> None:
         """409 reload_in_progress with Retry-After and the running reload's status."""
-        first = await client.post("/admin/models/demo-base/reload")
-        second = await client.post("/admin/models/demo-base/reload")
+        first = await client.admin.post("/admin/models/demo-base/reload")
+        second = await client.admin.post("/admin/models/demo-base/reload")
         assert first.status_code == 202
         assert second.status_code == 409
         assert second.headers["retry-after"] == "5"

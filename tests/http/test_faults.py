@@ -86,7 +86,7 @@ class TestMissingFileAtStartup:
             assert "retry-after" in named.headers
 
             shutil.copy(model_dir / "demo-tiny.gguf", late)
-            assert httpx.post(f"{server.url}/admin/models/late/reload").status_code == 202
+            assert httpx.post(f"{server.admin_url}/admin/models/late/reload").status_code == 202
             assert _wait_reload(server, "late")["state"] == "completed"
             health = httpx.get(f"{server.url}/health/llm", params={"model": "late"})
             assert health.json()["status"] == "healthy"
@@ -139,7 +139,7 @@ class TestBadFilesOnReload:
                 ("wrong-arch.gguf", "unsupported architecture"),
             ):
                 answer = httpx.post(
-                    f"{server.url}/admin/models/demo-small/reload", json={"path": name}
+                    f"{server.admin_url}/admin/models/demo-small/reload", json={"path": name}
                 )
                 assert answer.status_code == 400, name
                 assert reason in answer.json()["error"]["message"], name

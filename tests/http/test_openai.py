@@ -17,7 +17,7 @@ from ensemble_ops.http.app import create_app
 from ensemble_ops.http.protocol import ChatCompletionBody, CompletionBody, InferenceHeaders
 from ensemble_ops.serving.llama_engine import LlamaEngine
 
-from ..conftest import FlakyEngine, SettingsFactory, serving
+from ..conftest import AppClient, FlakyEngine, SettingsFactory, serving
 
 COMPLETION = {"model": "demo-tiny", "prompt": "Hello", "max_tokens": 8}
 
@@ -147,10 +147,10 @@ class TestCompletions:
         assert texts == [whole.json()["choices"][0]["text"]] * 2
         assert _sse(second.text)[-1]["usage"] == usage  # both hits: every prompt token cached
 
-    async def test_session_and_copy_are_accepted(self, client: httpx.AsyncClient) -> None:
+    async def test_session_and_copy_are_accepted(self, client: AppClient) -> None:
         """A user, a session header of 256 characters and X-Ensemble-Copy in any case are
-        fine on a member asked for by name."""
-        response = await client.post(
+        fine on a member asked for by name (the copy header on the admin listener)."""
+        response = await client.admin.post(
             "/v1/completions",
             json={**COMPLETION, "user": "u" * 256},
             headers={"X-Session-ID": "s" * 256, "X-Ensemble-Copy": "Stable"},

@@ -16,13 +16,14 @@ from starlette.routing import Route
 from ensemble_ops.config import Settings
 from ensemble_ops.http.app import create_app
 
-from ..conftest import SettingsFactory, serving
+from ..conftest import AppClient, SettingsFactory, serving
 
 Document = dict[str, Any]
 
 
-def _routes(settings: Settings) -> set[tuple[str, str]]:
-    app = create_app(settings)
+def _routes(settings: Settings, *, admin: bool = False) -> set[tuple[str, str]]:
+    public = create_app(settings)
+    app = public.state.admin_app if admin else public
     pairs = set()
     for route in app.routes:
         assert isinstance(route, Route)
@@ -96,7 +97,7 @@ def _example(path: str, operation: dict[str, Any]) -> str:
 
 
 @pytest.fixture(name="document")
-async def _document(client: httpx.AsyncClient) -> Document:
+async def _document(client: AppClient) -> Document:
     response = await client.get("/openapi.json")
     assert response.status_code == 200
     document: Document = response.json()
@@ -109,6 +110,15 @@ class TestDocument:
     ) -> None:
         """Every route is documented, and every documented operation is a route."""
         assert _documented(document) == _routes(settings)
+
+    async def test_each_listener_documents_its_own_routes(
+        self, client: AppClient, document: Document, settings: Settings
+    ) -> None:
+        """The public document has no admin route; the admin listener's has them all."""
+        admin: Document = (await client.admin.get("/openapi.json")).json()
+        assert _documented(admin) == _routes(settings, admin=True)
+        assert not any(path.startswith("/admin/") for path, _ in _documented(document))
+        assert ("/admin/models/{model}/reload", "post") in _documented(admin)
 
     async def test_is_valid_openapi_31(self, document: Document) -> None:
         """The document is OpenAPI 3.1, and every schema in it is valid JSON Schema 2020-12."""
@@ -201,7 +211,7 @@ class TestDocument:
 
 
 class TestResponsesMatchTheDocument:
-    async def test_every_get_route(self, client: httpx.AsyncClient, document: Document) -> None:
+    async def test_every_get_route(self, client: AppClient, document: Document) -> None:
         """Each GET route, called with its required parameters, answers as documented."""
         for path, item in document["paths"].items():
             if "get" in item:
@@ -220,7 +230,7 @@ class TestResponsesMatchTheDocument:
         ],
     )
     async def test_health_answers_and_errors(
-        self, client: httpx.AsyncClient, document: Document, url: str
+        self, client: AppClient, document: Document, url: str
     ) -> None:
         """Health with a probe, and the 400 and 404 answers, fit the document."""
         response = await client.get(url)
@@ -247,7 +257,7 @@ class TestResponsesMatchTheDocument:
         ],
     )
     async def test_inference(
-        self, client: httpx.AsyncClient, document: Document, path: str, body: dict[str, Any]
+        self, client: AppClient, document: Document, path: str, body: dict[str, Any]
     ) -> None:
         """Answers, event streams and errors of the inference routes fit the document."""
         _check(document, path, "post", await client.post(path, json=body))
@@ -263,13 +273,15 @@ class TestResponsesMatchTheDocument:
         assert response.json()["data"][1]["meta"]["kind"] == "split"
         _check(document, "/v1/models", "get", response)
 
-    async def test_reload_and_conflict(self, client: httpx.AsyncClient, document: Document) -> None:
-        """A started reload (202), one refused while it runs (409) and its status fit."""
+    async def test_reload_and_conflict(self, client: AppClient) -> None:
+        """A started reload (202), one refused while it runs (409) and its status fit the
+        admin listener's document."""
+        document: Document = (await client.admin.get("/openapi.json")).json()
         path = "/admin/models/{model}/reload"
-        started = await client.post("/admin/models/demo-tiny/reload")
+        started = await client.admin.post("/admin/models/demo-tiny/reload")
         assert started.status_code == 202
         _check(document, path, "post", started)
-        refused = await client.post("/admin/models/demo-tiny/reload")
+        refused = await client.admin.post("/admin/models/demo-tiny/reload")
         assert refused.status_code == 409
         _check(document, path, "post", refused)
         with anyio.fail_after(30):

@@ -8,7 +8,6 @@ import threading
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 
 from ensemble_ops import embedded
@@ -26,7 +25,7 @@ from ensemble_ops.events import (
 from ensemble_ops.http.app import create_app
 from ensemble_ops.observability.metrics import Metrics
 
-from ..conftest import SettingsFactory, serving
+from ..conftest import AppClient, SettingsFactory, serving
 
 CONTRACT = {
     "llm_requests_total": "counter",
@@ -57,12 +56,13 @@ CONTRACT = {
     "llm_rollout_weight_percent": "gauge",
     "llm_rollout_gate_verdict": "gauge",
     "llm_rollouts_total": "counter",
+    "llm_rate_limited_total": "counter",
     "process_resident_memory_bytes": "gauge",
     "process_cpu_seconds_total": "counter",
 }
 
 
-async def _traffic(client: httpx.AsyncClient) -> None:
+async def _traffic(client: AppClient) -> None:
     for mode in ("fast", "balanced", "creative"):
         await client.post("/v1/completions", json={"mode": mode, "prompt": "x", "max_tokens": 3})
     cached = {"model": "demo-tiny", "prompt": "same", "max_tokens": 3, "temperature": 0}
@@ -81,25 +81,27 @@ async def _traffic(client: httpx.AsyncClient) -> None:
     await app_reload(client, "demo-tiny")
 
 
-async def app_reload(client: httpx.AsyncClient, model: str) -> None:
-    await client.post(f"/admin/models/{model}/reload", json={"warmup_iterations": 1})
+async def app_reload(client: AppClient, model: str) -> None:
+    await client.admin.post(f"/admin/models/{model}/reload", json={"warmup_iterations": 1})
     with anyio.fail_after(30):
         while (await client.get(f"/health/llm/reload/{model}")).json()["state"] != "completed":
             await anyio.sleep(0.02)
 
 
 class TestExposition:
-    async def test_every_contract_metric_with_its_type(self, client: httpx.AsyncClient) -> None:
+    async def test_every_contract_metric_with_its_type(self, client: AppClient) -> None:
         """/metrics and /health/metrics expose each contract name with its type."""
         await _traffic(client)
         text = (await client.get("/metrics")).text
         assert (await client.get("/health/metrics")).status_code == 200
         for name, kind in CONTRACT.items():
             assert f"# TYPE {name} {kind}" in text, name
-        assert 'llm_inference_duration_seconds_bucket{copy="stable",le="30.0"' in text
         assert (
-            'llm_requests_total{copy="stable",mode="fast",model="demo-tiny",status="success"} 1'
-            in text
+            'llm_inference_duration_seconds_bucket{copy="stable",key="anonymous",le="30.0"' in text
+        )
+        assert (
+            'llm_requests_total{copy="stable",key="anonymous",mode="fast",model="demo-tiny",'
+            'status="success"} 1' in text
         )
         assert 'llm_errors_total{error_type="context_length_exceeded",model="demo-tiny"} 1' in text
         assert "llm_cache_hits_total 1" in text
@@ -109,7 +111,7 @@ class TestExposition:
         assert 'llm_rollout_weight_percent{model="demo-base"} 0' in text
 
     @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
-    async def test_promtool_accepts_it(self, client: httpx.AsyncClient) -> None:
+    async def test_promtool_accepts_it(self, client: AppClient) -> None:
         """`promtool check metrics` finds nothing to complain about."""
         await _traffic(client)
         text = (await client.get("/metrics")).text
@@ -120,14 +122,19 @@ class TestExposition:
         assert check.stdout.strip() == b""
         assert check.stderr.strip() == b""
 
-    async def test_json_view(self, client: httpx.AsyncClient) -> None:
+    async def test_json_view(self, client: AppClient) -> None:
         """Flat keys name=...,labels: value; histograms as _bucket/_sum/_count; valid JSON."""
         await _traffic(client)
         response = await client.get("/health/metrics/json")
         body = json.loads(response.text)  # strict: no NaN or Infinity literals
-        assert body["llm_requests_total_model=demo-tiny,copy=stable,mode=fast,status=success"] == 1
+        assert (
+            body[
+                "llm_requests_total_model=demo-tiny,copy=stable,key=anonymous,mode=fast,status=success"
+            ]
+            == 1
+        )
         assert body["llm_cache_hits_total"] == 1
-        labels = "model=demo-tiny,copy=stable,mode=fast"
+        labels = "model=demo-tiny,copy=stable,key=anonymous,mode=fast"
         assert body[f"llm_inference_duration_seconds_bucket_{labels},le=+Inf"] == 1
         assert body[f"llm_inference_duration_seconds_count_{labels}"] == 1
         assert body[f"llm_inference_duration_seconds_sum_{labels}"] > 0
@@ -220,8 +227,14 @@ class TestRecordingApi:
             assert await async_call() == "ok"
             await anyio.sleep(0.05)  # the thread's update hops onto the loop
             flat = metrics.flat()
-        assert flat["llm_requests_total_model=mine,copy=stable,mode=fast,status=success"] == 3
-        assert flat["llm_requests_total_model=mine,copy=stable,mode=fast,status=error"] == 1
+        assert (
+            flat["llm_requests_total_model=mine,copy=stable,key=anonymous,mode=fast,status=success"]
+            == 3
+        )
+        assert (
+            flat["llm_requests_total_model=mine,copy=stable,key=anonymous,mode=fast,status=error"]
+            == 1
+        )
         assert flat["llm_errors_total_model=mine,error_type=ValueError"] == 1
         assert flat["llm_errors_total_model=mine,error_type=timeout"] == 1
         assert flat["llm_cache_hits_total"] == 1
@@ -229,9 +242,17 @@ class TestRecordingApi:
         assert flat["llm_model_memory_bytes_model=mine,memory_type=ram"] == 1234
         assert flat["llm_batch_size_count_model=mine"] == 2
         assert flat["llm_kv_cache_usage_ratio_model=mine"] == 0.5
-        assert flat["llm_inference_duration_seconds_count_model=mine,copy=stable,mode=fast"] == 3
         assert (
-            flat["llm_inference_duration_seconds_count_model=mine,copy=stable,mode=creative"] == 1
+            flat[
+                "llm_inference_duration_seconds_count_model=mine,copy=stable,key=anonymous,mode=fast"
+            ]
+            == 3
+        )
+        assert (
+            flat[
+                "llm_inference_duration_seconds_count_model=mine,copy=stable,key=anonymous,mode=creative"
+            ]
+            == 1
         )
 
     async def test_embedded_helpers_feed_the_process_wide_metrics_only(
@@ -248,9 +269,11 @@ class TestRecordingApi:
             process_flat = embedded.get_metrics().flat()
         finally:
             embedded.reset()
-        key = "llm_requests_total_model=mine,copy=stable,mode=fast,status=success"
+        key = "llm_requests_total_model=mine,copy=stable,key=anonymous,mode=fast,status=success"
         assert process_flat[key] == 1
-        duration = "llm_inference_duration_seconds_count_model=mine,copy=stable,mode=fast"
+        duration = (
+            "llm_inference_duration_seconds_count_model=mine,copy=stable,key=anonymous,mode=fast"
+        )
         assert process_flat[duration] == 1
         assert key not in app_flat
 
@@ -261,7 +284,10 @@ class TestRecordingApi:
             serving(second := create_app(settings)),
         ):
             await client.post("/v1/completions", json={"model": "demo-tiny", "prompt": "x"})
-            key = "llm_requests_total_model=demo-tiny,copy=stable,mode=balanced,status=success"
+            key = (
+                "llm_requests_total_model=demo-tiny,copy=stable,key=anonymous,mode=balanced,"
+                "status=success"
+            )
             assert first.state.metrics.flat()[key] == 1
             assert key not in second.state.metrics.flat()
 
@@ -304,7 +330,10 @@ class TestBatching:
         bus.publish(_finished("a", "fast", stream=True, outcome="cancelled", queue_wait_s=8.0))
         flat = metrics.flat()
         assert flat["llm_queue_wait_seconds_count_model=a,mode=fast"] == 1
-        assert "llm_inference_duration_seconds_count_model=a,copy=stable,mode=fast" not in flat
+        assert (
+            "llm_inference_duration_seconds_count_model=a,copy=stable,key=anonymous,mode=fast"
+            not in flat
+        )
 
     def test_batch_sizes_and_kv_usage_in_the_exposition_and_json(self) -> None:
         """observe_batch_sizes fills llm_batch_size{model}; the KV gauge starts at 0."""
@@ -363,10 +392,22 @@ class TestCopy:
         bus.publish(_finished("a", "fast", latency_s=0.2, copy="candidate"))
         bus.publish(InferenceFailed("a", "fast", "engine_error", "boom", 0.1, copy="candidate"))
         flat = metrics.flat()
-        assert flat["llm_requests_total_model=a,copy=stable,mode=fast,status=success"] == 1
-        assert flat["llm_requests_total_model=a,copy=candidate,mode=fast,status=success"] == 2
-        assert flat["llm_requests_total_model=a,copy=candidate,mode=fast,status=error"] == 1
-        stable, candidate = "model=a,copy=stable,mode=fast", "model=a,copy=candidate,mode=fast"
+        assert (
+            flat["llm_requests_total_model=a,copy=stable,key=anonymous,mode=fast,status=success"]
+            == 1
+        )
+        assert (
+            flat["llm_requests_total_model=a,copy=candidate,key=anonymous,mode=fast,status=success"]
+            == 2
+        )
+        assert (
+            flat["llm_requests_total_model=a,copy=candidate,key=anonymous,mode=fast,status=error"]
+            == 1
+        )
+        stable, candidate = (
+            "model=a,copy=stable,key=anonymous,mode=fast",
+            "model=a,copy=candidate,key=anonymous,mode=fast",
+        )
         assert flat[f"llm_inference_duration_seconds_count_{stable}"] == 1
         assert flat[f"llm_inference_duration_seconds_count_{candidate}"] == 2
         assert flat[f"llm_inference_duration_seconds_bucket_{candidate},le=0.5"] == 1
@@ -374,7 +415,10 @@ class TestCopy:
         # The other series keep their labels: both copies' tokens are the member's.
         assert flat["llm_tokens_total_model=a,kind=completion"] == 3 * 8
         text = metrics.render([])[0].decode()
-        assert 'llm_requests_total{copy="candidate",mode="fast",model="a",status="error"} 1' in text
+        assert (
+            'llm_requests_total{copy="candidate",key="anonymous",mode="fast",model="a",'
+            'status="error"} 1' in text
+        )
 
     def test_the_recording_helpers_record_the_stable_copy(self) -> None:
         """record_request and observe_inference default to copy=stable; candidate on request."""
@@ -385,9 +429,22 @@ class TestCopy:
         with metrics.track_inference_time("mine", "fast"):
             pass
         flat = metrics.flat()
-        assert flat["llm_requests_total_model=mine,copy=stable,mode=fast,status=success"] == 1
-        assert flat["llm_requests_total_model=mine,copy=candidate,mode=fast,status=success"] == 1
-        assert flat["llm_inference_duration_seconds_count_model=mine,copy=stable,mode=fast"] == 2
+        assert (
+            flat["llm_requests_total_model=mine,copy=stable,key=anonymous,mode=fast,status=success"]
+            == 1
+        )
+        assert (
+            flat[
+                "llm_requests_total_model=mine,copy=candidate,key=anonymous,mode=fast,status=success"
+            ]
+            == 1
+        )
+        assert (
+            flat[
+                "llm_inference_duration_seconds_count_model=mine,copy=stable,key=anonymous,mode=fast"
+            ]
+            == 2
+        )
 
 
 class TestRollouts:
@@ -512,7 +569,10 @@ class TestRollouts:
             await client.post("/v1/completions", json=request)
             after_request = await series()
         assert after_shadow == before
-        key = "llm_requests_total_model=demo-tiny,copy=stable,mode=balanced,status=success"
+        key = (
+            "llm_requests_total_model=demo-tiny,copy=stable,key=anonymous,mode=balanced,"
+            "status=success"
+        )
         assert (before[key], after_request[key]) == (1, 2)
 
     def test_shadow_requests_move_no_user_facing_series(self) -> None:
@@ -528,5 +588,8 @@ class TestRollouts:
         assert _user_facing(metrics) == before
         bus.publish(_finished("a", "fast", latency_s=0.4, time_to_first_token_s=0.05))
         changed = {k for k, v in _user_facing(metrics).items() if before.get(k) != v}
-        assert "llm_requests_total_model=a,copy=stable,mode=fast,status=success" in changed
+        assert (
+            "llm_requests_total_model=a,copy=stable,key=anonymous,mode=fast,status=success"
+            in changed
+        )
         assert "llm_tokens_total_model=a,kind=completion" in changed

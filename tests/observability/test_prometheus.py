@@ -46,7 +46,7 @@ def _scraped(
     host = server.url.removeprefix("http://")
     try:
         with prometheus(tmp, host) as prom:
-            sent = _send_known_traffic(server.url)
+            sent = _send_known_traffic(server)
             deadline = time.monotonic() + 30
             # Wait for a scrape that saw the last thing sent (the failed reload; the counter
             # is there at 0 from the start).
@@ -60,9 +60,12 @@ def _scraped(
         server.stop()
 
 
-def _send_known_traffic(url: str) -> dict[str, int]:
+def _send_known_traffic(server: Server) -> dict[str, int]:
     sent = {"fast": 3, "balanced": 2, "creative": 1}
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with (
+        httpx.Client(base_url=server.url, timeout=60) as client,
+        httpx.Client(base_url=server.admin_url, timeout=60) as admin,
+    ):
         for mode, count in sent.items():
             for i in range(count):
                 answer = client.post("/v1/completions", json={"mode": mode, "prompt": f"q{i}"})
@@ -77,7 +80,7 @@ def _send_known_traffic(url: str) -> dict[str, int]:
         stream = {"model": "demo-small", "prompt": "s", "max_tokens": 3, "stream": True}
         assert "[DONE]" in client.post("/v1/completions", json=stream).text
         for model in ("demo-tiny", "broken"):  # one reload completes, one fails
-            assert client.post(f"/admin/models/{model}/reload").status_code == 202
+            assert admin.post(f"/admin/models/{model}/reload").status_code == 202
             while client.get(f"/health/llm/reload/{model}").json()["state"] not in (
                 "completed",
                 "failed",

@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 from starlette.applications import Starlette
 
@@ -29,7 +28,15 @@ from ensemble_ops.serving.demo import DemoModel, write_model
 from ensemble_ops.serving.engine import Engine
 from ensemble_ops.serving.llama_engine import LlamaEngine
 
-from ..conftest import FlakyEngine, GatedEngine, Recorded, SettingsFactory, route, serving
+from ..conftest import (
+    AppClient,
+    FlakyEngine,
+    GatedEngine,
+    Recorded,
+    SettingsFactory,
+    route,
+    serving,
+)
 
 MEMBER = "demo-tiny"
 
@@ -46,7 +53,7 @@ class _Traffic:
     """Clients sending sampled completions (every third one streamed) to the member until
     stopped; every answer's status kept (599: a stream that did not end well)."""
 
-    def __init__(self, client: httpx.AsyncClient, clients: int = 3) -> None:
+    def __init__(self, client: AppClient, clients: int = 3) -> None:
         self.client = client
         self.clients = clients
         self.statuses: list[int] = []
@@ -85,7 +92,7 @@ class _Traffic:
 
 
 @asynccontextmanager
-async def _under_load(client: httpx.AsyncClient) -> AsyncIterator[_Traffic]:
+async def _under_load(client: AppClient) -> AsyncIterator[_Traffic]:
     traffic = _Traffic(client)
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(traffic.run)
@@ -298,11 +305,11 @@ class TestBlueGreen:
                 await anyio.sleep(0.02)
             body = {"model": MEMBER, "prompt": "Hi", "max_tokens": 2, "temperature": 0.5}
             plain = await client.post("/v1/completions", json=body)
-            tried = await client.post(
+            tried = await client.admin.post(
                 "/v1/completions", json=body, headers={"X-Ensemble-Copy": "candidate"}
             )
             new = app.state.ensemble.slots[MEMBER].candidate
-            promoted = await client.post(f"/admin/models/{MEMBER}/promote")
+            promoted = await client.admin.post(f"/admin/models/{MEMBER}/promote")
             status = await manager.wait_for_reload(MEMBER)
             active = app.state.ensemble.slots[MEMBER].active
         assert (plain.status_code, tried.status_code, promoted.status_code) == (200, 200, 200)
@@ -344,7 +351,7 @@ class TestIsolation:
             loaded[0].failing = True
             body = {"model": MEMBER, "prompt": "Hi", "max_tokens": 2, "temperature": 0.5}
             tried = [
-                await client.post(
+                await client.admin.post(
                     "/v1/completions", json=body, headers={"X-Ensemble-Copy": "candidate"}
                 )
                 for _ in range(5)
@@ -357,22 +364,21 @@ class TestIsolation:
         assert health.json()["status"] == "healthy"
         assert ready.status_code == 200
 
-    async def test_asking_for_a_copy_needs_the_admin_token(
+    async def test_asking_for_a_copy_is_for_the_admin_listener(
         self, make_settings: SettingsFactory
     ) -> None:
-        """With an admin token set, X-Ensemble-Copy without it is a 401; with it, served."""
+        """X-Ensemble-Copy on the public listener is a 403, even with the admin token; on
+        the admin listener it needs the token when one is set."""
         settings = make_settings(cache={"enabled": False}, server={"admin_token": "s3cret"})
         body = {"model": MEMBER, "prompt": "Hi", "max_tokens": 2}
+        copy = {"X-Ensemble-Copy": "stable"}
+        token = {"Authorization": "Bearer s3cret"}
         async with serving(create_app(settings)) as client:
-            refused = await client.post(
-                "/v1/completions", json=body, headers={"X-Ensemble-Copy": "stable"}
-            )
-            allowed = await client.post(
-                "/v1/completions",
-                json=body,
-                headers={"X-Ensemble-Copy": "stable", "Authorization": "Bearer s3cret"},
-            )
-        assert (refused.status_code, allowed.status_code) == (401, 200)
+            public = await client.post("/v1/completions", json=body, headers=copy | token)
+            plain = await client.post("/v1/completions", json=body)
+            admin = await client.admin.post("/v1/completions", json=body, headers=copy | token)
+        assert (public.status_code, plain.status_code, admin.status_code) == (403, 200, 200)
+        assert "admin listener" in public.json()["error"]["message"]
 
     async def test_a_split_members_sessions_reach_its_canary(
         self, make_settings: SettingsFactory
@@ -441,19 +447,17 @@ class TestBadInput:
         ],
     )
     async def test_a_bad_rollout_is_a_400_naming_the_field(
-        self, client: httpx.AsyncClient, body: dict[str, Any], message: str
+        self, client: AppClient, body: dict[str, Any], message: str
     ) -> None:
         """Steps not increasing or outside (0, 100], unknown gates or fields: 400."""
-        answer = await client.post(f"/admin/models/{MEMBER}/reload", json=body)
+        answer = await client.admin.post(f"/admin/models/{MEMBER}/reload", json=body)
         assert answer.status_code == 400
         assert message in answer.json()["error"]["message"]
 
-    async def test_promote_or_abort_without_a_rollout_is_a_400(
-        self, client: httpx.AsyncClient
-    ) -> None:
+    async def test_promote_or_abort_without_a_rollout_is_a_400(self, client: AppClient) -> None:
         """Nothing to promote or abort: 400 naming the member's state."""
         for action in ("promote", "abort"):
-            answer = await client.post(f"/admin/models/{MEMBER}/{action}")
+            answer = await client.admin.post(f"/admin/models/{MEMBER}/{action}")
             assert answer.status_code == 400
             assert "No rollout" in answer.json()["error"]["message"]
 
@@ -466,7 +470,9 @@ class TestBadInput:
         ]
         app = create_app(settings.model_copy(update={"models": tuple(models)}))
         async with serving(app) as client:
-            answer = await client.post(f"/admin/models/{MEMBER}/reload", json={"rollout": "canary"})
+            answer = await client.admin.post(
+                f"/admin/models/{MEMBER}/reload", json={"rollout": "canary"}
+            )
         assert answer.status_code == 400
         assert answer.json()["error"]["param"] == "rollout"
 

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -154,15 +155,7 @@ class _Asked(EngineWrapper):
         tokens: list[int],
         params: GenerationParams,
         sink: SequenceSink,
-        *,
-        target_s: float = 0.0,
-        incremental: bool = True,
+        **options: Any,
     ) -> SequenceHandle:
         self.asked.append(params)
-        return super().submit(
-            tokens,
-            params,
-            sink,
-            target_s=target_s,
-            incremental=incremental,
-        )
+        return super().submit(tokens, params, sink, **options)

@@ -65,31 +65,17 @@ class Member(FlakyEngine):
         tokens: list[int],
         params: GenerationParams,
         sink: SequenceSink,
-        *,
-        target_s: float = 0.0,
-        incremental: bool = True,
+        **options: Any,
     ) -> SequenceHandle:
-        self.asked.append((params, target_s))
+        self.asked.append((params, options.get("target_s", 0.0)))
         if self.fail_next:
             self.fail_next -= 1
             self.failing = True
             try:
-                return super().submit(
-                    tokens,
-                    params,
-                    sink,
-                    target_s=target_s,
-                    incremental=incremental,
-                )
+                return super().submit(tokens, params, sink, **options)
             finally:
                 self.failing = False
-        return super().submit(
-            tokens,
-            params,
-            sink,
-            target_s=target_s,
-            incremental=incremental,
-        )
+        return super().submit(tokens, params, sink, **options)
 
 
 class Engines:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -140,9 +141,7 @@ class _Together(EngineWrapper):
         tokens: list[int],
         params: GenerationParams,
         sink: SequenceSink,
-        *,
-        target_s: float = 0.0,
-        incremental: bool = True,
+        **options: Any,
     ) -> SequenceHandle:
         with self._lock:
             self._held.append((tokens, params, sink))
@@ -150,7 +149,7 @@ class _Together(EngineWrapper):
                 return _NotYet()
             held, self._held = self._held, []
         self.rounds.append(sum(len(tokens) for tokens, _, _ in held))
-        self.real.submit_many(held, target_s, incremental)
+        self.real.submit_many(held, **options)
         return _NotYet()
 
 

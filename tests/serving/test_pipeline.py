@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -167,9 +168,7 @@ class _FailsMidStream(EngineWrapper):
         tokens: list[int],
         params: GenerationParams,
         sink: SequenceSink,
-        *,
-        target_s: float = 0.0,
-        incremental: bool = True,
+        **options: Any,
     ) -> SequenceHandle:
         sink.piece("partial")
         sink.end(EngineFailure("decode failed mid-way"))
@@ -194,9 +193,7 @@ class _PausesAfterFirstPiece(EngineWrapper):
         tokens: list[int],
         params: GenerationParams,
         sink: SequenceSink,
-        *,
-        target_s: float = 0.0,
-        incremental: bool = True,
+        **options: Any,
     ) -> SequenceHandle:
         resume = self.resume
 
@@ -208,13 +205,7 @@ class _PausesAfterFirstPiece(EngineWrapper):
             def end(self, outcome: Completion | EngineFailure) -> None:
                 sink.end(outcome)
 
-        return super().submit(
-            tokens,
-            params,
-            Pausing(),
-            target_s=target_s,
-            incremental=incremental,
-        )
+        return super().submit(tokens, params, Pausing(), **options)
 
 
 class TestStreams:
@@ -384,12 +375,10 @@ class _FarBehind(EngineWrapper):
         tokens: list[int],
         params: GenerationParams,
         sink: SequenceSink,
-        *,
-        target_s: float = 0.0,
-        incremental: bool = True,
+        **options: Any,
     ) -> SequenceHandle:
         self.submitted += 1
-        return super().submit(tokens, params, sink, target_s=target_s, incremental=incremental)
+        return super().submit(tokens, params, sink, **options)
 
 
 class TestLatencyTargets:

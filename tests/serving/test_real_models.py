@@ -394,7 +394,7 @@ class _Load:
 
 def _reload(server: Server, member: str, path: Path) -> dict[str, Any]:
     started = httpx.post(
-        f"{server.url}/admin/models/{member}/reload",
+        f"{server.admin_url}/admin/models/{member}/reload",
         # Gemma's file has no chat template: the instruct member may lose chat on purpose.
         json={"path": str(path), "allow_capability_change": True},
         timeout=30,

@@ -48,6 +48,58 @@ class TestAdmission:
             engine.close()
         assert order == ["fast", "creative"]
 
+    @pytest.mark.parametrize("fair", [True, False])
+    def test_callers_take_turns_within_a_priority(self, demo_dir: Path, fair: bool) -> None:
+        """One slot; caller A queues four requests and B one, in that order, at the same
+        priority. With callers named, B's request goes second (A's clock moves on by a slot's
+        hold time per request, B's starts now); without, it waits behind all of A's."""
+        engine = _engine(demo_dir, parallel=1)
+        order: list[str] = []
+        tokens = engine.tokenize("Go")
+        names = ["A1", "A2", "A3", "A4", "B1"]
+        ends = {name: _Ends(name, order) for name in names}
+
+        def spec(name: str) -> SequenceSpec:
+            caller = name[0] if fair else ""
+            return SequenceSpec(tokens, 4, 0.7, 0.95, None, (), target_s=2.5, caller=caller)
+
+        _after_one(engine, spec("warm"), [(spec(name), ends[name]) for name in names])
+        assert order == (["A1", "B1", "A2", "A3", "A4"] if fair else names)
+
+    def test_a_weight_is_a_larger_share(self, demo_dir: Path) -> None:
+        """Weight 2 against 1, both queuing four: the heavier caller gets two turns for each
+        of the other's (four of the first six)."""
+        engine = _engine(demo_dir, parallel=1)
+        order: list[str] = []
+        tokens = engine.tokenize("Go")
+        names = [f"{caller}{i}" for caller in "HL" for i in range(4)]
+        ends = {name: _Ends(name, order) for name in names}
+
+        def spec(name: str) -> SequenceSpec:
+            weight = 2.0 if name[0] == "H" else 1.0
+            return SequenceSpec(
+                tokens, 4, 0.7, 0.95, None, (), target_s=2.5, caller=name[0], weight=weight
+            )
+
+        _after_one(engine, spec("warm"), [(spec(name), ends[name]) for name in names])
+        assert sorted(order[:6]) == ["H0", "H1", "H2", "H3", "L0", "L1"]
+
+
+def _after_one(
+    engine: LlamaEngine, first: SequenceSpec, queued: list[tuple[SequenceSpec, _Ends]]
+) -> None:
+    """Run ``first`` alone (the slot's hold time is then measured, as turns need), then
+    queue ``queued`` together for one admission, wait for all and close the engine."""
+    try:
+        warm = _Ends("warm", [])
+        engine._scheduler.submit(first, warm)
+        assert warm.done.wait(30)
+        engine._scheduler.submit_many(queued)
+        for _, end in queued:
+            assert end.done.wait(30)
+    finally:
+        engine.close()
+
 
 class _Ends:
     """A sink that notes the order in which sequences end (and when one first spoke)."""

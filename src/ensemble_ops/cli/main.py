@@ -1,4 +1,5 @@
-"""Command line: ``serve``, ``reload``, ``models`` and ``demo-models``.
+"""Command line: ``serve``, ``reload``, ``promote``, ``abort``, ``keys``, ``models`` and
+``demo-models``.
 
 The CLI only builds Settings and calls the server; everything else is wired in
 ``ensemble_ops.http.app``.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", help="port (default 8000)")
+    serve.add_argument(
+        "--admin-bind",
+        help="the admin listener: host:port or unix:/path (default 127.0.0.1:8001)",
+    )
     serve.add_argument("--log-format", choices=["json", "console"], help="default json")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-file", type=Path, help="write logs to this file, not stdout")
@@ -54,8 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     reload.add_argument("model", help="the member to reload")
     reload.add_argument("--path", help="a new GGUF file (inside the server's model directory)")
-    reload.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
-    reload.add_argument("--token", help="admin token (default: $ENSEMBLE_OPS_SERVER__ADMIN_TOKEN)")
+    _admin_flags(reload)
     reload.add_argument("--wait", action="store_true", help="show progress until it ends")
     how = reload.add_mutually_exclusive_group()
     how.add_argument(
@@ -87,10 +92,14 @@ def _parser() -> argparse.ArgumentParser:
     ):
         decide = commands.add_parser(name, help=text)
         decide.add_argument("model", help="the member")
-        decide.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
-        decide.add_argument(
-            "--token", help="admin token (default: $ENSEMBLE_OPS_SERVER__ADMIN_TOKEN)"
-        )
+        _admin_flags(decide)
+
+    keys = commands.add_parser("keys", help="API keys for the inference API")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new_key = key_commands.add_parser(
+        "new", help="print a fresh random key once, and the [[auth.keys]] block with its hash"
+    )
+    new_key.add_argument("name", help="the key's name (in metrics and logs)")
 
     demo = commands.add_parser("demo-models", help="write the demo GGUF models into DIR")
     demo.add_argument("directory", type=Path)
@@ -104,6 +113,41 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _admin_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin-url",
+        help="the admin listener: http://host:port or unix:/path (default: from --config, "
+        "else $ENSEMBLE_OPS_SERVER__ADMIN_BIND, else http://127.0.0.1:8001)",
+    )
+    parser.add_argument(
+        "--config", type=Path, help="the server's config file: only its [server] is read"
+    )
+    parser.add_argument(
+        "--token", help="admin token (default: $ENSEMBLE_OPS_SERVER__ADMIN_TOKEN, or --config)"
+    )
+
+
+def _new_key(name: str, out: TextIO) -> int:
+    """Print a fresh key, once, and the config block holding its hash."""
+    from ensemble_ops.access.keys import new_key
+    from ensemble_ops.config.base import NAME_PATTERN
+
+    if re.fullmatch(NAME_PATTERN, name) is None:
+        print(f"ensemble-ops: {name!r} is not a valid key name ({NAME_PATTERN})", file=out)
+        return 2
+    key, digest = new_key()
+    print(
+        f"# The key for {name!r}; it is shown this once, give it to its owner:\n"
+        f"#   {key}\n"
+        "# Add this block to the server's config (it holds the key's SHA-256 only):\n"
+        f'[[auth.keys]]\nname = "{name}"\nkey_sha256 = "{digest}"\n'
+        "# Optional limits: models = [...], rpm = ..., tpm = ..., max_parallel = ..., "
+        "weight = ...",
+        file=out,
+    )
+    return 0
+
+
 def _load_settings(args: argparse.Namespace) -> tuple[Settings, str | None]:
     # Command-line flags are the strongest overrides: they travel the same validated path
     # as ENSEMBLE_OPS_* variables, so a bad --port fails like a bad config value.
@@ -111,6 +155,7 @@ def _load_settings(args: argparse.Namespace) -> tuple[Settings, str | None]:
     flags = {
         "SERVER__HOST": args.host,
         "SERVER__PORT": args.port,
+        "SERVER__ADMIN_BIND": args.admin_bind,
         "LOGGING__FORMAT": args.log_format,
         "LOGGING__LEVEL": args.log_level,
         "LOGGING__FILE": args.log_file,
@@ -171,21 +216,18 @@ def _rollout_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "reload":
-        from ensemble_ops.cli.reload import run_reload
+    if args.command in ("reload", "promote", "abort"):
+        from ensemble_ops.cli.admin import admin_client
+        from ensemble_ops.cli.reload import run_decision, run_reload
 
+        admin = admin_client(args.admin_url, args.config, args.token)
+        if args.command != "reload":
+            return run_decision(args.model, args.command, admin=admin)
         return run_reload(
-            args.model,
-            url=args.url,
-            path=args.path,
-            token=args.token,
-            wait=args.wait,
-            rollout=_rollout_fields(args),
+            args.model, admin=admin, path=args.path, wait=args.wait, rollout=_rollout_fields(args)
         )
-    if args.command in ("promote", "abort"):
-        from ensemble_ops.cli.reload import run_decision
-
-        return run_decision(args.model, args.command, url=args.url, token=args.token)
+    if args.command == "keys":
+        return _new_key(args.name, sys.stdout)
     if args.command == "demo-models":
         for member in DEMO_MEMBERS:
             path = write_model(member, args.directory / member.filename)

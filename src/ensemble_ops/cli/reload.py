@@ -1,55 +1,35 @@
 """``ensemble-ops reload MODEL``: ask a running server to reload a member, and follow it;
 ``promote`` and ``abort`` decide a running rollout.
 
-Uses only the standard library (urllib), so it works wherever the server is installed.
+They talk to the admin listener (``ensemble_ops.cli.admin``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any, TextIO
+
+from ensemble_ops.cli.admin import AdminCallError, AdminClient, AdminUnreachableError
 
 __all__ = ["run_decision", "run_reload"]
 
 _BAR = 30
 
 
-def _call(method: str, url: str, token: str | None, body: dict[str, Any] | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def _error_message(err: urllib.error.HTTPError) -> str:
-    try:
-        body = json.loads(err.read())
-        return f"{err.code}: {body['error']['message']}"
-    except (ValueError, KeyError, TypeError):
-        return f"{err.code}: {err.reason}"
-
-
 def _post(
-    url: str, token: str | None, body: dict[str, Any], what: str, out: TextIO
+    admin: AdminClient, path: str, body: dict[str, Any], what: str, out: TextIO
 ) -> dict[str, Any] | None:
     """POST to an admin route: the reload status it answers, or None once the refusal or
     the unreachable server has been said."""
     try:
-        status: dict[str, Any] = _call("POST", url, token, body)
-    except urllib.error.HTTPError as err:
-        print(f"ensemble-ops: {what} refused: {_error_message(err)}", file=out)
+        status: dict[str, Any] = admin.call("POST", path, body)
+    except AdminCallError as err:
+        print(f"ensemble-ops: {what} refused: {err}", file=out)
         return None
-    except urllib.error.URLError as err:
-        server = url.split("/admin/")[0]
-        print(f"ensemble-ops: cannot reach {server}: {err.reason}", file=out)
+    except AdminUnreachableError as err:
+        print(f"ensemble-ops: {err}", file=out)
         return None
     return status
 
@@ -107,9 +87,8 @@ def _describe(status: dict[str, Any], *, width: int | None) -> str:
 def run_reload(
     model: str,
     *,
-    url: str,
+    admin: AdminClient,
     path: str | None,
-    token: str | None,
     wait: bool,
     rollout: dict[str, Any] | None = None,
     poll_s: float = 0.25,
@@ -117,11 +96,9 @@ def run_reload(
 ) -> int:
     """Start the reload (``rollout``: the body's rollout fields); with ``wait`` show progress,
     and a rollout's weight and gates, until it ends. Returns the exit status."""
-    token = token or os.environ.get("ENSEMBLE_OPS_SERVER__ADMIN_TOKEN")
-    base = url.rstrip("/")
     body: dict[str, Any] = {"path": path} if path else {}
     body |= rollout or {}
-    status = _post(f"{base}/admin/models/{model}/reload", token, body, "reload", out)
+    status = _post(admin, f"/admin/models/{model}/reload", body, "reload", out)
     if status is None:
         return 1
     if not wait:
@@ -134,8 +111,8 @@ def run_reload(
             break
         time.sleep(poll_s)
         try:
-            status = _call("GET", f"{base}/health/llm/reload/{model}", token)
-        except (urllib.error.URLError, OSError) as err:
+            status = admin.call("GET", f"/health/llm/reload/{model}")
+        except (AdminCallError, AdminUnreachableError) as err:
             progress.done()
             print(f"ensemble-ops: lost the server while waiting: {err}", file=out)
             return 1
@@ -148,12 +125,9 @@ def run_reload(
     return 0
 
 
-def run_decision(
-    model: str, decision: str, *, url: str, token: str | None, out: TextIO = sys.stderr
-) -> int:
+def run_decision(model: str, decision: str, *, admin: AdminClient, out: TextIO = sys.stderr) -> int:
     """``promote`` or ``abort`` the member's running rollout. Returns the exit status."""
-    token = token or os.environ.get("ENSEMBLE_OPS_SERVER__ADMIN_TOKEN")
-    status = _post(f"{url.rstrip('/')}/admin/models/{model}/{decision}", token, {}, decision, out)
+    status = _post(admin, f"/admin/models/{model}/{decision}", {}, decision, out)
     if status is None:
         return 1
     print(f"ensemble-ops: {decision} of {model} accepted ({status['state']})", file=out)

@@ -4,6 +4,7 @@ The sections are declared by concern (``sections``, ``members``, ``rollout``) an
 place (``settings``); everything is importable from here.
 """
 
+from ensemble_ops.config.access import ApiKeySpec, AuthSettings
 from ensemble_ops.config.members import ModelSpec, ModeName, ModeSpec, SplitSpec
 from ensemble_ops.config.rollout import GATES, GateSpec, ReloadSettings, RolloutKind, RolloutSpec
 from ensemble_ops.config.sections import (
@@ -13,12 +14,16 @@ from ensemble_ops.config.sections import (
     MetricsSettings,
     ServerSettings,
     TracingSettings,
+    admin_address,
+    is_loopback,
 )
 from ensemble_ops.config.settings import ENV_PREFIX, Settings
 
 __all__ = [
     "ENV_PREFIX",
     "GATES",
+    "ApiKeySpec",
+    "AuthSettings",
     "CacheSettings",
     "GateSpec",
     "HealthSettings",
@@ -34,4 +39,6 @@ __all__ = [
     "Settings",
     "SplitSpec",
     "TracingSettings",
+    "admin_address",
+    "is_loopback",
 ]

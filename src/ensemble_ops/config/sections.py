@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -17,6 +18,8 @@ __all__ = [
     "MetricsSettings",
     "ServerSettings",
     "TracingSettings",
+    "admin_address",
+    "is_loopback",
 ]
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -27,7 +30,13 @@ class ServerSettings(Section):
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    admin_bind: Annotated[str, Field(min_length=1)] = "127.0.0.1:8001"
+    """The admin listener: ``host:port`` (port 0: a free one, logged at start) or
+    ``unix:/path`` (a Unix socket). Admin routes answer there only, never on the public
+    listener, so no proxy in front of that one can open them. A non-loopback address needs
+    ``admin_token``."""
     admin_token: SecretStr | None = None
+    """Bearer token every admin request needs when set (never logged)."""
     max_body_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024
     shutdown_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     """After the drain delay: how long in-flight requests may take to finish."""
@@ -143,3 +152,30 @@ class TracingSettings(Section):
     @property
     def active(self) -> bool:
         return not self.sdk_disabled and (self.enabled or self.endpoint is not None)
+
+
+def admin_address(bind: str) -> tuple[str, int] | str:
+    """``admin_bind`` parsed: ``(host, port)``, or the socket path of ``unix:/path``;
+    raises ``ValueError`` saying what is wrong."""
+    if bind.startswith("unix:"):
+        path = bind.removeprefix("unix:")
+        if not path:
+            raise ValueError("unix: needs a socket path, as in unix:/run/ensemble-ops/admin.sock")
+        return path
+    host, sep, port = bind.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port or unix:/path, not {bind!r}")
+    host = host.removeprefix("[").removesuffix("]")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"the port of {bind!r} is not a port number")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

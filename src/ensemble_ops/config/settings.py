@@ -24,6 +24,7 @@ from typing import Annotated, Any, Self
 
 from pydantic import Field, ValidationError, model_validator
 
+from ensemble_ops.config.access import AuthSettings
 from ensemble_ops.config.base import NAME_PATTERN, Section
 from ensemble_ops.config.members import DEFAULT_MODES, ModelSpec, ModeName, ModeSpec, SplitSpec
 from ensemble_ops.config.rollout import ReloadSettings
@@ -34,6 +35,8 @@ from ensemble_ops.config.sections import (
     MetricsSettings,
     ServerSettings,
     TracingSettings,
+    admin_address,
+    is_loopback,
 )
 from ensemble_ops.errors import ConfigError
 
@@ -52,6 +55,7 @@ class Settings(Section):
     reload: ReloadSettings = ReloadSettings()
     metrics: MetricsSettings = MetricsSettings()
     tracing: TracingSettings = TracingSettings()
+    auth: AuthSettings = AuthSettings()
     modes: dict[ModeName, ModeSpec] = Field(default_factory=lambda: dict(DEFAULT_MODES))
     default_mode: ModeName = "balanced"
     models: Annotated[tuple[ModelSpec, ...], Field(min_length=1, strict=False)]
@@ -59,6 +63,29 @@ class Settings(Section):
         default_factory=dict
     )
     """Virtual model names that share their requests among members by weight."""
+
+    @model_validator(mode="after")
+    def _admin_is_safe(self) -> Self:
+        """An admin listener reachable from other hosts must need a token."""
+        try:
+            address = admin_address(self.server.admin_bind)
+        except ValueError as err:
+            raise ValueError(f"server.admin_bind: {err}") from None
+        if (
+            isinstance(address, tuple)
+            and not is_loopback(address[0])
+            and self.server.admin_token is None
+        ):
+            raise ValueError(
+                f"server.admin_bind: {self.server.admin_bind} is reachable from other hosts; "
+                "set server.admin_token (or bind to loopback or a unix: socket)"
+            )
+        if isinstance(address, tuple) and address[1] != 0 and address[1] == self.server.port:
+            raise ValueError(
+                f"server.admin_bind: port {address[1]} is the public port; the admin "
+                "listener needs a port (or a unix: socket) of its own"
+            )
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -80,6 +107,11 @@ class Settings(Section):
             for member in shares.weights:
                 if member not in names:
                     raise ValueError(f"splits.{split}.weights: unknown model {member!r}")
+        known = {"ensemble", *names, *self.splits}
+        for i, key in enumerate(self.auth.keys):
+            for model in key.models or ():
+                if model not in known:
+                    raise ValueError(f"auth.keys[{i}].models: unknown model {model!r}")
         return self
 
     def model(self, name: str) -> ModelSpec:

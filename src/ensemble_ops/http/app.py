@@ -1,25 +1,34 @@
-"""The composition root: builds the ensemble, the views and the Starlette app."""
+"""The composition root: builds the ensemble, the views, and the two Starlette apps.
+
+The public app serves the inference API, health and metrics; the admin app, served on the
+admin listener only, adds the admin routes. Both share every object; the public app's
+lifespan loads and closes the models.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from ensemble_ops.config import Settings
+from ensemble_ops.access.gate import Gate
+from ensemble_ops.access.keys import Keyring
+from ensemble_ops.access.limits import Limits
+from ensemble_ops.config import ApiKeySpec, Settings
 from ensemble_ops.events import EventBus
 from ensemble_ops.health.checker import HealthChecker
 from ensemble_ops.health.probe import Prober
 from ensemble_ops.health.resources import ProcessResources
 from ensemble_ops.health.view import HealthView
 from ensemble_ops.health.watchdog import Watchdog
+from ensemble_ops.http.auth import ADMIN, PUBLIC
 from ensemble_ops.http.errors import EXCEPTION_HANDLERS
 from ensemble_ops.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from ensemble_ops.http.openapi import openapi_route
@@ -51,10 +60,10 @@ def create_app(
     loader: EngineLoader | None = None,
     tracer_provider: TracerProvider | None = None,
 ) -> Starlette:
-    """Build the app. Models load in the background once the lifespan starts, so the
-    server answers (readiness 503) while they load; ``loader`` is the engine factory
-    (default: ``LlamaEngine.load`` with the app's compute arbiter, which every member's
-    decode steps share).
+    """Build the public app (``app.state.admin_app`` is the admin one). Models load in the
+    background once the lifespan starts, so the server answers (readiness 503) while they
+    load; ``loader`` is the engine factory (default: ``LlamaEngine.load`` with the app's
+    compute arbiter, which every member's decode steps share).
 
     ``tracer_provider`` receives the app's spans (tests pass one with an in-memory
     exporter); without one, ``[tracing]`` decides, and tracing off means no SDK at all.
@@ -70,11 +79,15 @@ def create_app(
     members = [spec.name for spec in settings.models]
     view = HealthView(bus, settings.health, members)
     ensemble = Ensemble(settings, bus, loader, runner, can_serve=view.can_serve, tracer=tracer)
+    keyring = Keyring(settings.auth)
+    limits = Limits.for_settings(settings, bus)
     metrics = Metrics(
         enabled=settings.metrics.enabled,
         members=members,
         default_mode=settings.default_mode,
         cache_backend=ensemble.cache.backend if ensemble.cache is not None else None,
+        keys={key.name: _limits_of(key) for key in settings.auth.keys},
+        shared_limits=limits.redis is not None,
     )
     metrics.subscribe(bus)
     metrics.on_collect(lambda m: _collect_slots(m, ensemble))
@@ -110,25 +123,59 @@ def create_app(
         runner.spawn(watchdog.run)
         runner.spawn(ensemble.load_all)
         runner.spawn(ensemble.cache_health)  # say at once whether a shared cache answers
+        runner.spawn(limits.health)  # and whether the shared limits' Redis does
         try:
             yield
         finally:
             with anyio.CancelScope(shield=True):
                 await ensemble.close(settings.server.shutdown_timeout_s)
                 await runner.aclose()
+                if limits.redis is not None:
+                    await limits.redis.aclose()
             gpu.close()
             if own_provider and provider is not None:  # flush what is still batched
                 await anyio.to_thread.run_sync(provider.shutdown)
         _log.info("ensemble.stopped")
 
-    app = Starlette(
-        routes=[
-            openapi_route(members=list(ensemble.slots)),
-            *api.routes,
-            *health_routes.routes,
-            *reload_routes.routes,
-            *(metrics_routes.routes if settings.metrics.enabled else []),
-        ],
+    readable = [
+        *api.routes,
+        *health_routes.routes,
+        *reload_routes.status_routes,
+        *(metrics_routes.routes if settings.metrics.enabled else []),
+    ]
+    app = _starlette(settings, tracer, [*readable], lifespan)
+    admin = _starlette(settings, tracer, [*readable, *reload_routes.routes], None)
+    shared = {
+        "settings": settings,
+        "ensemble": ensemble,
+        "bus": bus,
+        "health": health,
+        "watchdog": watchdog,
+        "reload": reload,
+        "metrics": metrics,
+        "compute": compute,
+        "keyring": keyring,
+        "gate": Gate(limits, bus),
+        "limits": limits,
+    }
+    for listener, served in ((PUBLIC, app), (ADMIN, admin)):
+        for name, value in shared.items():
+            setattr(served.state, name, value)
+        served.state.listener = listener
+    app.state.admin_app = admin
+    return app
+
+
+def _starlette(
+    settings: Settings,
+    tracer: Any,
+    routes: list[Any],
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None,
+) -> Starlette:
+    """One listener's app: its routes and /openapi.json, the middleware, the error table."""
+    members = [spec.name for spec in settings.models]
+    return Starlette(
+        routes=[openapi_route(members=members), *routes],
         middleware=[
             Middleware(RequestContextMiddleware, tracer=tracer),
             Middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes),
@@ -136,15 +183,12 @@ def create_app(
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.ensemble = ensemble
-    app.state.bus = bus
-    app.state.health = health
-    app.state.watchdog = watchdog
-    app.state.reload = reload
-    app.state.metrics = metrics
-    app.state.compute = compute
-    return app
+
+
+def _limits_of(key: ApiKeySpec) -> tuple[str, ...]:
+    """The limits a key has, by their names in ``llm_rate_limited_total``."""
+    named = (("requests", key.rpm), ("tokens", key.tpm), ("parallel", key.max_parallel))
+    return tuple(name for name, value in named if value is not None)
 
 
 def _collect_slots(metrics: Metrics, ensemble: Ensemble) -> None:

@@ -1,45 +1,106 @@
-"""Who may use the admin surface: the admin routes, and asking for a rollout's copy.
+"""Who may call what.
 
-A bearer token when ``server.admin_token`` is set (compared in constant time, never logged);
-loopback clients only when it is not.
+Two listeners, two apps. The admin listener (``server.admin_bind``: loopback or a Unix socket
+by default) serves the admin routes, which the public listener does not have at all: no
+proxy in front of the public port can open them, whatever headers it adds. When
+``server.admin_token`` is set every admin request needs it. Operators on the admin listener
+also reach ``/v1/*``, with no API key, and may choose a rollout's copy.
+
+On the public listener, with ``[[auth.keys]]`` configured, ``/v1/*`` needs a key
+(``Authorization: Bearer`` or ``X-Api-Key``); with ``auth.protect_observability`` the
+observability routes need one too. Keys are compared by their SHA-256 in constant time and
+never logged; a malformed credential is a 401 like a wrong one, never a 5xx.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from ensemble_ops.access.keys import ANONYMOUS, MAX_KEY_CHARS, OPERATOR, Caller, Keyring
 from ensemble_ops.config import Settings
+from ensemble_ops.errors import InvalidApiKeyError
 
-__all__ = ["require_admin"]
+__all__ = ["ADMIN", "PUBLIC", "caller_of", "is_admin", "require_admin", "require_observer"]
+
+PUBLIC, ADMIN = "public", "admin"
+"""Which listener an app serves (``app.state.listener``)."""
+
+
+def is_admin(request: Request) -> bool:
+    """Whether the request came in on the admin listener."""
+    return bool(request.app.state.listener == ADMIN)
 
 
 def require_admin(request: Request) -> None:
-    """Bearer token when configured (compared in constant time), else loopback only."""
+    """An admin route: the admin listener only (it has no such routes elsewhere, this is
+    the second lock), with the bearer token when one is configured."""
+    if not is_admin(request):
+        raise HTTPException(404, "Not Found")
     settings: Settings = request.app.state.settings
     token = settings.server.admin_token
-    if token is not None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), token.get_secret_value().encode()
-        ):
-            raise HTTPException(
-                401,
-                "A valid admin token is required (Authorization: Bearer <token>).",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return
-    host = request.client.host if request.client else ""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if token is None:
+        return  # the listener itself is local: loopback or a Unix socket (checked at start)
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), token.get_secret_value().encode()
+    ):
         raise HTTPException(
-            403,
-            "Admin routes answer loopback clients only when no admin token is set "
-            "(set server.admin_token to allow remote admins).",
+            401,
+            "A valid admin token is required (Authorization: Bearer <token>).",
+            headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def caller_of(request: Request) -> Caller:
+    """Who calls ``/v1/*``: an operator on the admin listener; on the public one, the key's
+    owner when keys are configured (else anyone, ``anonymous``). Raises
+    ``InvalidApiKeyError`` (401) for a missing, malformed or unknown key."""
+    if is_admin(request):
+        return OPERATOR
+    keyring: Keyring = request.app.state.keyring
+    if not keyring.enabled:
+        return ANONYMOUS
+    return _identify(request, keyring)
+
+
+def require_observer(request: Request) -> None:
+    """An observability route (metrics, health details, events, the status page): open,
+    unless ``auth.protect_observability``, then any configured key opens it."""
+    settings: Settings = request.app.state.settings
+    if is_admin(request) or not settings.auth.protect_observability:
+        return
+    keyring: Keyring = request.app.state.keyring
+    if keyring.enabled:
+        _identify(request, keyring)
+
+
+def _identify(request: Request, keyring: Keyring) -> Caller:
+    presented = _credential(request)
+    caller = keyring.identify(presented)
+    if caller is None:
+        raise _refused("The API key is not valid.")
+    return caller
+
+
+def _credential(request: Request) -> str:
+    """The key a request presents, or a 401 saying what is wrong with it (never its value)."""
+    authorization = request.headers.get("authorization")
+    if authorization is not None:
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise _refused("The Authorization header must use the Bearer scheme.")
+    else:
+        value = request.headers.get("x-api-key", "")
+    value = value.strip()
+    if not value:
+        raise _refused("An API key is required.")
+    if len(value) > MAX_KEY_CHARS or not value.isascii() or not value.isprintable():
+        raise _refused("The API key is malformed.")
+    return value
+
+
+def _refused(reason: str) -> InvalidApiKeyError:
+    return InvalidApiKeyError(reason)

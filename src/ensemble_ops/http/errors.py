@@ -38,7 +38,7 @@ def error_response(
 
 def _render(err: EnsembleOpsError, **extra: Any) -> JSONResponse:
     """Every core error the same way, from what the error itself carries."""
-    return error_response(
+    response = error_response(
         err.status,
         str(err),
         error_type=err.error_type,
@@ -47,6 +47,8 @@ def _render(err: EnsembleOpsError, **extra: Any) -> JSONResponse:
         retry_after_s=err.retry_after_s,
         **extra,
     )
+    response.headers.update(err.response_headers())
+    return response
 
 
 async def _on_core_error(request: Request, exc: Exception) -> Response:

@@ -18,13 +18,14 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["BodyLimitMiddleware", "RequestContextMiddleware", "log_fields"]
+__all__ = ["BodyLimitMiddleware", "RequestContextMiddleware", "log_fields", "response_headers"]
 
 _log = structlog.get_logger("ensemble_ops.request")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 _FIELDS = "ensemble_ops.log_fields"
+_HEADERS = "ensemble_ops.response_headers"
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
@@ -36,6 +37,13 @@ def log_fields(scope: Scope) -> dict[str, Any]:
     """
     fields: dict[str, Any] = scope.setdefault(_FIELDS, {})
     return fields
+
+
+def response_headers(scope: Scope) -> dict[str, str]:
+    """Headers a route wants on this request's response whatever it becomes (an answer or
+    an error): a key's rate-limit quotas."""
+    headers: dict[str, str] = scope.setdefault(_HEADERS, {})
+    return headers
 
 
 class RequestContextMiddleware:
@@ -76,15 +84,18 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                response_headers = MutableHeaders(scope=message)
-                response_headers.append("X-Request-ID", request_id)
+                outgoing = MutableHeaders(scope=message)
+                outgoing.append("X-Request-ID", request_id)
                 # Time spent in the app until the answer starts (W3C Server-Timing).
                 elapsed_ms = (time.perf_counter() - started) * 1000
-                response_headers.append("Server-Timing", f"app;dur={elapsed_ms:.2f}")
+                outgoing.append("Server-Timing", f"app;dur={elapsed_ms:.2f}")
+                for name, value in scope.get(_HEADERS, {}).items():
+                    if name not in outgoing:
+                        outgoing.append(name, value)
                 context = span.get_span_context()
                 if context.is_valid:
                     flags = f"{int(context.trace_flags):02x}"
-                    response_headers.append(
+                    outgoing.append(
                         "traceresponse",
                         f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags}",
                     )

@@ -29,11 +29,12 @@ _REF = "#/components/schemas/{model}"
 
 _ERRORS = {
     400: "Malformed JSON or an invalid field (the error's param names it).",
-    401: "The admin token is missing or wrong.",
-    403: "Admin routes answer loopback clients only when no token is set.",
-    404: "Unknown model.",
+    401: "An API key (or, on the admin listener, the admin token) is missing or wrong.",
+    403: "A model the key may not use, or X-Ensemble-Copy on the public listener.",
+    404: "Unknown model (or an admin route on the public listener).",
     409: "A reload of this member is already running.",
     413: "The request body is over server.max_body_bytes.",
+    429: "A key's limit (rpm, tpm or max_parallel); see Retry-After and x-ratelimit-*.",
     500: "The inference engine failed.",
     503: "Overloaded, loading, or no member can serve (see Retry-After).",
 }

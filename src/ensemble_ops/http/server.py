@@ -1,4 +1,9 @@
-"""Serving the app with hypercorn's programmatic API, with graceful shutdown.
+"""Serving the apps with hypercorn's programmatic API, with graceful shutdown.
+
+Two listeners: the public one (``server.host``/``port``) serves the inference API, health and
+metrics; the admin one (``server.admin_bind``: loopback or a Unix socket by default) serves
+the admin routes too. Their sockets are bound before serving, so a port 0 is known and
+logged (``server.listening``).
 
 SIGTERM or SIGINT first fails readiness, so load balancers take this replica out, and goes on
 serving for ``server.drain_delay_s``; then the server stops accepting connections, lets
@@ -12,14 +17,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 
 import structlog
-from hypercorn.asyncio import serve as hypercorn_serve
-from hypercorn.config import Config
+from hypercorn.asyncio.run import worker_serve
+from hypercorn.config import Config, Sockets
+from hypercorn.utils import wrap_app
 
-from ensemble_ops.config import Settings
+from ensemble_ops.config import Settings, admin_address
 from ensemble_ops.errors import ConfigError
 from ensemble_ops.http.app import create_app
 from ensemble_ops.reload.manager import ReloadManager
@@ -30,18 +37,55 @@ __all__ = ["serve"]
 _log = structlog.get_logger("ensemble_ops.server")
 
 
-def _hypercorn_config(settings: Settings) -> Config:
+def _hypercorn_config(settings: Settings, bind: str, *, access_log: bool) -> Config:
     server = settings.server
     config = Config()
-    host = f"[{server.host}]" if ":" in server.host else server.host
-    config.bind = [f"{host}:{server.port}"]
+    config.bind = [bind]
     # Logger objects, not "-": hypercorn's lines then go through the structlog formatter.
-    config.accesslog = logging.getLogger("hypercorn.access") if server.access_log else None
+    config.accesslog = logging.getLogger("hypercorn.access") if access_log else None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = server.shutdown_timeout_s
     # Loading happens after start-up (readiness says when), so start-up itself is quick.
     config.startup_timeout = 60.0
     return config
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _admin_bind(settings: Settings) -> str:
+    """The admin listener's hypercorn bind; a stale socket file from an earlier run goes."""
+    address = admin_address(settings.server.admin_bind)
+    if isinstance(address, str):
+        path = Path(address)
+        if path.is_socket():
+            path.unlink()
+        return f"unix:{address}"
+    return _bind(*address)
+
+
+def _listeners(settings: Settings) -> tuple[tuple[Config, Sockets], tuple[Config, Sockets]]:
+    """The public and the admin listener's configs and bound sockets."""
+    server = settings.server
+    public = _hypercorn_config(
+        settings, _bind(server.host, server.port), access_log=server.access_log
+    )
+    admin = _hypercorn_config(settings, _admin_bind(settings), access_log=server.access_log)
+    public_sockets, admin_sockets = public.create_sockets(), admin.create_sockets()
+    admin_socket = admin_sockets.insecure_sockets[0]
+    if admin_socket.family == socket.AF_UNIX:
+        Path(admin_socket.getsockname()).chmod(0o600)  # the owner's only: it is the admin
+    return (public, public_sockets), (admin, admin_sockets)
+
+
+def _bound(sockets: Sockets) -> str:
+    """Where a listener really is (a port 0 resolved), for the log and for clients."""
+    sock = sockets.insecure_sockets[0]
+    name = sock.getsockname()
+    if isinstance(name, str):
+        return f"unix:{name}"
+    return _bind(name[0], name[1])
 
 
 def _in_terminal() -> bool:
@@ -120,8 +164,23 @@ async def serve(settings: Settings, config_path: Path | None = None) -> int:
             stop.set()
 
     watcher = asyncio.create_task(stop_when_nothing_loads())
+    (public, public_sockets), (admin, admin_sockets) = _listeners(settings)
+    _log.info("server.listening", public=_bound(public_sockets), admin=_bound(admin_sockets))
     try:
-        await hypercorn_serve(app, _hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await asyncio.gather(
+            worker_serve(
+                wrap_app(app, public.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                public,
+                sockets=public_sockets,
+                shutdown_trigger=stop.wait,
+            ),
+            worker_serve(
+                wrap_app(app.state.admin_app, admin.wsgi_max_body_size, "asgi"),
+                admin,
+                sockets=admin_sockets,
+                shutdown_trigger=stop.wait,
+            ),
+        )
     finally:
         watcher.cancel()
         for delay in delays:

@@ -193,6 +193,18 @@ class MetricFamilies:
             "Share of the time since the last scrape the member's decode steps held threads.",
             registry=r,
         )
+        self.rate_limited = Counter(
+            "llm_rate_limited_total",
+            "Requests a key's limit refused (429), by key name and limit (requests, tokens, "
+            "parallel).",
+            registry=r,
+        )
+        self.rate_limit_backend_up = Gauge(
+            "llm_rate_limit_backend_up",
+            "1 while the shared store of the keys' limits answers; 0: each replica counts "
+            "on its own.",
+            registry=r,
+        )
         self.loop_lag = Gauge(
             "llm_event_loop_lag_seconds", "Latest event-loop lag seen by the watchdog.", registry=r
         )
@@ -215,7 +227,14 @@ class MetricFamilies:
             registry=r,
         )
 
-    def seed(self, members: list[str], default_mode: str, cache_backend: str | None) -> None:
+    def seed(
+        self,
+        members: list[str],
+        default_mode: str,
+        cache_backend: str | None,
+        keys: dict[str, tuple[str, ...]] | None = None,
+        shared_limits: bool = False,
+    ) -> None:
         """The series that exist before anything happened: each member's states at their
         start, counters at 0 (so ``increase()`` sees a member's first failed reload), the
         build's info and the process start time."""
@@ -256,6 +275,11 @@ class MetricFamilies:
             # Memory always answers; Redis is 0 until it has answered once.
             self.cache_backend_up.set(backend, 1 if cache_backend == "memory" else 0)
         self.start_time.set({}, self._process.create_time())
+        for key, limits in (keys or {}).items():  # each configured limit's refusals, from 0
+            for limit in limits:
+                self.rate_limited.set({"key": key, "limit": limit}, 0)
+        if shared_limits:
+            self.rate_limit_backend_up.set({"backend": "redis"}, 0)
 
 
 def one_hot(

@@ -12,9 +12,11 @@ from ensemble_ops.events import (
     HealthChanged,
     InferenceFailed,
     InferenceFinished,
+    LimitsBackendChanged,
     ModelLoaded,
     ModelLoadFailed,
     ModelUnloaded,
+    RateLimited,
     ReloadStateChanged,
     RolloutFinished,
     RolloutStepped,
@@ -163,6 +165,22 @@ def _rollout_finished(event: RolloutFinished) -> None:
     )
 
 
+def _rate_limited(event: RateLimited) -> None:
+    _log.info("request.rate_limited", key=event.key, limit=event.limit)
+
+
+def _limits_backend(event: LimitsBackendChanged) -> None:
+    if event.up:
+        _log.info("limits.backend_up", backend="redis")
+    else:
+        _log.warning(
+            "limits.backend_down",
+            backend="redis",
+            reason=event.reason,
+            consequence="each replica counts the keys' limits on its own until it is back",
+        )
+
+
 def subscribe_log(bus: EventBus) -> None:
     bus.subscribe(ReloadStateChanged, _reload_state)
     bus.subscribe(DrainTimedOut, _drain_timeout)
@@ -170,6 +188,8 @@ def subscribe_log(bus: EventBus) -> None:
     bus.subscribe(GateJudged, _gate)
     bus.subscribe(RolloutFinished, _rollout_finished)
     bus.subscribe(CacheBackendChanged, _cache_backend)
+    bus.subscribe(RateLimited, _rate_limited)
+    bus.subscribe(LimitsBackendChanged, _limits_backend)
     bus.subscribe(HealthChanged, _health_changed)
     bus.subscribe(ModelLoaded, _loaded)
     bus.subscribe(ModelLoadFailed, _load_failed)

@@ -37,10 +37,12 @@ from ensemble_ops.events import (
     HealthChanged,
     InferenceFailed,
     InferenceFinished,
+    LimitsBackendChanged,
     LoopLagMeasured,
     ModelLoaded,
     ModelLoadFailed,
     ModelUnloaded,
+    RateLimited,
     ReloadFinished,
     ReloadProgressed,
     ReloadStateChanged,
@@ -79,8 +81,12 @@ class Metrics(MetricFamilies):
         members: list[str] | None = None,
         default_mode: str = "balanced",
         cache_backend: str | None = None,
+        keys: dict[str, tuple[str, ...]] | None = None,
+        shared_limits: bool = False,
     ) -> None:
-        """``cache_backend`` names the response cache's backend (None: the cache is off)."""
+        """``cache_backend`` names the response cache's backend (None: the cache is off);
+        ``keys`` the API keys and the limits each has; ``shared_limits``: they live in
+        Redis."""
         super().__init__()
         self.enabled = enabled
         self._collect_hooks: list[Callable[[Metrics], None]] = []
@@ -91,7 +97,7 @@ class Metrics(MetricFamilies):
         self._loop: Any = None
         self._loop_thread: int | None = None
         if enabled:
-            self.seed(members or [], default_mode, cache_backend)
+            self.seed(members or [], default_mode, cache_backend, keys, shared_limits)
 
     # -- wiring --------------------------------------------------------------------------------
 
@@ -101,6 +107,8 @@ class Metrics(MetricFamilies):
         bus.subscribe(InferenceFinished, self._on_finished)
         bus.subscribe(InferenceFailed, self._on_failed)
         bus.subscribe(CacheLookedUp, self._on_cache)
+        bus.subscribe(RateLimited, self._on_rate_limited)
+        bus.subscribe(LimitsBackendChanged, self._on_limits_backend)
         bus.subscribe(CacheBackendFailed, self._on_cache_error)
         bus.subscribe(CacheBackendChanged, self._on_cache_backend)
         bus.subscribe(ModelLoaded, self._on_loaded)
@@ -137,8 +145,15 @@ class Metrics(MetricFamilies):
 
     # -- helpers (the public recording API) ----------------------------------------------
 
-    def record_request(self, model: str, mode: str, status: str, copy: Copy = "stable") -> None:
-        self._call(self._record_request, model, mode, status, copy)
+    def record_request(
+        self,
+        model: str,
+        mode: str,
+        status: str,
+        copy: Copy = "stable",
+        key: str = "anonymous",
+    ) -> None:
+        self._call(self._record_request, model, mode, status, copy, key)
 
     def record_error(self, model: str, error_type: str) -> None:
         self._call(self.errors.inc, {"model": model, "error_type": error_type})
@@ -150,9 +165,14 @@ class Metrics(MetricFamilies):
         self._call(self.cache_misses.inc, {})
 
     def observe_inference(
-        self, model: str, mode: str, seconds: float, copy: Copy = "stable"
+        self,
+        model: str,
+        mode: str,
+        seconds: float,
+        copy: Copy = "stable",
+        key: str = "anonymous",
     ) -> None:
-        labels = {"model": model, "mode": mode, "copy": copy}
+        labels = {"model": model, "mode": mode, "copy": copy, "key": key}
         self._call(self.inference.observe, labels, seconds)
 
     def observe_batch_sizes(self, model: str, sizes: Iterable[int]) -> None:
@@ -282,8 +302,9 @@ class Metrics(MetricFamilies):
 
     # -- events ----------------------------------------------------------------------------------
 
-    def _record_request(self, model: str, mode: str, status: str, copy: Copy) -> None:
-        self.requests.inc({"model": model, "mode": mode, "status": status, "copy": copy})
+    def _record_request(self, model: str, mode: str, status: str, copy: Copy, key: str) -> None:
+        labels = {"model": model, "mode": mode, "status": status, "copy": copy, "key": key}
+        self.requests.inc(labels)
         self._rates.setdefault((model, mode), deque()).append(time.monotonic())
 
     def _observe_batch_sizes(self, model: str, sizes: tuple[int, ...]) -> None:
@@ -291,7 +312,7 @@ class Metrics(MetricFamilies):
             self.batch_size.observe({"model": model}, size)
 
     def _on_finished(self, event: InferenceFinished) -> None:
-        self._record_request(event.model, event.mode, event.outcome, event.copy)
+        self._record_request(event.model, event.mode, event.outcome, event.copy, event.key)
         labels = {"model": event.model, "mode": event.mode}
         # Before the success check: a stream the client left still waited for its slot and
         # decoded its tokens, and a long wait may be why it left.
@@ -301,7 +322,7 @@ class Metrics(MetricFamilies):
             self.tpot.observe(labels, event.time_per_output_token_s)
         if event.cached or event.outcome != "success":
             return
-        self.inference.observe({**labels, "copy": event.copy}, event.latency_s)
+        self.inference.observe({**labels, "copy": event.copy, "key": event.key}, event.latency_s)
         self.prefix_queries.add({"model": event.model}, event.prompt_tokens)
         self.prefix_hits.add({"model": event.model}, event.cached_tokens)
         self.tokens.add({"model": event.model, "kind": "prompt"}, event.prompt_tokens)
@@ -312,7 +333,13 @@ class Metrics(MetricFamilies):
     def _on_failed(self, event: InferenceFailed) -> None:
         self.errors.inc({"model": event.model, "error_type": event.error_type})
         if event.final:
-            self._record_request(event.model, event.mode, "error", event.copy)
+            self._record_request(event.model, event.mode, "error", event.copy, event.key)
+
+    def _on_rate_limited(self, event: RateLimited) -> None:
+        self.rate_limited.inc({"key": event.key, "limit": event.limit})
+
+    def _on_limits_backend(self, event: LimitsBackendChanged) -> None:
+        self.rate_limit_backend_up.set({"backend": "redis"}, 1 if event.up else 0)
 
     def _on_cache(self, event: CacheLookedUp) -> None:
         (self.cache_hits if event.hit else self.cache_misses).inc({})

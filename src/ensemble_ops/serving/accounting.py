@@ -106,6 +106,7 @@ class Attempt:
                 cached_tokens=0 if cached else completion.cached_tokens,
                 compute_wait_s=0.0 if cached else completion.compute_wait_s,
                 first_token_compute_wait_s=0.0 if cached else completion.first_token_compute_wait_s,
+                key=self.request.caller,
             )
         )
 
@@ -123,6 +124,7 @@ class Attempt:
                 time.perf_counter() - self.started,
                 final=final,
                 copy=self.copy,
+                key=self.request.caller,
             )
         )
 
@@ -139,6 +141,7 @@ class Attempt:
                 stream=self._stream,
                 outcome="cancelled",
                 copy=self.copy,
+                key=self.request.caller,
             )
         )
 
@@ -159,5 +162,6 @@ def report_unanswered(
             str(err),
             time.perf_counter() - started,
             final=True,
+            key=request.caller,
         )
     )

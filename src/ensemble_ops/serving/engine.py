@@ -198,13 +198,17 @@ class Engine(Protocol):
         *,
         target_s: float = 0.0,
         incremental: bool = True,
+        caller: str = "",
+        weight: float = 1.0,
     ) -> SequenceHandle:
         """Start generating at most ``params.max_tokens`` tokens after ``tokens``; return at
         once. Raises ``InvalidRequestError`` (a ``ContextLengthExceededError`` among them) for
         what the engine must never be handed: no token, a token outside the vocabulary, more
         than the context holds. ``target_s`` is the sequence's latency target: admission and
         the cores go earliest deadline (arrival + target) first; ``incremental=False`` sends
-        no pieces, only the end (whose text is the whole answer)."""
+        no pieces, only the end (whose text is the whole answer). ``caller`` and ``weight``:
+        while the slots are full, waiting sequences of different callers take turns, in
+        proportion to their weights (within the targets' order)."""
         ...
 
     def close(self) -> None: ...

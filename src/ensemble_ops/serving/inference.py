@@ -50,6 +50,12 @@ class InferenceRequest:
     """Keeps a conversation on one side of a split (the ``user`` field or ``X-Session-ID``)."""
     copy: Copy | None = None
     """Asks for one copy of the member by name (``X-Ensemble-Copy``: blue-green testing)."""
+    caller: str = "anonymous"
+    """The caller's key name: metrics and logs name it."""
+    weight: float | None = None
+    """The caller's share when a member is saturated: waiting requests of different callers
+    take turns in proportion (keyed callers and operators); None: no turns (without keys,
+    there is one caller)."""
 
     @property
     def kind(self) -> Literal["completion", "chat"]:

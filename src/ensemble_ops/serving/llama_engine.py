@@ -287,16 +287,23 @@ class LlamaEngine:
         *,
         target_s: float = 0.0,
         incremental: bool = True,
+        caller: str = "",
+        weight: float = 1.0,
     ) -> SequenceHandle:
         """Check the sequence and queue it (see ``Engine.submit``); the scheduler's thread
         feeds ``sink``."""
-        return self.submit_many([(tokens, params, sink)], target_s, incremental)[0]
+        return self.submit_many(
+            [(tokens, params, sink)], target_s, incremental, caller=caller, weight=weight
+        )[0]
 
     def submit_many(
         self,
         sequences: list[tuple[list[int], GenerationParams, SequenceSink]],
         target_s: float = 0.0,
         incremental: bool = True,
+        *,
+        caller: str = "",
+        weight: float = 1.0,
     ) -> list[SequenceHandle]:
         """Check several sequences, then queue them at once: they start in the same step as
         far as free slots allow. One that fails its check queues none."""
@@ -314,6 +321,8 @@ class LlamaEngine:
                     stop=tuple(stop for stop in params.stop if stop),  # "" would stop at once
                     target_s=target_s,
                     incremental=incremental,
+                    caller=caller,
+                    weight=weight,
                 ),
                 sink,
             )

@@ -86,6 +86,8 @@ async def run_on(
             sink,
             target_s=target_s,
             incremental=stream.incremental,
+            caller=request.caller if request.weight is not None else "",
+            weight=request.weight or 1.0,
         )
         progress.running()
         forget = stream.when_closed(handle.cancel)

@@ -98,6 +98,8 @@ class Scheduler:
         self._waiting: list[Generation] = []
         self._running: list[Generation] = []
         self._held_s: deque[float] = deque(maxlen=32)  # how long recent sequences held a slot
+        # Each caller's virtual time in each mode (fair turns within a priority).
+        self._clocks: dict[tuple[str, float], float] = {}
         self._closing = False
         self.step_started: float | None = None
         """monotonic() when the running step began; None between steps (watchdog)."""
@@ -116,10 +118,11 @@ class Scheduler:
         """Queue several sequences at once: the next admission sees them all, so they start
         in the same step as far as free slots allow."""
         now = time.monotonic()
-        sequences = [
-            Generation(spec, sink, Ticket(), self._vocab, self._ll, now) for spec, sink in items
-        ]
         with self._lock:
+            sequences = [
+                Generation(spec, sink, Ticket(), self._vocab, self._ll, now, self._turn(spec, now))
+                for spec, sink in items
+            ]
             if not self._closing:
                 self._waiting.extend(sequences)
                 self._lock.notify()
@@ -127,6 +130,21 @@ class Scheduler:
         for sequence in sequences:
             deliver_end(sequence.sink, EngineFailure("the engine is closed"))
         return [sequence.ticket for sequence in sequences]
+
+    def _turn(self, spec: SequenceSpec, now: float) -> float:
+        """A caller's virtual start (under the lock): start-time fair queuing. Each of its
+        sequences moves its clock for that mode (latency target) on by a slot's mean hold
+        time over the slots and its weight, so one caller's flood queues behind its own
+        clock, not behind everyone's, while a caller that sends one at a time starts at
+        once; a caller's own requests keep their modes' priorities."""
+        if not spec.caller:
+            return now
+        clock = (spec.caller, spec.target_s)
+        start = max(now, self._clocks.get(clock, now))
+        held = self._held_s
+        share = (sum(held) / len(held)) / self.parallel if held else 0.0
+        self._clocks[clock] = start + share / spec.weight
+        return start
 
     @property
     def free_slots(self) -> int:

@@ -15,6 +15,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
+from ensemble_ops.access.keys import ANONYMOUS, Caller
 from ensemble_ops.config import ModeName, Settings
 from ensemble_ops.errors import InvalidRequestError
 from ensemble_ops.events import Copy
@@ -141,11 +142,20 @@ class InferenceBody(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def prompt_chars(self) -> int:
+        """The prompt's length in characters (a token estimate before tokenizing)."""
+        raise NotImplementedError
+
     def to_request(
-        self, settings: Settings, response_id: str = "", headers: InferenceHeaders = _NO_HEADERS
+        self,
+        settings: Settings,
+        response_id: str = "",
+        headers: InferenceHeaders = _NO_HEADERS,
+        caller: Caller = ANONYMOUS,
     ) -> InferenceRequest:
-        """The core request this body asks for with these ``headers``; ``response_id`` is the
-        id its answer will carry (traces record it)."""
+        """The core request this body asks for with these ``headers`` from ``caller``;
+        ``response_id`` is the id its answer will carry (traces record it)."""
         raise NotImplementedError
 
 
@@ -154,8 +164,16 @@ class CompletionBody(InferenceBody):
 
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
 
+    @property
+    def prompt_chars(self) -> int:
+        return len(self.prompt if isinstance(self.prompt, str) else self.prompt[0])
+
     def to_request(
-        self, settings: Settings, response_id: str = "", headers: InferenceHeaders = _NO_HEADERS
+        self,
+        settings: Settings,
+        response_id: str = "",
+        headers: InferenceHeaders = _NO_HEADERS,
+        caller: Caller = ANONYMOUS,
     ) -> InferenceRequest:
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         return InferenceRequest(
@@ -166,6 +184,8 @@ class CompletionBody(InferenceBody):
             response_id=response_id,
             session=headers.session(self.user),
             copy=headers.copy_asked,
+            caller=caller.name,
+            weight=None if caller is ANONYMOUS else caller.weight,
         )
 
 
@@ -194,8 +214,17 @@ class ChatCompletionBody(InferenceBody):
     messages: Annotated[list[_Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
 
+    @property
+    def prompt_chars(self) -> int:
+        # A few characters per message for the template's turn markers.
+        return sum(len(m.text()) + 16 for m in self.messages)
+
     def to_request(
-        self, settings: Settings, response_id: str = "", headers: InferenceHeaders = _NO_HEADERS
+        self,
+        settings: Settings,
+        response_id: str = "",
+        headers: InferenceHeaders = _NO_HEADERS,
+        caller: Caller = ANONYMOUS,
     ) -> InferenceRequest:
         return InferenceRequest(
             model=self.model,
@@ -205,6 +234,8 @@ class ChatCompletionBody(InferenceBody):
             response_id=response_id,
             session=headers.session(self.user),
             copy=headers.copy_asked,
+            caller=caller.name,
+            weight=None if caller is ANONYMOUS else caller.weight,
         )
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "ErrorDetail",
     "ErrorResponse",
     "KubeProbe",
+    "LimitsState",
     "Liveness",
     "Member",
     "MemberList",
@@ -343,6 +344,17 @@ class CacheState(_Response):
     """Why it is degraded."""
 
 
+class LimitsState(_Response):
+    """Where the API keys' limits are counted. Redis down degrades them to counting on each
+    replica (a limit then holds per replica); no request fails for it, so it never changes
+    the ensemble's status or code."""
+
+    backend: Literal["memory", "redis"]
+    status: Literal["healthy", "degraded"]
+    reason: Omittable[str] = None
+    """Why it is degraded."""
+
+
 class EnsembleHealth(_Response):
     """``GET /health/llm/all``: the ensemble's status (never unknown) and every member's."""
 
@@ -357,6 +369,8 @@ class EnsembleHealth(_Response):
     gpu_memory_mb: float | None
     cache: Omittable[CacheState] = None
     """The response cache; absent with the cache off."""
+    limits: Omittable[LimitsState] = None
+    """The API keys' limits; absent when no key has rpm or tpm."""
     checked_at: str
 
 

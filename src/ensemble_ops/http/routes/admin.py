@@ -1,8 +1,9 @@
 """Admin and reload routes.
 
-``POST /admin/models/{model}/reload`` and ``GET /admin/models`` need the admin token as a
-bearer token when one is configured; without one they answer loopback clients only.
-``GET /health/llm/reload/{model}`` is read-only and open like the other health routes.
+``POST /admin/models/{model}/reload``, ``promote``, ``abort`` and ``GET /admin/models`` are
+served on the admin listener only (``routes``), with the admin token as a bearer token when
+one is configured. ``GET /health/llm/reload/{model}`` (``status_routes``) is read-only and
+on both listeners, like the other health routes.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ensemble_ops.errors import ModelNotFoundError
-from ensemble_ops.http.auth import require_admin
+from ensemble_ops.http.auth import require_admin, require_observer
 from ensemble_ops.http.openapi import Answer, ApiRoute, errors
 from ensemble_ops.http.protocol import Member, MemberList, ReloadBody, dump_reload_status
 from ensemble_ops.http.routes.openai import read_json
 from ensemble_ops.reload.manager import ReloadManager
 from ensemble_ops.reload.status import ReloadStatus
 
-__all__ = ["routes"]
+__all__ = ["routes", "status_routes"]
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -69,6 +70,7 @@ def _decision(decide: Callable[[ReloadManager, str], ReloadStatus]) -> Endpoint:
 
 
 async def reload_status(request: Request) -> Response:
+    require_observer(request)
     manager = _manager(request)
     model = request.path_params["model"]
     _known(manager, model)
@@ -141,11 +143,14 @@ routes = [
         admin=True,
         responses={200: Answer("The members.", MemberList), **errors(401, 403)},
     ),
+]
+
+status_routes = [
     ApiRoute(
         "/health/llm/reload/{model}",
         reload_status,
         method="GET",
         summary="A member's reload status",
-        responses={200: Answer("The status.", ReloadStatus), **errors(404)},
+        responses={200: Answer("The status.", ReloadStatus), **errors(401, 404)},
     ),
 ]

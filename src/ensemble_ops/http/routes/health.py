@@ -12,15 +12,19 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ensemble_ops.access.limits import Limits
+from ensemble_ops.config import Settings
 from ensemble_ops.errors import ModelNotFoundError
 from ensemble_ops.health.checker import HealthChecker
 from ensemble_ops.health.status import HealthStatus, ModelHealth, utc_now
+from ensemble_ops.http.auth import require_observer
 from ensemble_ops.http.openapi import Answer, ApiRoute, errors
 from ensemble_ops.http.protocol import (
     CacheState,
     EnsembleHealth,
     EnsembleHealthQuery,
     KubeProbe,
+    LimitsState,
     Liveness,
     ModelHealthQuery,
     Readiness,
@@ -37,6 +41,7 @@ def _checker(request: Request) -> HealthChecker:
 
 
 async def model_health(request: Request) -> Response:
+    require_observer(request)
     checker = _checker(request)
     query = parse_query(ModelHealthQuery, request.query_params)
     if query.model not in checker.slots:
@@ -48,10 +53,12 @@ async def model_health(request: Request) -> Response:
 
 
 async def all_health(request: Request) -> Response:
+    require_observer(request)
     checker = _checker(request)
     query = parse_query(EnsembleHealthQuery, request.query_params)
     results = await checker.check_all_models(query.run_inference == "true")
     cache = await request.app.state.ensemble.cache_health()
+    limits = await _limits_state(request)
     counts = dict.fromkeys(HealthStatus, 0)
     for health in results.values():
         counts[health.status] += 1
@@ -81,9 +88,24 @@ async def all_health(request: Request) -> Response:
             if cache is not None
             else None
         ),
+        limits=limits,
         checked_at=utc_now(),
     )
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if serving else 503)
+
+
+async def _limits_state(request: Request) -> LimitsState | None:
+    """The keys' limits backend, when some key has a rate to count."""
+    settings: Settings = request.app.state.settings
+    if not any(key.rpm or key.tpm for key in settings.auth.keys):
+        return None
+    limits: Limits = request.app.state.limits
+    health = await limits.health()
+    return LimitsState(
+        backend=health.backend,
+        status="healthy" if health.up else "degraded",
+        reason=None if health.up else health.reason,
+    )
 
 
 def _serving(answer: Any, serves: str, fails: str) -> dict[int, Answer]:
@@ -120,7 +142,7 @@ routes = [
         query=ModelHealthQuery,
         responses={
             **_serving(ModelHealth, "Healthy or degraded.", "Unhealthy or still loading."),
-            **errors(400, 404),
+            **errors(400, 401, 404),
         },
     ),
     ApiRoute(
@@ -131,7 +153,7 @@ routes = [
         query=EnsembleHealthQuery,
         responses={
             **_serving(EnsembleHealth, "Some member serves.", "No member serves."),
-            **errors(400),
+            **errors(400, 401),
         },
     ),
     _kube_probe(

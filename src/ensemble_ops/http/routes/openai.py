@@ -11,15 +11,18 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ensemble_ops.access.gate import Gate, Pass
 from ensemble_ops.config import Settings
 from ensemble_ops.errors import InvalidRequestError
-from ensemble_ops.http.auth import require_admin
-from ensemble_ops.http.middleware import log_fields
+from ensemble_ops.http.auth import caller_of, is_admin
+from ensemble_ops.http.middleware import log_fields, response_headers
 from ensemble_ops.http.openapi import Answer, ApiRoute, errors
 from ensemble_ops.http.protocol import (
     ChatCompletion,
@@ -91,24 +94,39 @@ def _inference_route(
 
     async def answer(request: Request) -> Response:
         settings: Settings = request.app.state.settings
+        caller = caller_of(request)  # 401 before anything else is read
         parsed = parse_body(body, await read_json(request))
         headers = InferenceHeaders.parse(request.headers)
-        if headers.copy_asked is not None:
+        if headers.copy_asked is not None and not is_admin(request):
             # Choosing a rollout's copy feeds its gates: an operator's tool, not a client's.
-            require_admin(request)
-        inference = parsed.to_request(settings, response_id=reply.new_id(), headers=headers)
-        _note(request, inference, stream=parsed.stream)
-        # One path for both: a non-streamed answer is its stream, collected.
-        stream = _ensemble(request).answer(inference, incremental=parsed.stream)
+            raise HTTPException(
+                403, "X-Ensemble-Copy is for operators: send it to the admin listener."
+            )
+        inference = parsed.to_request(
+            settings, response_id=reply.new_id(), headers=headers, caller=caller
+        )
+        _note(request, inference, stream=parsed.stream, key=caller.name)
+        gate: Gate = request.app.state.gate
+        admitted = await gate.admit(
+            caller, inference.model, parsed.prompt_chars, inference.params.max_tokens
+        )
+        response_headers(request.scope).update(admitted.headers)
+        stream: TextStream | None = None
         try:
+            # One path for both: a non-streamed answer is its stream, collected.
+            stream = _ensemble(request).answer(inference, incremental=parsed.stream)
             # The first piece (or the end): an error before any text is still a real 4xx/5xx.
             await stream.first()
             if parsed.stream:
-                return _events(request, stream, chunk, parsed.include_usage)
+                return _events(request, stream, chunk, parsed.include_usage, gate, admitted)
             completion = await stream.wait()
         except BaseException:
-            stream.close()  # the client left, or the answer failed: stop generating
+            if stream is not None:
+                stream.close()  # the client left, or the answer failed: stop generating
+            with anyio.CancelScope(shield=True):  # the key's place in flight is given back
+                await gate.settle(admitted, _used(stream) if stream is not None else 0)
             raise
+        await gate.settle(admitted, _used(stream))
         _note_result(request, stream, completion)
         member = stream.member or inference.model
         whole = reply.of(inference.response_id, member, completion, cached=stream.cached)
@@ -123,8 +141,9 @@ def _inference_route(
         headers=InferenceHeaders,
         responses={
             200: Answer("The answer; server-sent events with stream: true.", reply, chunk),
-            # 401/403: X-Ensemble-Copy is for admins (the bearer token, or loopback).
-            **errors(400, 401, 403, 404, 413, 500, 503),
+            # 401: an API key is needed and missing or wrong; 403: a model the key may not
+            # use, or X-Ensemble-Copy on the public listener; 429: a key's limit.
+            **errors(400, 401, 403, 404, 413, 429, 500, 503),
         },
     )
 
@@ -138,8 +157,21 @@ def _event(body: BaseModel) -> str:
     return f"data: {json.dumps(body.model_dump(mode='json'), ensure_ascii=False)}\n\n"
 
 
+def _used(stream: TextStream) -> int:
+    """The tokens an answer used (0 when it ended before any: nothing to charge)."""
+    result = stream.result
+    if result is None:
+        return 0
+    return result.prompt_tokens + result.completion_tokens
+
+
 def _events(
-    request: Request, stream: TextStream, chunk: type[Chunk[Any]], include_usage: bool
+    request: Request,
+    stream: TextStream,
+    chunk: type[Chunk[Any]],
+    include_usage: bool,
+    gate: Gate,
+    admitted: Pass,
 ) -> Response:
     """The answer as server-sent events: its pieces as chunks, then the finish."""
     fields = log_fields(request.scope)
@@ -179,13 +211,17 @@ def _events(
                 yield event([], Usage.of(result, cached=stream.cached))
         yield "data: [DONE]\n\n"
 
+    async def finish() -> None:
+        stream.close()
+        await gate.settle(admitted, _used(stream))
+
     return StreamingResponse(
         events(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", **_answer_headers(stream)},
         # Runs after the response ends, also when the client went away before the body
-        # started: the generation must be told to stop either way.
-        background=BackgroundTask(stream.close),
+        # started: the generation must be told to stop, and the key's limits settled.
+        background=BackgroundTask(finish),
     )
 
 
@@ -214,6 +250,8 @@ def _model_card(request: Request, name: str) -> ModelCard:
 
 
 async def list_models(request: Request) -> Response:
+    """The models, those the caller's key may use only."""
+    caller = caller_of(request)
     ensemble = _ensemble(request)
     routing = ModelCard(
         id=ENSEMBLE,
@@ -238,6 +276,7 @@ async def list_models(request: Request) -> Response:
         for name, split in ensemble.settings.splits.items()
     ]
     cards = [routing, *splits, *(_model_card(request, name) for name in ensemble.slots)]
+    cards = [card for card in cards if caller.may_use(card.id)]
     return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
 
@@ -257,6 +296,6 @@ routes = [
         list_models,
         method="GET",
         summary="The routing entries (ensemble and the splits) and the members",
-        responses={200: Answer("Models.", ModelList)},
+        responses={200: Answer("Models the caller may use.", ModelList), **errors(401)},
     ),
 ]

@@ -1,9 +1,8 @@
 """The Redis backend: one cache shared by every replica, never a reason for a request to fail.
 
-Each operation is bounded by ``cache.timeout_s`` (50 ms by default) and retried never: on a
-timeout or an error the request goes on as a miss and the error is counted. After a failure
-the backend is skipped for a second, then one operation tries again, so a Redis outage costs
-at most one timeout per second, not one per request; it comes back by itself.
+Each operation is bounded by ``cache.timeout_s`` (50 ms by default) and retried never
+(``GuardedRedis``): on a timeout or an error the request goes on as a miss and the error is
+counted; after a failure Redis is skipped for a second, and it comes back by itself.
 
 Single flight across replicas: the first replica to miss a key takes a short lock
 (``SET NX PX``) and generates; the others poll for its answer for at most ``lock_wait_s`` and
@@ -14,14 +13,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
 
 import anyio
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from ensemble_ops.config import CacheSettings
 from ensemble_ops.events import CacheBackendChanged, CacheBackendFailed, EventBus
@@ -32,12 +25,10 @@ from ensemble_ops.serving.cache.backend import (
     encode_completion,
 )
 from ensemble_ops.serving.engine import Completion
+from ensemble_ops.serving.guarded_redis import GuardedRedis
 
 __all__ = ["RedisCache"]
 
-T = TypeVar("T")
-RETRY_INTERVAL_S = 1.0
-"""While Redis is down, one operation per this interval tries it again."""
 POLL_INTERVAL_S = 0.025
 """How often a replica waiting for another's answer looks for it."""
 
@@ -58,22 +49,18 @@ class RedisCache:
 
     def __init__(self, settings: CacheSettings, bus: EventBus) -> None:
         assert settings.url is not None  # CacheSettings requires it for this backend
-        timeout = settings.timeout_s
-        self._client: Redis = Redis.from_url(
+        self._redis = GuardedRedis(
             settings.url.get_secret_value(),
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),  # a retry would double the bound on a request
-            health_check_interval=0,
+            settings.timeout_s,
+            on_failed=lambda op, why: bus.publish(CacheBackendFailed(self.backend, op, why)),
+            on_changed=lambda up, why: bus.publish(CacheBackendChanged(self.backend, up, why)),
         )
+        self._client = self._redis.client
+        self._call = self._redis.call
         self._release_script = self._client.register_script(_RELEASE)
         self._settings = settings
-        self._bus = bus
         self._prefix = settings.namespace
         self._claims: dict[str, str] = {}  # key -> our lock token
-        self._up: bool | None = None  # unknown until the first operation
-        self._reason: str | None = "not contacted yet"
-        self._next_try = 0.0
 
     # -- the cache ----------------------------------------------------------------------------
 
@@ -128,12 +115,12 @@ class RedisCache:
             )
 
     async def health(self) -> CacheHealth:
-        if not self._up:
-            await self._call("ping", self._client.ping, None)
-        return CacheHealth(self.backend, up=bool(self._up), reason=self._reason)
+        if not self._redis.up:
+            await self._redis.ping()
+        return CacheHealth(self.backend, up=bool(self._redis.up), reason=self._redis.reason)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._redis.aclose()
 
     # -- bounded calls ------------------------------------------------------------------------
 
@@ -142,37 +129,3 @@ class RedisCache:
 
     def _lock(self, key: str) -> str:
         return f"{self._prefix}:lock:{key}"
-
-    async def _call(self, operation: str, call: Callable[[], Awaitable[Any]], default: T) -> Any:
-        """``call()`` bounded by the timeout; ``default`` when it fails or Redis is being
-        skipped after a failure."""
-        now = time.monotonic()
-        if self._up is False:
-            if now < self._next_try:
-                return default
-            self._next_try = now + RETRY_INTERVAL_S  # this call is the one that tries
-        try:
-            with anyio.fail_after(self._settings.timeout_s):
-                result = await call()
-        except (RedisError, OSError, TimeoutError) as err:
-            self._failed(operation, err)
-            return default
-        if self._up is not True:
-            self._up, self._reason = True, None
-            self._bus.publish(CacheBackendChanged(self.backend, up=True))
-        return result
-
-    def _failed(self, operation: str, err: Exception) -> None:
-        reason = f"{operation}: {_describe(err)}"
-        self._bus.publish(CacheBackendFailed(self.backend, operation, _describe(err)))
-        self._next_try = time.monotonic() + RETRY_INTERVAL_S
-        if self._up is not False:
-            self._up, self._reason = False, reason
-            self._bus.publish(CacheBackendChanged(self.backend, up=False, reason=reason))
-
-
-def _describe(err: Exception) -> str:
-    """One line naming the fault (redis' messages name host and port, never the password)."""
-    if isinstance(err, TimeoutError) and not str(err):
-        return "timed out"
-    return f"{type(err).__name__}: {err}"
