@@ -226,8 +226,10 @@ async def _saturate(url: str, seconds: float, *, with_a: bool, keyed: bool) -> l
     b_records: list[dict[str, Any]] = []
     a = {"Authorization": f"Bearer {KEY}"} if keyed else {}
     b = {"Authorization": f"Bearer {OTHER}"} if keyed else {}
-    tasks = [asyncio.create_task(_client_loop(url, a, stop, a_records, "a")) for _ in range(16)]
-    tasks = tasks if with_a else []
+    clients = 16 if with_a else 0
+    tasks = [
+        asyncio.create_task(_client_loop(url, a, stop, a_records, "a")) for _ in range(clients)
+    ]
     if with_a:
         await asyncio.sleep(3.0)  # A's backlog builds up first
     tasks.append(asyncio.create_task(_client_loop(url, b, stop, b_records, "b")))
@@ -348,19 +350,28 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="src/ of a checkout without fair shares")
     parser.add_argument("--rounds", type=int, default=8, help="keyed-cost rounds")
     parser.add_argument("--seconds", type=float, default=30.0, help="per fair-share side")
+    parser.add_argument(
+        "--parts",
+        default="cost,fair,limits",
+        help="which parts to run (comma-separated: cost, fair, limits); the others keep "
+        "their figures from the results file",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     path = ensure_real_models()[MEMBER]
-    with tempfile.TemporaryDirectory() as tmp, _redis_url(Path(tmp)) as redis_url:
-        cost = asyncio.run(keyed_cost(path, redis_url, args.rounds))
-    baseline = args.baseline.resolve() if args.baseline else None
-    result = {
-        "run_at": utc_now(),
-        "machine": machine(),
-        "keyed_cost": cost,
-        "fair_share": fair_share(path, baseline, args.seconds),
-        "limit_accuracy": limit_accuracy(path),
-    }
+    result: dict[str, Any] = {}
+    if args.output.is_file() and parts != {"cost", "fair", "limits"}:
+        result = json.loads(args.output.read_text())
+    result |= {"run_at": utc_now(), "machine": machine()}
+    if "cost" in parts:
+        with tempfile.TemporaryDirectory() as tmp, _redis_url(Path(tmp)) as redis_url:
+            result["keyed_cost"] = asyncio.run(keyed_cost(path, redis_url, args.rounds))
+    if "fair" in parts:
+        baseline = args.baseline.resolve() if args.baseline else None
+        result["fair_share"] = fair_share(path, baseline, args.seconds)
+    if "limits" in parts:
+        result["limit_accuracy"] = limit_accuracy(path)
     save(args.output, result)
 
 

@@ -167,15 +167,20 @@ class TestShared:
                 assert limits.redis is not None
                 await limits.redis.aclose()
 
-    async def test_tokens_are_refunded_in_redis(self, redis: RedisServer) -> None:
-        """The refund lands in the shared bucket: another replica sees it."""
+    async def test_refunds_ride_on_the_next_admission(self, redis: RedisServer) -> None:
+        """One round trip per request: the unused tokens of a request go back to Redis with
+        its key's next admission on that replica; until then the limit is stricter (the
+        other replica is refused), after it the other replica sees the refund."""
         bus = EventBus()
         first, second = _shared(redis.url, bus), _shared(redis.url, bus)
-        caller = _caller(tpm=60)
+        caller = _caller(tpm=60)  # a bucket of 10 tokens
         try:
-            assert (await first.admit(caller, 8)).allowed
-            assert not (await second.admit(caller, 5)).allowed
-            await first.finish(caller, reserved=8, used=2)
+            admitted = await first.admit(caller, 8)
+            assert admitted.allowed
+            assert admitted.shared
+            await first.finish(caller, reserved=8, used=2, shared=True)
+            assert not (await second.admit(caller, 5)).allowed  # not given back yet
+            assert (await first.admit(caller, 1)).allowed  # gives 6 back, takes 1
             assert (await second.admit(caller, 5)).allowed
         finally:
             for limits in (first, second):

@@ -51,8 +51,8 @@ class TestAdmission:
     @pytest.mark.parametrize("fair", [True, False])
     def test_callers_take_turns_within_a_priority(self, demo_dir: Path, fair: bool) -> None:
         """One slot; caller A queues four requests and B one, in that order, at the same
-        priority. With callers named, B's request goes second (A's clock moves on by a slot's
-        hold time per request, B's starts now); without, it waits behind all of A's."""
+        priority. With callers named, B's request goes second (A has had its turn); without,
+        it waits behind all of A's."""
         engine = _engine(demo_dir, parallel=1)
         order: list[str] = []
         tokens = engine.tokenize("Go")
@@ -65,6 +65,22 @@ class TestAdmission:
 
         _after_one(engine, spec("warm"), [(spec(name), ends[name]) for name in names])
         assert order == (["A1", "B1", "A2", "A3", "A4"] if fair else names)
+
+    def test_turns_stay_within_a_mode(self, demo_dir: Path) -> None:
+        """Turns never beat the modes' priorities: A's two fast requests go before B's
+        creative one, although B has had no turn yet."""
+        engine = _engine(demo_dir, parallel=1)
+        order: list[str] = []
+        tokens = engine.tokenize("Go")
+        targets = {"A-fast-1": 2.5, "A-fast-2": 2.5, "B-creative": 4.0}
+        ends = {name: _Ends(name, order) for name in targets}
+
+        def spec(name: str, target_s: float) -> SequenceSpec:
+            return SequenceSpec(tokens, 4, 0.7, 0.95, None, (), target_s=target_s, caller=name[0])
+
+        queued = [(spec(name, target), ends[name]) for name, target in targets.items()]
+        _after_one(engine, spec("A-warm", 2.5), [queued[2], queued[0], queued[1]])
+        assert order == ["A-fast-1", "A-fast-2", "B-creative"]
 
     def test_a_weight_is_a_larger_share(self, demo_dir: Path) -> None:
         """Weight 2 against 1, both queuing four: the heavier caller gets two turns for each
@@ -88,8 +104,8 @@ class TestAdmission:
 def _after_one(
     engine: LlamaEngine, first: SequenceSpec, queued: list[tuple[SequenceSpec, _Ends]]
 ) -> None:
-    """Run ``first`` alone (the slot's hold time is then measured, as turns need), then
-    queue ``queued`` together for one admission, wait for all and close the engine."""
+    """Run ``first`` alone (the only slot is then free), then queue ``queued`` together for
+    one admission, wait for all and close the engine."""
     try:
         warm = _Ends("warm", [])
         engine._scheduler.submit(first, warm)

@@ -75,7 +75,10 @@ class Gate:
         if admitted.settled:
             return
         admitted.settled = True
-        await self._limits.finish(admitted.caller, admitted.decision.reserved_tokens, used_tokens)
+        decision = admitted.decision
+        await self._limits.finish(
+            admitted.caller, decision.reserved_tokens, used_tokens, shared=decision.shared
+        )
 
 
 def _headers(kind: str, quota: Quota) -> Mapping[str, str]:

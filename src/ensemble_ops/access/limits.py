@@ -11,9 +11,11 @@ full, and its cost is owed.
 
 With Redis (``cache.backend = "redis"``) the buckets live there and every replica shares
 them: one script checks and updates both of a key's buckets in one round trip, on Redis'
-clock. When Redis cannot be reached each replica counts on its own until it can again
-(degraded, like the cache): a limit then holds per replica, never fails a request. Requests
-in flight (``max_parallel``) are counted on each replica.
+clock. A request's unused tokens go back with the next admission of its key on this
+replica (the same round trip), so a request costs one round trip, never two; until then the
+limit is a little stricter, never looser. When Redis cannot be reached each replica counts
+on its own until it can again (degraded, like the cache): a limit then holds per replica,
+never fails a request. Requests in flight (``max_parallel``) are counted on each replica.
 """
 
 from __future__ import annotations
@@ -38,11 +40,18 @@ LimitKind = Literal["requests", "tokens", "parallel"]
 _MINUTE_S = 60.0
 
 # KEYS: requests bucket, tokens bucket. ARGV: per-unit seconds, tolerance and cost of each
-# (0 per-unit: no such limit), the buckets' expiry. Returns: allowed (1/0), the refusing
-# limit, seconds until allowed, and each bucket's TAT minus now.
+# (0 per-unit: no such limit), the buckets' expiry, and seconds of tokens to give back first
+# (the unused part of this replica's earlier requests; negative: owed). Returns: allowed
+# (1/0), the refusing limit, seconds until allowed, and each bucket's TAT minus now.
 _ADMIT = """
 local t = redis.call("TIME")
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local refund = tonumber(ARGV[8])
+if refund ~= 0 and tonumber(ARGV[4]) > 0 then
+  local back = tonumber(redis.call("GET", KEYS[2]) or "0") - refund
+  if back < now then back = now end
+  redis.call("SET", KEYS[2], tostring(back), "PX", tonumber(ARGV[7]))
+end
 local function probe(key, per_unit, tolerance, cost)
   if per_unit == 0 then return true, 0, 0 end
   local tat = tonumber(redis.call("GET", key) or "0")
@@ -67,16 +76,6 @@ return {0, "tokens", tostring(k_after - now - tonumber(ARGV[5])),
         tostring(r_tat - now), tostring(k_tat - now)}
 """
 
-# KEYS: tokens bucket. ARGV: seconds to give back (negative: to charge), expiry.
-_SETTLE = """
-local t = redis.call("TIME")
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local tat = tonumber(redis.call("GET", KEYS[1]) or "0") - tonumber(ARGV[1])
-if tat < now then tat = now end
-redis.call("SET", KEYS[1], tostring(tat), "PX", tonumber(ARGV[2]))
-return 1
-"""
-
 
 @dataclass(frozen=True)
 class Quota:
@@ -98,6 +97,8 @@ class Decision:
     requests: Quota | None = None
     tokens: Quota | None = None
     reserved_tokens: int = 0
+    shared: bool = False
+    """Decided by the buckets in Redis (the refund goes there), not this replica's."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ class Limits:
         self._namespace = namespace
         self._buckets: dict[str, _Buckets] = {}
         self._scripts: dict[str, Any] = {}
+        self._refunds: dict[str, float] = {}  # seconds of tokens owed back to Redis, by key
 
     @classmethod
     def for_settings(cls, settings: Settings, bus: EventBus) -> Limits:
@@ -226,9 +228,12 @@ class Limits:
         buckets.in_flight += 1
         return decision
 
-    async def finish(self, caller: Caller, reserved: int, used: int) -> None:
+    async def finish(
+        self, caller: Caller, reserved: int, used: int, *, shared: bool = False
+    ) -> None:
         """The request ended: its place in flight is free, and the tokens it reserved but
-        did not use go back (more than reserved: the rest is charged)."""
+        did not use go back (more than reserved: the rest is charged), to Redis with the
+        key's next admission when ``shared`` (Redis decided it), here at once otherwise."""
         key = caller.key
         if key is None:
             return
@@ -237,15 +242,9 @@ class Limits:
         if not key.tpm or reserved == used:
             return
         back_s = (reserved - used) * _MINUTE_S / key.tpm
-        if self.redis is not None and self.redis.up is not False:
-            script = self._script("settle", _SETTLE)
-            done = await self.redis.call(
-                "settle",
-                lambda: script(keys=[self._key(key, "tokens")], args=[back_s, _TTL_MS]),
-                None,
-            )
-            if done is not None:
-                return
+        if shared:
+            self._refunds[key.name] = self._refunds.get(key.name, 0.0) + back_s
+            return
         buckets.tokens_tat = max(buckets.tokens_tat - back_s, time.monotonic())
 
     # -- the buckets -------------------------------------------------------------------------
@@ -275,6 +274,7 @@ class Limits:
             return None
         script = self._script("admit", _ADMIT)
         keys = [self._key(key, "requests"), self._key(key, "tokens")]
+        refund = self._refunds.get(key.name, 0.0)
         args = [
             rates.request_s,
             rates.request_tolerance_s,
@@ -283,10 +283,12 @@ class Limits:
             rates.token_tolerance_s,
             tokens,
             _TTL_MS,
+            refund,
         ]
         answer = await self.redis.call("admit", lambda: script(keys=keys, args=args), None)
         if answer is None:
-            return None
+            return None  # the refund waits for Redis to answer again
+        self._refunds[key.name] = self._refunds.get(key.name, 0.0) - refund
         allowed, refused, retry, requests_s, tokens_s = answer
         kind: LimitKind | None = None
         if not int(allowed):
@@ -300,6 +302,7 @@ class Limits:
             float(requests_s),
             float(tokens_s),
             tokens if int(allowed) else 0,
+            shared=True,
         )
 
     def _quotas(self, key: ApiKeySpec, buckets: _Buckets) -> tuple[Quota | None, Quota | None]:
@@ -334,6 +337,8 @@ def _decision(
     requests_ahead_s: float,
     tokens_ahead_s: float,
     reserved: int,
+    *,
+    shared: bool = False,
 ) -> Decision:
     return Decision(
         allowed,
@@ -342,6 +347,7 @@ def _decision(
         _quota(key.rpm, rates.request_s, rates.request_tolerance_s, requests_ahead_s),
         _quota(key.tpm, rates.token_s, rates.token_tolerance_s, tokens_ahead_s),
         reserved,
+        shared,
     )
 
 

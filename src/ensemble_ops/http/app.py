@@ -36,8 +36,9 @@ from ensemble_ops.http.routes import admin as reload_routes
 from ensemble_ops.http.routes import health as health_routes
 from ensemble_ops.http.routes import metrics as metrics_routes
 from ensemble_ops.http.routes import openai as api
+from ensemble_ops.observability.compute_readings import ComputeReadings
 from ensemble_ops.observability.log_view import subscribe_log
-from ensemble_ops.observability.metrics import ComputeReadings, Metrics
+from ensemble_ops.observability.metrics import Metrics
 from ensemble_ops.observability.tracing import build_tracer_provider, tracer_of
 from ensemble_ops.reload.manager import ReloadManager
 from ensemble_ops.serving.compute import ComputeArbiter, available_cores

@@ -57,9 +57,8 @@ from ensemble_ops.observability.families import (
     MetricFamilies,
     one_hot,
 )
-from ensemble_ops.serving.compute import ComputeArbiter
 
-__all__ = ["INFERENCE_BUCKETS", "ComputeReadings", "Metrics"]
+__all__ = ["INFERENCE_BUCKETS", "Metrics"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -429,27 +428,3 @@ def _number(value: Any) -> float | str:
     if math.isfinite(number):
         return number
     return "NaN" if math.isnan(number) else ("+Inf" if number > 0 else "-Inf")
-
-
-class ComputeReadings:
-    """The compute arbiter's figures at scrape time: the budget, each member's waits for
-    threads since the last scrape, and the share of that time it held them."""
-
-    def __init__(self, compute: ComputeArbiter, members: list[str]) -> None:
-        self._compute = compute
-        self._members = members
-        self._last = time.monotonic()
-        self._busy = dict.fromkeys(members, 0.0)
-
-    def collect(self, metrics: Metrics) -> None:
-        now = time.monotonic()
-        elapsed, self._last = max(now - self._last, 1e-9), now
-        metrics.compute_threads.set({}, self._compute.threads)
-        for member in self._members:
-            labels = {"model": member}
-            for wait in self._compute.drain_waits(member):
-                metrics.compute_wait.observe(labels, wait)
-            busy = self._compute.busy_seconds(member)
-            share = (busy - self._busy.get(member, 0.0)) / elapsed
-            self._busy[member] = busy
-            metrics.compute_busy.set(labels, min(max(share, 0.0), 1.0))

@@ -46,7 +46,8 @@ class SequenceSpec:
     """Hand over pieces as they come; False sends only the end (no consumer wakes per token,
     which on a busy batch costs more than the decode's own Python work)."""
     caller: str = ""
-    """Whose sequence it is: callers take turns for the slots (none: no turns)."""
+    """Whose sequence it is: callers take turns for the slots within a mode (none: no
+    turns, deadline order)."""
     weight: float = 1.0
     """The caller's share of those turns."""
 
@@ -68,14 +69,12 @@ class Generation:
         vocab: Any,
         llama_cpp: Any,
         submitted: float,
-        start: float | None = None,
     ) -> None:
-        """``start``: its virtual start (its caller's turn), arrival by default."""
         self.spec = spec
         self.sink = sink
         self.ticket = ticket
         self.submitted = submitted
-        self.deadline = (submitted if start is None else start) + spec.target_s
+        self.deadline = submitted + spec.target_s
         self._vocab = vocab
         self._ll = llama_cpp
         self.slot: KvSlot | None = None

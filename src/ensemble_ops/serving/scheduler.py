@@ -34,6 +34,7 @@ from ensemble_ops.serving.compute import ComputeArbiter
 from ensemble_ops.serving.engine import Completion, EngineFailure, SequenceSink
 from ensemble_ops.serving.generation import Generation, SequenceSpec, deliver_end
 from ensemble_ops.serving.kv_slots import KvSlots
+from ensemble_ops.serving.turns import Turns
 
 __all__ = ["Scheduler", "SequenceSpec", "Ticket"]
 
@@ -98,8 +99,7 @@ class Scheduler:
         self._waiting: list[Generation] = []
         self._running: list[Generation] = []
         self._held_s: deque[float] = deque(maxlen=32)  # how long recent sequences held a slot
-        # Each caller's virtual time in each mode (fair turns within a priority).
-        self._clocks: dict[tuple[str, float], float] = {}
+        self._turns = Turns()  # callers take turns within a mode
         self._closing = False
         self.step_started: float | None = None
         """monotonic() when the running step began; None between steps (watchdog)."""
@@ -120,8 +120,7 @@ class Scheduler:
         now = time.monotonic()
         with self._lock:
             sequences = [
-                Generation(spec, sink, Ticket(), self._vocab, self._ll, now, self._turn(spec, now))
-                for spec, sink in items
+                Generation(spec, sink, Ticket(), self._vocab, self._ll, now) for spec, sink in items
             ]
             if not self._closing:
                 self._waiting.extend(sequences)
@@ -130,21 +129,6 @@ class Scheduler:
         for sequence in sequences:
             deliver_end(sequence.sink, EngineFailure("the engine is closed"))
         return [sequence.ticket for sequence in sequences]
-
-    def _turn(self, spec: SequenceSpec, now: float) -> float:
-        """A caller's virtual start (under the lock): start-time fair queuing. Each of its
-        sequences moves its clock for that mode (latency target) on by a slot's mean hold
-        time over the slots and its weight, so one caller's flood queues behind its own
-        clock, not behind everyone's, while a caller that sends one at a time starts at
-        once; a caller's own requests keep their modes' priorities."""
-        if not spec.caller:
-            return now
-        clock = (spec.caller, spec.target_s)
-        start = max(now, self._clocks.get(clock, now))
-        held = self._held_s
-        share = (sum(held) / len(held)) / self.parallel if held else 0.0
-        self._clocks[clock] = start + share / spec.weight
-        return start
 
     @property
     def free_slots(self) -> int:
@@ -207,12 +191,13 @@ class Scheduler:
             self._end(sequence, EngineFailure("the engine closed"))
 
     def _admit(self) -> None:
-        """Waiting sequences into free slots, earliest deadline first (under the lock)."""
+        """Waiting sequences into free slots, earliest deadline first, callers taking turns
+        within a mode (under the lock)."""
         if not self._waiting or not self._slots.free:
             return
         self._waiting.sort(key=lambda s: s.deadline)
         while self._waiting and self._slots.free:
-            sequence = self._waiting.pop(0)
+            sequence = self._waiting.pop(self._turns.pick(self._waiting))
             if sequence.ticket.cancelled:
                 deliver_end(sequence.sink, _CANCELLED)
                 continue
@@ -220,6 +205,7 @@ class Scheduler:
                 deliver_end(sequence.sink, EngineFailure("a sequence needs at least one token"))
                 continue
             reuse = self._slots.take(sequence.spec.tokens)
+            self._turns.took(sequence.spec)
             sequence.admit(reuse.slot, reuse.cached)
             self._running.append(sequence)
 
