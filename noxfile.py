@@ -41,6 +41,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks.tracing")
     session.run("python", "-m", "benchmarks.shared_cache")
     session.run("python", "-m", "benchmarks.access")
+    session.run("python", "-m", "benchmarks.quality")
     session.run("python", "-m", "benchmarks.report", "--markdown")
 
 

@@ -369,8 +369,34 @@ ROLLOUTS: list[PanelSpec] = [
         "s",
         12,
     ),
+    PanelSpec(
+        "timeseries",
+        "Golden-set pass rate",
+        "Share of its golden set each copy passed at its last quality run: candidate is a "
+        "reload's new copy (judged before it takes traffic), stable the serving copy it was "
+        "compared with. A candidate below its member's floor is rolled back.",
+        [(f"llm_quality_pass_ratio{{{M}}}", "{{model}} {{copy}}")],
+        "percentunit",
+        12,
+        {"ratio": True},
+    ),
+    PanelSpec(
+        "stat",
+        "Quality gates",
+        "Reloads' quality gates in the time range by outcome: pass, fail (rolled back before "
+        "any traffic) or skipped by the reload request.",
+        [
+            (
+                f"sum by (outcome) (increase(llm_quality_runs_total{{{M}}}[$__range]))",
+                "{{outcome}}",
+            )
+        ],
+        "short",
+        12,
+    ),
 ]
-"""Canary, shadow and blue-green reloads: the new copy's share, its gates, and both copies."""
+"""Canary, shadow and blue-green reloads: the new copy's share, its gates, and both copies;
+the quality gate of every reload."""
 
 COMPUTE: list[PanelSpec] = [
     PanelSpec(

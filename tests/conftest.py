@@ -23,6 +23,7 @@ from ensemble_ops.serving.engine import (
     ChatMessage,
     ChatPrompt,
     Completion,
+    Engine,
     EngineFailure,
     EngineInfo,
     GenerationParams,
@@ -190,6 +191,9 @@ class EngineWrapper:
 
     def drain_batch_sizes(self) -> list[int]:
         return self.real.drain_batch_sizes()
+
+    def scratch(self) -> Engine:
+        return self.real.scratch()
 
     def tokenize(self, text: str) -> list[int]:
         return self.real.tokenize(text)

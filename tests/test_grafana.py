@@ -87,15 +87,17 @@ class TestDashboard:
             "Queue wait p95",
         ]
         assert (panels[24]["type"], panels[24]["title"]) == ("row", "Rollouts")
-        assert [p["title"] for p in panels[25:30]] == [
+        assert [p["title"] for p in panels[25:32]] == [
             "Candidate weight",
             "Gate verdicts",
             "Rollout outcomes",
             "Request rate by copy",
             "Latency p95 by copy",
+            "Golden-set pass rate",
+            "Quality gates",
         ]
-        assert (panels[30]["type"], panels[30]["title"]) == ("row", "Compute and prefix reuse")
-        assert [p["title"] for p in panels[31:]] == [
+        assert (panels[32]["type"], panels[32]["title"]) == ("row", "Compute and prefix reuse")
+        assert [p["title"] for p in panels[33:]] == [
             "Compute share by member",
             "Compute wait p95",
             "Prefix cache hit rate",
@@ -188,7 +190,7 @@ class TestPrometheusFiles:
         assert config.returncode == 0, config.stdout + config.stderr
         rules = _promtool("check", "rules", "alerts.yml")
         assert rules.returncode == 0, rules.stdout + rules.stderr
-        assert "SUCCESS: 11 rules found" in rules.stdout
+        assert "SUCCESS: 12 rules found" in rules.stdout
 
     def test_promtool_unit_tests_every_alert(self) -> None:
         """Each alert fires on its condition and resolves (alerts_test.yml)."""

@@ -33,6 +33,8 @@ __all__ = [
     "ModelLoaded",
     "ModelUnloaded",
     "ProbeFinished",
+    "QualityJudged",
+    "QualitySkipped",
     "RateLimited",
     "ReloadFinished",
     "ReloadOutcome",
@@ -197,6 +199,32 @@ class GateJudged:
     stable: float | None
     limit: float | None
     reason: str
+
+
+@dataclass(frozen=True)
+class QualityJudged:
+    """A golden set ran on one copy of a member: the quality gate's new copy, or the serving
+    copy it is compared with. ``failures`` are (case, input, expected, got)."""
+
+    model: str
+    copy: Copy
+    golden_set: str
+    cases: int
+    passed: int
+    seconds: float
+    failures: tuple[tuple[str, str, str, str], ...] = ()
+
+    @property
+    def pass_ratio(self) -> float:
+        return self.passed / self.cases if self.cases else 0.0
+
+
+@dataclass(frozen=True)
+class QualitySkipped:
+    """A reload ran without the quality gate its member has, because its request said so."""
+
+    model: str
+    golden_set: str
 
 
 @dataclass(frozen=True)

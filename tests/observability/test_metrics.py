@@ -458,9 +458,12 @@ class TestRollouts:
                 for k, v in flat.items()
                 if k.startswith(f"llm_rollout_gate_verdict_model={member},")
             }
-            assert len(verdicts) == 4 * 3  # four gates, three verdicts each
+            assert len(verdicts) == 5 * 3  # four live gates and quality, three verdicts each
             assert set(verdicts.values()) == {0}
             assert f"llm_rollout_gate_verdict_model={member},gate=ttft,verdict=hold" in verdicts
+            assert f"llm_rollout_gate_verdict_model={member},gate=quality,verdict=fail" in verdicts
+            for outcome in ("pass", "fail", "skipped"):
+                assert flat[f"llm_quality_runs_total_model={member},outcome={outcome}"] == 0
             rollouts = {
                 k: v for k, v in flat.items() if k.startswith(f"llm_rollouts_total_model={member},")
             }

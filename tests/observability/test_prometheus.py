@@ -29,9 +29,13 @@ def _scraped(
     broken.write_bytes(b"GGUF" + bytes(64))  # a corrupt file: that member fails to load
     config = tmp / "ensemble.toml"
     members = [("demo-tiny", 512), ("demo-small", 512), ("demo-base", 512)]
+    # demo-tiny's reload runs a quality gate (any answer passes): its series have data.
+    golden = tmp / "golden.jsonl"
+    golden.write_text('{"prompt": "Hello", "max_tokens": 2, "regex": "."}\n')
     config.write_text(
         "".join(
             f'[[models]]\nname = "{n}"\npath = "{demo_dir / (n + ".gguf")}"\nn_ctx = {c}\n'
+            + (f'quality = {{golden_set = "{golden}"}}\n' if n == "demo-tiny" else "")
             for n, c in members
         )
         + f'[[models]]\nname = "broken"\npath = "{broken}"\n'
@@ -202,11 +206,16 @@ class TestScrapedByPrometheus:
         weights = prom.query("llm_rollout_weight_percent")
         assert sorted(w["metric"]["model"] for w in weights) == members
         assert all(float(w["value"][1]) == 0 for w in weights)
-        gates = {"error_rate", "p95_latency", "ttft", "empty_share"}
+        gates = {"error_rate", "p95_latency", "ttft", "empty_share", "quality"}
         verdicts = prom.query("llm_rollout_gate_verdict")
         assert {v["metric"]["gate"] for v in verdicts} == gates
         assert len(verdicts) == len(members) * len(gates) * 3
-        assert prom.value("sum(llm_rollout_gate_verdict)") == 0  # no gate has judged
+        # No live gate has judged; demo-tiny's reload passed its quality gate.
+        assert prom.value('sum(llm_rollout_gate_verdict{gate!="quality"})') == 0
+        quality = 'llm_rollout_gate_verdict{gate="quality",verdict="pass",model="demo-tiny"}'
+        assert prom.value(quality) == 1
+        assert prom.value('llm_quality_runs_total{model="demo-tiny",outcome="pass"}') == 1
+        assert prom.value('llm_quality_pass_ratio{model="demo-tiny",copy="candidate"}') == 1
         assert prom.value("count(llm_rollouts_total)") == len(members) * 4 * 3
         # A plain reload is a `switch` rollout: the completed one promoted, the failed one failed.
         switch = 'llm_rollouts_total{rollout="switch",model='

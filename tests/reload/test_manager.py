@@ -302,6 +302,7 @@ class TestHttp:
             "completed_at": None,
             "error": None,
             "rollout": None,
+            "quality": None,
         }
         started = await client.admin.post(
             "/admin/models/demo-tiny/reload", json={"warmup_iterations": 2}

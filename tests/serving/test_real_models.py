@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -43,6 +45,7 @@ pytestmark = pytest.mark.real_models
 
 INSTRUCT, BASE = SMOLLM2_135M.name, GEMMA3_270M.name
 QUESTION = "What is the capital of France? Answer in one sentence."
+ENSEMBLE_OPS = [sys.executable, "-m", "ensemble_ops"]
 EVERY_CHARACTER = (
     "".join(chr(c) for c in range(1, 256)) + "\U00040000\U00080000 😀🚀 漢字 한국어 Ω≈ç√∫"
 )
@@ -395,8 +398,9 @@ class _Load:
 def _reload(server: Server, member: str, path: Path) -> dict[str, Any]:
     started = httpx.post(
         f"{server.admin_url}/admin/models/{member}/reload",
-        # Gemma's file has no chat template: the instruct member may lose chat on purpose.
-        json={"path": str(path), "allow_capability_change": True},
+        # Gemma's file has no chat template: the instruct member may lose chat on purpose,
+        # and Gemma does not pass the chat golden set (that gate's own tests are elsewhere).
+        json={"path": str(path), "allow_capability_change": True, "quality": False},
         timeout=30,
     )
     assert started.status_code == 202, started.text
@@ -422,6 +426,42 @@ def _architecture(server: Server, member: str) -> str:
     data = httpx.get(f"{server.url}/v1/models").json()["data"]
     architecture: str = next(m for m in data if m["id"] == member)["meta"]["architecture"]
     return architecture
+
+
+class TestEval:
+    def test_a_set_the_member_passes_exits_0_and_one_it_fails_exits_1(
+        self, server: Server, tmp_path: Path
+    ) -> None:
+        """``ensemble-ops eval`` through the running service's public API."""
+        passes = tmp_path / "passes.jsonl"
+        passes.write_text(
+            json.dumps(
+                {
+                    "messages": [{"role": "user", "content": QUESTION}],
+                    "contains": ["Paris"],
+                }
+            )
+            + "\n"
+        )
+        fails = tmp_path / "fails.jsonl"
+        fails.write_text(
+            json.dumps({"messages": [{"role": "user", "content": QUESTION}], "exact": "Lyon"})
+            + "\n"
+        )
+        ran = [
+            subprocess.run(
+                [*ENSEMBLE_OPS, "eval", INSTRUCT, "--url", server.url, "--golden", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            for path in (passes, fails)
+        ]
+        assert [r.returncode for r in ran] == [0, 1], [r.stderr for r in ran]
+        assert ran[0].stdout.splitlines()[-1] == "passed 1/1 (100%); needs 80%: pass"
+        assert "FAIL" in ran[1].stdout.splitlines()[2]
+        assert "[not exactly 'Lyon']" in ran[1].stdout
 
 
 class TestReloadAcrossArchitectures:

@@ -94,6 +94,33 @@ def _parser() -> argparse.ArgumentParser:
         decide.add_argument("model", help="the member")
         _admin_flags(decide)
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="run a golden set against a running service or a GGUF file; exit 1 below the "
+        "threshold",
+    )
+    evaluate.add_argument(
+        "model", nargs="?", default="ensemble", help="the member, or ensemble (the default)"
+    )
+    evaluate.add_argument(
+        "--golden",
+        type=Path,
+        help="a JSON-lines golden set (default: the shipped chat or completion set, by what "
+        "the model can do)",
+    )
+    where = evaluate.add_mutually_exclusive_group()
+    where.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="the service (default %(default)s)"
+    )
+    where.add_argument("--file", type=Path, help="a GGUF file, run in this process instead")
+    evaluate.add_argument(
+        "--api-key", help="the service's API key (default: $ENSEMBLE_OPS_API_KEY)"
+    )
+    evaluate.add_argument(
+        "--min-pass-rate", type=float, default=0.8, help="the threshold (default %(default)s)"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+
     keys = commands.add_parser("keys", help="API keys for the inference API")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     new_key = key_commands.add_parser(
@@ -214,6 +241,26 @@ def _rollout_fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from ensemble_ops.cli.evaluate import ServiceCallError, evaluate_file, evaluate_url, report
+    from ensemble_ops.config import GoldenSetError, load_golden_set
+    from ensemble_ops.errors import EnsembleOpsError
+
+    try:
+        golden = load_golden_set(args.golden) if args.golden is not None else None
+        if args.file is not None:
+            run, golden = evaluate_file(args.file, golden)
+            target = args.file.name
+        else:
+            key = args.api_key or os.environ.get("ENSEMBLE_OPS_API_KEY")
+            run, golden = evaluate_url(args.url, args.model, golden, key)
+            target = f"{args.model} at {args.url}"
+    except (GoldenSetError, ServiceCallError, EnsembleOpsError, OSError, ValueError) as err:
+        print(f"ensemble-ops eval: {err}", file=sys.stderr)
+        return 2
+    return report(run, golden, target, args.min_pass_rate, args.json, sys.stdout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("reload", "promote", "abort"):
@@ -226,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_reload(
             args.model, admin=admin, path=args.path, wait=args.wait, rollout=_rollout_fields(args)
         )
+    if args.command == "eval":
+        return _evaluate(args)
     if args.command == "keys":
         return _new_key(args.name, sys.stdout)
     if args.command == "demo-models":

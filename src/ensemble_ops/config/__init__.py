@@ -5,7 +5,15 @@ place (``settings``); everything is importable from here.
 """
 
 from ensemble_ops.config.access import ApiKeySpec, AuthSettings
+from ensemble_ops.config.golden import (
+    GoldenCase,
+    GoldenSet,
+    GoldenSetError,
+    load_golden_set,
+    shipped_golden_set,
+)
 from ensemble_ops.config.members import ModelSpec, ModeName, ModeSpec, SplitSpec
+from ensemble_ops.config.quality import MemberQuality, QualitySettings, QualityThresholds
 from ensemble_ops.config.rollout import GATES, GateSpec, ReloadSettings, RolloutKind, RolloutSpec
 from ensemble_ops.config.sections import (
     CacheSettings,
@@ -26,12 +34,18 @@ __all__ = [
     "AuthSettings",
     "CacheSettings",
     "GateSpec",
+    "GoldenCase",
+    "GoldenSet",
+    "GoldenSetError",
     "HealthSettings",
     "LoggingSettings",
+    "MemberQuality",
     "MetricsSettings",
     "ModeName",
     "ModeSpec",
     "ModelSpec",
+    "QualitySettings",
+    "QualityThresholds",
     "ReloadSettings",
     "RolloutKind",
     "RolloutSpec",
@@ -41,4 +55,6 @@ __all__ = [
     "TracingSettings",
     "admin_address",
     "is_loopback",
+    "load_golden_set",
+    "shipped_golden_set",
 ]

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from ensemble_ops.config.base import NAME_PATTERN, Section
+from ensemble_ops.config.quality import MemberQuality
 
 __all__ = ["DEFAULT_MODES", "ModeName", "ModeSpec", "ModelSpec", "SplitSpec"]
 
@@ -65,6 +66,8 @@ class ModelSpec(Section):
     chat_template: Annotated[str, Field(min_length=1)] | None = None
     """A Jinja chat template (the syntax of a GGUF's ``tokenizer.chat_template``) that
     replaces the file's own, or lets a file without one chat."""
+    quality: MemberQuality = MemberQuality()
+    """This member's golden set and thresholds for the quality gate of its reloads."""
 
     @field_validator("path")
     @classmethod

@@ -26,7 +26,9 @@ from pydantic import Field, ValidationError, model_validator
 
 from ensemble_ops.config.access import AuthSettings
 from ensemble_ops.config.base import NAME_PATTERN, Section
+from ensemble_ops.config.golden import GoldenSetError, load_golden_set
 from ensemble_ops.config.members import DEFAULT_MODES, ModelSpec, ModeName, ModeSpec, SplitSpec
+from ensemble_ops.config.quality import QualitySettings
 from ensemble_ops.config.rollout import ReloadSettings
 from ensemble_ops.config.sections import (
     CacheSettings,
@@ -56,6 +58,7 @@ class Settings(Section):
     metrics: MetricsSettings = MetricsSettings()
     tracing: TracingSettings = TracingSettings()
     auth: AuthSettings = AuthSettings()
+    quality: QualitySettings = QualitySettings()
     modes: dict[ModeName, ModeSpec] = Field(default_factory=lambda: dict(DEFAULT_MODES))
     default_mode: ModeName = "balanced"
     models: Annotated[tuple[ModelSpec, ...], Field(min_length=1, strict=False)]
@@ -114,6 +117,22 @@ class Settings(Section):
                     raise ValueError(f"auth.keys[{i}].models: unknown model {model!r}")
         return self
 
+    @model_validator(mode="after")
+    def _golden_sets_load(self) -> Self:
+        """Every golden set in use parses: a bad line stops start-up, not a reload later."""
+        where = {
+            f"models[{i}].quality.golden_set": m.quality.golden_set
+            for i, m in enumerate(self.models)
+        }
+        where["quality.golden_set"] = self.quality.golden_set
+        for key, path in where.items():
+            if path is not None:
+                try:
+                    load_golden_set(path)
+                except GoldenSetError as err:
+                    raise ValueError(f"{key}: {err}") from None
+        return self
+
     def model(self, name: str) -> ModelSpec:
         """The spec of member ``name`` (KeyError when there is none)."""
         for spec in self.models:
@@ -142,6 +161,9 @@ class Settings(Section):
             for entry in models:
                 if isinstance(entry, dict) and isinstance(entry.get("path"), str):
                     entry["path"] = base / Path(entry["path"]).expanduser()
+                if isinstance(entry, dict):
+                    _resolve_golden_set(entry.get("quality"), base)
+        _resolve_golden_set(merged.get("quality"), base)
         modes = merged.get("modes")
         if isinstance(modes, dict):
             # A config that tunes one key of one mode keeps every other default.
@@ -163,6 +185,12 @@ class Settings(Section):
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: invalid TOML: {err}") from err
         return cls.from_mapping(data, base_dir=path.resolve().parent, environ=environ)
+
+
+def _resolve_golden_set(table: Any, base: Path) -> None:
+    """A relative ``golden_set`` is relative to the config file, like a model's path."""
+    if isinstance(table, dict) and isinstance(table.get("golden_set"), str):
+        table["golden_set"] = base / Path(table["golden_set"]).expanduser()
 
 
 def _merge_mode(name: str, override: Any) -> Any:

@@ -115,6 +115,7 @@ def create_app(
         allowed_dirs=[model_dir] if model_dir is not None else None,
         tracer=tracer,
         identify=ensemble.identify,
+        quality=settings.quality,
     )
 
     @asynccontextmanager

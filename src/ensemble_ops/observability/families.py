@@ -33,6 +33,9 @@ HEALTH_STATES = ("healthy", "degraded", "unhealthy", "unknown")
 GATE_VERDICTS: tuple[str, ...] = get_args(GateVerdict)
 ROLLOUTS: tuple[str, ...] = get_args(RolloutKind)
 ROLLOUT_OUTCOMES: tuple[str, ...] = get_args(RolloutOutcome)
+VERDICT_GATES: tuple[str, ...] = (*GATES, "quality")
+"""The gates with a verdict series: a rollout's live gates, and the quality gate of any reload."""
+QUALITY_OUTCOMES = ("pass", "fail", "skipped")
 RPS_WINDOW_S = 60.0
 """llm_requests_per_second is the count of finished requests in the last minute / 60."""
 
@@ -136,6 +139,17 @@ class MetricFamilies:
         )
         self.rollouts = Counter(
             "llm_rollouts_total", "Rollouts ended, by kind and outcome.", registry=r
+        )
+        self.quality_pass_ratio = Gauge(
+            "llm_quality_pass_ratio",
+            "Share of the golden set the copy passed at its last quality run (copy: stable "
+            "is the serving copy, candidate a reload's new one).",
+            registry=r,
+        )
+        self.quality_runs = Counter(
+            "llm_quality_runs_total",
+            "Quality gates of reloads, by outcome (pass, fail, skipped by the request).",
+            registry=r,
         )
         self.queue_depth = Gauge("llm_queue_depth", "Requests waiting for the member.", registry=r)
         self.batch_size = Histogram(
@@ -257,8 +271,10 @@ class MetricFamilies:
             self.prefix_hits.set({"model": member}, 0)
             self.compute_busy.set({"model": member}, 0)
             self.rollout_weight.set({"model": member}, 0)
-            for gate in GATES:
+            for gate in VERDICT_GATES:
                 one_hot(self.gate_verdict, member, "verdict", None, GATE_VERDICTS, gate=gate)
+            for outcome in QUALITY_OUTCOMES:
+                self.quality_runs.set({"model": member, "outcome": outcome}, 0)
             # Counters that exist at 0 from the start: increase() sees their first step,
             # so an alert on a member's first failed reload or rollback can fire.
             for outcome in RELOAD_OUTCOMES:

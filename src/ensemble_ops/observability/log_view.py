@@ -16,6 +16,8 @@ from ensemble_ops.events import (
     ModelLoaded,
     ModelLoadFailed,
     ModelUnloaded,
+    QualityJudged,
+    QualitySkipped,
     RateLimited,
     ReloadStateChanged,
     RolloutFinished,
@@ -181,7 +183,31 @@ def _limits_backend(event: LimitsBackendChanged) -> None:
         )
 
 
+def _quality(event: QualityJudged) -> None:
+    log = _log.warning if event.failures and event.copy == "candidate" else _log.info
+    log(
+        "quality.judged",
+        model=event.model,
+        copy=event.copy,
+        golden_set=event.golden_set,
+        passed=event.passed,
+        cases=event.cases,
+        pass_ratio=round(event.pass_ratio, 4),
+        seconds=round(event.seconds, 3),
+        failures=[
+            {"case": case, "input": text, "expected": expected, "got": got}
+            for case, text, expected, got in event.failures
+        ],
+    )
+
+
+def _quality_skipped(event: QualitySkipped) -> None:
+    _log.warning("quality.skipped", model=event.model, golden_set=event.golden_set)
+
+
 def subscribe_log(bus: EventBus) -> None:
+    bus.subscribe(QualityJudged, _quality)
+    bus.subscribe(QualitySkipped, _quality_skipped)
     bus.subscribe(ReloadStateChanged, _reload_state)
     bus.subscribe(DrainTimedOut, _drain_timeout)
     bus.subscribe(RolloutStepped, _rollout_stepped)

@@ -24,7 +24,6 @@ import psutil
 from aioprometheus.collectors import Histogram
 from aioprometheus.renderer import render
 
-from ensemble_ops.config import GATES
 from ensemble_ops.events import (
     RELOAD_STATES,
     CacheBackendChanged,
@@ -42,6 +41,8 @@ from ensemble_ops.events import (
     ModelLoaded,
     ModelLoadFailed,
     ModelUnloaded,
+    QualityJudged,
+    QualitySkipped,
     RateLimited,
     ReloadFinished,
     ReloadProgressed,
@@ -54,6 +55,7 @@ from ensemble_ops.observability.families import (
     HEALTH_STATES,
     INFERENCE_BUCKETS,
     RPS_WINDOW_S,
+    VERDICT_GATES,
     MetricFamilies,
     one_hot,
 )
@@ -122,6 +124,8 @@ class Metrics(MetricFamilies):
         bus.subscribe(RolloutStepped, self._on_rollout_stepped)
         bus.subscribe(GateJudged, self._on_gate)
         bus.subscribe(RolloutFinished, self._on_rollout_finished)
+        bus.subscribe(QualityJudged, self._on_quality)
+        bus.subscribe(QualitySkipped, self._on_quality_skipped)
         # ShadowFinished is deliberately not subscribed: a mirrored request's answer is
         # discarded, so it counts in no user-facing series (only the rollout's gates read it).
 
@@ -401,6 +405,14 @@ class Metrics(MetricFamilies):
         one_hot(
             self.gate_verdict, event.model, "verdict", event.verdict, GATE_VERDICTS, gate=event.gate
         )
+        if event.gate == "quality":
+            self.quality_runs.inc({"model": event.model, "outcome": event.verdict})
+
+    def _on_quality(self, event: QualityJudged) -> None:
+        self.quality_pass_ratio.set({"model": event.model, "copy": event.copy}, event.pass_ratio)
+
+    def _on_quality_skipped(self, event: QualitySkipped) -> None:
+        self.quality_runs.inc({"model": event.model, "outcome": "skipped"})
 
     def _on_rollout_finished(self, event: RolloutFinished) -> None:
         # After a promotion the new copy is simply the stable one: no candidate share remains.
@@ -415,7 +427,7 @@ class Metrics(MetricFamilies):
         """The first step or verdict of a member's next rollout clears the last one's verdicts."""
         if model in self._finished_rollouts:
             self._finished_rollouts.discard(model)
-            for gate in GATES:
+            for gate in VERDICT_GATES:
                 one_hot(self.gate_verdict, model, "verdict", None, GATE_VERDICTS, gate=gate)
 
 

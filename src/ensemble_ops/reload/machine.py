@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import anyio
@@ -52,12 +51,12 @@ from ensemble_ops.events import (
     RolloutStepped,
     ShadowFinished,
 )
-from ensemble_ops.reload.plan import Host, LoaderFunc, Plan, ReloadFailedError
+from ensemble_ops.quality.gate import QualityPlan, QualityStatus, record_quality
+from ensemble_ops.reload.plan import Host, LoaderFunc, Plan, ReloadFailedError, keeps_capabilities
 from ensemble_ops.reload.rollout import LiveRollout, failed_gates, hold_until_judged
 from ensemble_ops.reload.states import STATES, TRANSITIONS, mermaid_diagram, new_machine
-from ensemble_ops.reload.status import RUNNING, ReloadStatus
-from ensemble_ops.reload.warmup import WarmupFailedError, warm_once
-from ensemble_ops.serving.engine import Engine
+from ensemble_ops.reload.status import RUNNING, ReloadStatus, iso_time
+from ensemble_ops.reload.warmup import WarmupFailedError, warm_up
 from ensemble_ops.serving.gguf_check import inspect_gguf
 from ensemble_ops.serving.slot import Loaded, ModelSlot, loaded_event
 
@@ -72,13 +71,6 @@ __all__ = [
 ]
 
 _log = structlog.get_logger("ensemble_ops.reload")
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class ReloadJob:
@@ -117,6 +109,8 @@ class ReloadJob:
         self.live: LiveRollout | None = None
         """The running rollout (shadow, canary, blue-green), else None."""
         self._rolled_back: str | None = None  # why, once a rollout decided to roll back
+        self.quality: QualityStatus | None = None
+        """The quality gate's verdict on the current (or last) reload's new copy."""
         host.bus.subscribe(InferenceFinished, self._observe)
         host.bus.subscribe(InferenceFailed, self._observe)
         host.bus.subscribe(ShadowFinished, self._observe)
@@ -149,10 +143,11 @@ class ReloadJob:
             state,
             round(self.progress, 1),
             self.message,
-            _iso(self.started_at),
-            _iso(self.completed_at),
+            iso_time(self.started_at),
+            iso_time(self.completed_at),
             self.error,
             self.live.status() if self.live is not None else None,
+            self.quality,
         )
 
     def begin(self, plan: Plan) -> None:
@@ -163,7 +158,7 @@ class ReloadJob:
         self.started_at, self.completed_at, self.error = time.time(), None, None
         self.progress, self.message = 0.0, "Reload queued"
         self._started_mono = time.monotonic()
-        self.live, self._rolled_back = None, None
+        self.live, self._rolled_back, self.quality = None, None, None
 
     def finish(self) -> None:
         self.pending = False
@@ -219,36 +214,37 @@ class ReloadJob:
             raise ReloadFailedError(f"load failed: {err}") from err
         self._new = Loaded(self.name, engine, queue_size=plan.spec.queue_size, identity=identity)
         self._load_s = time.perf_counter() - started
-        self._keeps_capabilities(engine, plan)
+        keeps_capabilities(self.name, self.slot.active, engine, plan.allow_capability_change)
         self._progress(10.0, "Loaded; warming up")
-        for i in range(1, plan.iterations + 1):
-            self._progress(
-                30.0 + 50.0 * (i - 1) / plan.iterations,
-                f"Warmup iteration {i}/{plan.iterations}",
+        end = 80.0 if plan.quality is None else 60.0  # the quality gate takes 60 -> 80%
+        try:
+            await warm_up(
+                self._new,
+                plan.warmup,
+                plan.iterations,
+                host.settings.warmup_timeout_s,
+                host.runner,
+                lambda done, message: self._progress(30.0 + (end - 30.0) * done, message),
             )
-            try:
-                await warm_once(
-                    self._new, plan.warmup, i, host.settings.warmup_timeout_s, host.runner
-                )
-            except WarmupFailedError as err:
-                raise ReloadFailedError(str(err)) from err
+        except WarmupFailedError as err:
+            raise ReloadFailedError(str(err)) from err
+        if plan.quality is not None:
+            await self._judge_quality(self._new, plan.quality)
         self._progress(80.0, f"Warm-up passed ({plan.iterations} iterations)")
         await self.warmed()
 
-    def _keeps_capabilities(self, engine: Engine, plan: Plan) -> None:
-        """Capabilities belong to the copy: a new one that cannot do what the member's copy
-        can (a chat member given a file without a chat template) would leave routing with a
-        member that can chat on one copy only. Refused unless the reload allows it."""
-        active = self.slot.active
-        if active is None or plan.allow_capability_change:
-            return
-        lost = sorted(active.engine.info.capabilities - engine.info.capabilities)
-        if lost:
-            raise ReloadFailedError(
-                f"the new copy cannot do what {self.name!r} does now: {', '.join(lost)} "
-                "(a chat needs a chat template: set the member's chat_template, or reload "
-                "with allow_capability_change: true)"
-            )
+    async def _judge_quality(self, new: Loaded, plan: QualityPlan) -> None:
+        """The golden set on the new copy (and the serving one), before it takes traffic."""
+        self.quality = status = await self._host.quality_gate.judge(
+            new,
+            self.slot.active,
+            plan,
+            lambda done, message: self._progress(60.0 + 20.0 * done, message),
+        )
+        if self._state_span is not None:
+            record_quality(self._state_span, status)
+        if not status.passed:
+            raise ReloadFailedError(f"quality gate failed: {status.reason}")
 
     async def _make_room(self, spec: ModelSpec) -> None:
         """Fail fast without memory for a second copy, or unload first (replace)."""

@@ -9,22 +9,34 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Literal
 
 import anyio
 import anyio.to_thread
 import structlog
 from opentelemetry.trace import NoOpTracer, Status, StatusCode, Tracer
 
-from ensemble_ops.config import ModelSpec, ReloadSettings, RolloutSpec, Settings
+from ensemble_ops.config import (
+    GoldenSetError,
+    ModelSpec,
+    QualitySettings,
+    QualityThresholds,
+    ReloadSettings,
+    RolloutSpec,
+    Settings,
+    load_golden_set,
+)
 from ensemble_ops.errors import InvalidModelFileError, InvalidRequestError, ReloadConflictError
 from ensemble_ops.events import (
     ROLLING_STATES,
     DrainTimedOut,
     EventBus,
     ModelUnloaded,
+    QualitySkipped,
     ReloadFinished,
     RolloutFinished,
 )
+from ensemble_ops.quality.gate import QualityGate, QualityPlan
 from ensemble_ops.reload.machine import LoaderFunc, Plan, ReloadJob, new_machine
 from ensemble_ops.reload.memory import available_memory, release_memory
 from ensemble_ops.reload.rollout import Decision
@@ -61,13 +73,14 @@ class ReloadManager:
         allowed_dirs: list[Path] | None = None,
         tracer: Tracer | None = None,
         identify: Callable[[ModelSpec], str | None] = lambda spec: None,
+        quality: QualitySettings | None = None,
     ) -> None:
         """``slots`` is read live; ``loader`` loads a member's engine from its spec; ``gpu``
         reads free VRAM for the memory check (``memory_probe`` replaces that check);
         ``allowed_dirs`` bounds reload paths (default: the folders of the members' files);
         ``tracer`` makes a trace of each reload, a span per state; ``identify`` names what a
         copy loaded from a spec answers like, for the response cache (blocking: it may hash
-        the file)."""
+        the file); ``quality`` names the golden set new copies must pass (default: none)."""
         self.bus = bus
         self.slots = slots
         self.settings = settings
@@ -79,6 +92,8 @@ class ReloadManager:
         self._memory_probe = memory_probe
         self.allowed_dirs = allowed_dirs
         self.tracer = tracer or NoOpTracer()
+        self.quality = quality or QualitySettings()
+        self.quality_gate = QualityGate(bus)
         self._jobs: dict[str, ReloadJob] = {}
         self._machine = new_machine()
 
@@ -104,6 +119,7 @@ class ReloadManager:
         spec: ModelSpec | None = None,
         rollout: RolloutSpec | None = None,
         allow_capability_change: bool = False,
+        quality: QualityThresholds | Literal[False] | None = None,
     ) -> ReloadStatus:
         """Start reloading ``model_name`` in the background and return its status at once.
 
@@ -112,8 +128,10 @@ class ReloadManager:
         prompt; ``loader_func``/``warmup_func`` replace either step. ``rollout`` says how the
         new copy takes over (default ``[reload.rollout]``: a switch). A new copy that cannot
         do what the member's copy can (chat) fails at warm-up unless
-        ``allow_capability_change``. Raises :class:`ReloadConflictError` while one runs,
-        :class:`InvalidRequestError` for a rollout the member cannot hold.
+        ``allow_capability_change``. With a golden set configured the new copy must pass it
+        first (``quality`` overrides the thresholds, or False skips the gate). Raises
+        :class:`ReloadConflictError` while one runs, :class:`InvalidRequestError` for a
+        rollout the member cannot hold or a golden set that no longer parses.
         """
         job = self._job(model_name)
         if job.pending:
@@ -130,6 +148,14 @@ class ReloadManager:
         if path is not None:
             current = current.model_copy(update={"path": self.resolve_path(path)})
         settings = self.settings
+        golden = self.quality.golden_set_for(current.quality)
+        quality_plan = None
+        if golden is not None and quality is not False:
+            try:  # read again: an edited file counts from this reload on
+                golden_set = load_golden_set(golden)
+            except GoldenSetError as err:
+                raise InvalidRequestError(str(err), param="quality") from err
+            quality_plan = QualityPlan.of(golden_set, quality, current.quality, self.quality)
         job.begin(
             Plan(
                 spec=current,
@@ -145,6 +171,7 @@ class ReloadManager:
                 ),
                 rollout=rollout,
                 allow_capability_change=allow_capability_change,
+                quality=quality_plan,
             )
         )
         try:
@@ -152,6 +179,8 @@ class ReloadManager:
         except BaseException:
             job.finish()
             raise
+        if golden is not None and quality is False:
+            self.bus.publish(QualitySkipped(model_name, golden.name))
         return job.status()
 
     async def reload_model(
@@ -164,6 +193,7 @@ class ReloadManager:
         path: Path | str | None = None,
         rollout: RolloutSpec | None = None,
         allow_capability_change: bool = False,
+        quality: QualityThresholds | Literal[False] | None = None,
     ) -> ReloadStatus:
         """Reload ``model_name`` and wait for the outcome (completed, failed or
         rolled_back)."""
@@ -175,6 +205,7 @@ class ReloadManager:
             path=path,
             rollout=rollout,
             allow_capability_change=allow_capability_change,
+            quality=quality,
         )
         return await self.wait_for_reload(model_name)
 

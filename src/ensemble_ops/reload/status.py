@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from ensemble_ops.events import ROLLING_STATES
+from ensemble_ops.quality.gate import QualityStatus
 from ensemble_ops.reload.gates import CopyFigures, GateResult
 
-__all__ = ["RUNNING", "ReloadStatus", "RolloutStatus"]
+__all__ = ["RUNNING", "ReloadStatus", "RolloutStatus", "iso_time"]
 
 RUNNING = frozenset({"warming_up", "ready", *ROLLING_STATES, "switching"})
 """The states of a reload in progress."""
@@ -46,7 +48,16 @@ class ReloadStatus:
     completed_at: str | None
     error: str | None
     rollout: RolloutStatus | None = None
+    quality: QualityStatus | None = None
+    """The quality gate's verdict on the new copy (None: no golden set, or not run yet)."""
 
     @property
     def running(self) -> bool:
         return self.state in RUNNING
+
+
+def iso_time(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -19,7 +19,7 @@ from ensemble_ops.serving.engine import (
 from ensemble_ops.serving.slot import Loaded
 from ensemble_ops.tasks import TaskRunner
 
-__all__ = ["WarmupFailedError", "WarmupFunc", "chat_warmup", "warm_once"]
+__all__ = ["WarmupFailedError", "WarmupFunc", "chat_warmup", "warm_once", "warm_up"]
 
 WarmupFunc = Callable[[Engine], object]
 """One warm-up inference on the new copy (blocking); an empty result fails the reload."""
@@ -54,6 +54,20 @@ def _returned_nothing(result: object) -> bool:
     if isinstance(result, Completion):
         return result.completion_tokens == 0 and not result.text
     return not result
+
+
+async def warm_up(
+    new: Loaded,
+    warmup: WarmupFunc,
+    iterations: int,
+    timeout_s: float,
+    runner: TaskRunner,
+    progress: Callable[[float, str], None],
+) -> None:
+    """Every warm-up iteration in turn; ``progress`` goes from 0 towards 1."""
+    for i in range(1, iterations + 1):
+        progress((i - 1) / iterations, f"Warmup iteration {i}/{iterations}")
+        await warm_once(new, warmup, i, timeout_s, runner)
 
 
 async def warm_once(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from ensemble_ops.config import Settings
+from ensemble_ops.config import Settings, shipped_golden_set
 from ensemble_ops.serving.demo import DEMO_MEMBERS, ensure_demo_models
 from ensemble_ops.serving.real_models import (
     GEMMA3_270M,
@@ -76,6 +76,14 @@ def real_settings(
         for model in REAL_MEMBERS
     ]
     instruct, base = SMOLLM2_135M.name, GEMMA3_270M.name
+    # Each member's reloads pass the shipped set that fits it; the floors are the pass rates
+    # measured on these files (16/20 and 17/20, docs/quality.md) less a margin of two cases.
+    quality = {
+        instruct: {"golden_set": str(shipped_golden_set("chat")), "min_pass_rate": 0.7},
+        base: {"golden_set": str(shipped_golden_set("completion")), "min_pass_rate": 0.75},
+    }
+    for model in models:
+        model["quality"] = quality[str(model["name"])]
     modes = {
         "fast": {"prefer": [instruct, base]},
         "balanced": {"prefer": [instruct, base]},

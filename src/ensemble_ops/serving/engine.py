@@ -211,6 +211,13 @@ class Engine(Protocol):
         proportion to their weights (within the targets' order)."""
         ...
 
+    def scratch(self) -> Engine:
+        """A context of its own over the same weights, one sequence at a time (blocking:
+        call it from a worker thread, and close it before this engine): work that must
+        neither join the member's batch nor hold its slots, such as scoring a serving copy
+        on a golden set. Its steps share the machine's cores like the member's."""
+        ...
+
     def close(self) -> None: ...
 
 

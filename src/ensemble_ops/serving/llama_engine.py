@@ -87,7 +87,9 @@ class LlamaEngine:
         self._vocab = vocab
         self._model = model
         self._owns_model = owns_model
+        self._settings = (n_batch, n_threads, n_gpu_layers)  # what a scratch context reuses
         compute = compute or ComputeArbiter(available_cores())
+        self._compute = compute
         threads = min(n_threads or compute.threads, compute.threads)  # each step sets its own
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx * parallel
@@ -367,6 +369,25 @@ class LlamaEngine:
         """Generate and wait for the end (blocking; from a worker thread): see
         ``engine.complete``."""
         return complete(self, tokens, params, on_text, target_s=target_s)
+
+    def scratch(self) -> LlamaEngine:
+        """A one-sequence context over these weights (see ``Engine.scratch``); closing it
+        frees its context only."""
+        self._open()
+        n_batch, n_threads, n_gpu_layers = self._settings
+        return LlamaEngine(
+            self._name,
+            self._vocab,
+            self._model,
+            parallel=1,
+            n_ctx=self._info.n_ctx,
+            n_batch=n_batch,
+            n_threads=n_threads,
+            n_gpu_layers=n_gpu_layers,
+            owns_model=False,
+            chat_template=self._template,
+            compute=self._compute,
+        )
 
     def close(self) -> None:
         """Stop the scheduler (failing what still runs) and free the context and weights;

@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from ensemble_ops.config import GateSpec, RolloutKind, RolloutSpec
+from ensemble_ops.config import GateSpec, QualityThresholds, RolloutKind, RolloutSpec
 from ensemble_ops.errors import InvalidRequestError
 from ensemble_ops.http.protocol.responses import no_default
 
@@ -70,10 +70,15 @@ class ReloadBody(BaseModel):
         "without a chat template); otherwise such a copy fails at warm-up.",
     )
 
+    quality: QualityThresholds | Literal[False] | SkipJsonSchema[None] = _optional(
+        "The quality gate's thresholds for this reload ({min_pass_rate, max_drop}), or false "
+        "to skip it (logged); it runs when the member has a golden set."
+    )
+
     _FIELDS: ClassVar[str] = (
         "path, warmup_iterations, rollout, steps, min_requests, min_seconds, gates, "
         "failure_budget, deadline_s, shadow_percent, after_shadow, promote_timeout_s, "
-        "allow_capability_change"
+        "allow_capability_change, quality"
     )
 
     @field_validator("*", mode="before")
@@ -82,6 +87,13 @@ class ReloadBody(BaseModel):
         if value is None:
             raise ValueError("null is not a value; leave the field out")
         return value
+
+    @field_validator("quality", mode="before")
+    @classmethod
+    def _quality_shape(cls, value: object) -> object:
+        if value is False or isinstance(value, dict):
+            return value
+        raise ValueError("false (skip the gate) or an object with min_pass_rate, max_drop")
 
     @classmethod
     def parse(cls, data: Any) -> ReloadBody:
@@ -96,7 +108,8 @@ class ReloadBody(BaseModel):
     def rollout_spec(self, default: RolloutSpec) -> RolloutSpec:
         """This reload's rollout: ``default`` with the fields given here."""
         given = self.model_dump(
-            exclude_none=True, exclude={"path", "warmup_iterations", "allow_capability_change"}
+            exclude_none=True,
+            exclude={"path", "warmup_iterations", "allow_capability_change", "quality"},
         )
         if "rollout" in given:
             given["kind"] = given.pop("rollout")
@@ -120,8 +133,11 @@ def _named(err: ValidationError) -> InvalidRequestError:
     if field == "kind":
         field = "rollout"
     if problem["type"] == "extra_forbidden":
-        what = "gate" if loc[:1] == ["gates"] else "field"
-        known = ", ".join(GateSpec.model_fields) if what == "gate" else ReloadBody._FIELDS
+        what = {"gates": "gate", "quality": "quality threshold"}.get(loc[0] if loc else "", "field")
+        known = {
+            "gate": ", ".join(GateSpec.model_fields),
+            "quality threshold": ", ".join(QualityThresholds.model_fields),
+        }.get(what, ReloadBody._FIELDS)
         reason = f"unknown {what} (known: {known})"
     else:
         reason = str(problem["msg"]).removeprefix("Value error, ")

@@ -48,6 +48,7 @@ async def start_reload(request: Request) -> Response:
         path=options.path,
         rollout=options.rollout_spec(manager.settings.rollout),
         allow_capability_change=options.allow_capability_change,
+        quality=options.quality,
     )
     return JSONResponse(
         dump_reload_status(status),
