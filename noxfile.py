@@ -42,7 +42,15 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks.shared_cache")
     session.run("python", "-m", "benchmarks.access")
     session.run("python", "-m", "benchmarks.quality")
+    session.run("python", "-m", "benchmarks.status_page")
     session.run("python", "-m", "benchmarks.report", "--markdown")
+
+
+@nox.session
+def screenshots(session: nox.Session) -> None:
+    """The status page's screenshots in docs/images (Debian's chromium and chromium-driver)."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "benchmarks.screenshots")
 
 
 @nox.session

@@ -214,6 +214,8 @@ class TestResponsesMatchTheDocument:
     async def test_every_get_route(self, client: AppClient, document: Document) -> None:
         """Each GET route, called with its required parameters, answers as documented."""
         for path, item in document["paths"].items():
+            if path == "/events":
+                continue  # never ends by itself: tests/http/test_events.py reads it live
             if "get" in item:
                 url = _example(path, item["get"])
                 _check(document, path, "get", await client.get(url))

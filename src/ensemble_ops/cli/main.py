@@ -121,6 +121,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    events = commands.add_parser(
+        "events", help="follow a running service's events (reloads, health, requests)"
+    )
+    events.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="the service (default %(default)s)"
+    )
+    events.add_argument("--model", action="append", default=[], help="only this member's")
+    events.add_argument(
+        "--type",
+        action="append",
+        default=[],
+        help="only events of this type (reload.state_changed, health.changed, request, ...)",
+    )
+    events.add_argument("--json", action="store_true", help="one JSON record per line")
+    events.add_argument("--api-key", help="an API key (default: $ENSEMBLE_OPS_API_KEY)")
+
     keys = commands.add_parser("keys", help="API keys for the inference API")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     new_key = key_commands.add_parser(
@@ -275,6 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "eval":
         return _evaluate(args)
+    if args.command == "events":
+        from ensemble_ops.cli.events import follow
+
+        key = args.api_key or os.environ.get("ENSEMBLE_OPS_API_KEY")
+        return follow(
+            args.url, args.model, args.type, as_json=args.json, api_key=key, out=sys.stdout
+        )
     if args.command == "keys":
         return _new_key(args.name, sys.stdout)
     if args.command == "demo-models":

@@ -44,6 +44,9 @@ class ServerSettings(Section):
     """On SIGTERM readiness fails at once and the server keeps serving this long, so load
     balancers take it out before it stops accepting (0 on a second signal or Ctrl-C)."""
     access_log: bool = True
+    events_heartbeat_s: Annotated[float, Field(gt=0)] = 15.0
+    """A comment line on every open ``GET /events`` stream this often, so proxies with an
+    idle timeout keep it open."""
     compute_threads: Annotated[int, Field(ge=1)] | None = None
     """The threads every member's decode steps share (never more busy at once); unset: the
     cores this process may use (its CPU affinity, capped by the cgroup's CPU quota)."""

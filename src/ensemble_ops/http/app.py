@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -33,12 +34,16 @@ from ensemble_ops.http.errors import EXCEPTION_HANDLERS
 from ensemble_ops.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from ensemble_ops.http.openapi import openapi_route
 from ensemble_ops.http.routes import admin as reload_routes
+from ensemble_ops.http.routes import events as event_routes
 from ensemble_ops.http.routes import health as health_routes
 from ensemble_ops.http.routes import metrics as metrics_routes
 from ensemble_ops.http.routes import openai as api
+from ensemble_ops.http.routes import status as status_routes
 from ensemble_ops.observability.compute_readings import ComputeReadings
+from ensemble_ops.observability.event_feed import EventFeed
 from ensemble_ops.observability.log_view import subscribe_log
 from ensemble_ops.observability.metrics import Metrics
+from ensemble_ops.observability.recent import RecentFigures
 from ensemble_ops.observability.tracing import build_tracer_provider, tracer_of
 from ensemble_ops.reload.manager import ReloadManager
 from ensemble_ops.serving.compute import ComputeArbiter, available_cores
@@ -93,6 +98,9 @@ def create_app(
     metrics.subscribe(bus)
     metrics.on_collect(lambda m: _collect_slots(m, ensemble))
     metrics.on_collect(ComputeReadings(compute, members).collect)
+    feed = EventFeed(bus, on_drop=lambda: metrics.event_clients_dropped.inc({}))
+    metrics.on_collect(lambda m: m.event_clients.set({}, feed.followers))
+    recent = RecentFigures(bus, members)
     watchdog = Watchdog(settings.health, ensemble.instances, bus)
     gpu = GpuMonitor()
     health = HealthChecker(
@@ -129,6 +137,7 @@ def create_app(
         try:
             yield
         finally:
+            feed.close()  # open event streams end now: they never hold the shutdown
             with anyio.CancelScope(shield=True):
                 await ensemble.close(settings.server.shutdown_timeout_s)
                 await runner.aclose()
@@ -141,6 +150,8 @@ def create_app(
 
     readable = [
         *api.routes,
+        *status_routes.routes,
+        *event_routes.routes,
         *health_routes.routes,
         *reload_routes.status_routes,
         *(metrics_routes.routes if settings.metrics.enabled else []),
@@ -159,6 +170,9 @@ def create_app(
         "keyring": keyring,
         "gate": Gate(limits, bus),
         "limits": limits,
+        "events": feed,
+        "recent": recent,
+        "csrf_token": secrets.token_urlsafe(32),  # the admin status page's, per process
     }
     for listener, served in ((PUBLIC, app), (ADMIN, admin)):
         for name, value in shared.items():

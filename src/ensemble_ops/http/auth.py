@@ -20,10 +20,18 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from ensemble_ops.access.keys import ANONYMOUS, MAX_KEY_CHARS, OPERATOR, Caller, Keyring
-from ensemble_ops.config import Settings
+from ensemble_ops.config import Settings, admin_address, is_loopback
 from ensemble_ops.errors import InvalidApiKeyError
 
-__all__ = ["ADMIN", "PUBLIC", "caller_of", "is_admin", "require_admin", "require_observer"]
+__all__ = [
+    "ADMIN",
+    "PUBLIC",
+    "caller_of",
+    "csrf_token",
+    "is_admin",
+    "require_admin",
+    "require_observer",
+]
 
 PUBLIC, ADMIN = "public", "admin"
 """Which listener an app serves (``app.state.listener``)."""
@@ -39,6 +47,7 @@ def require_admin(request: Request) -> None:
     the second lock), with the bearer token when one is configured."""
     if not is_admin(request):
         raise HTTPException(404, "Not Found")
+    _same_site(request)
     settings: Settings = request.app.state.settings
     token = settings.server.admin_token
     if token is None:
@@ -52,6 +61,42 @@ def require_admin(request: Request) -> None:
             "A valid admin token is required (Authorization: Bearer <token>).",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def _same_site(request: Request) -> None:
+    """A browser's admin request (it has an ``Origin``) must come from the status page the
+    admin listener served: its own origin, at a Host that names this listener (not a name
+    an attacker's DNS points here), with the page's CSRF token. A browser on the operator's
+    machine reaches a loopback port from any web page; these checks keep such pages out.
+    Requests without an Origin (the CLI, curl) are no browser's."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    host = request.headers.get("host", "")
+    if not _our_host(request, host) or origin != f"{request.url.scheme}://{host}":
+        raise HTTPException(403, "Cross-site admin requests are refused.")
+    given = request.headers.get("x-csrf-token", "")
+    expected: str = request.app.state.csrf_token
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
+        raise HTTPException(403, "The status page's CSRF token is missing or wrong.")
+
+
+def _our_host(request: Request, host: str) -> bool:
+    """Whether ``host`` (a Host header) names this machine's loopback or the admin bind."""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.removeprefix("[").removesuffix("]")
+    settings: Settings = request.app.state.settings
+    bound = admin_address(settings.server.admin_bind)
+    return is_loopback(name) or (isinstance(bound, tuple) and name == bound[0])
+
+
+def csrf_token(request: Request) -> str | None:
+    """The admin page's CSRF token, for a page loaded at a Host that names this listener
+    (None elsewhere: such a page gets no way to act)."""
+    if not _our_host(request, request.headers.get("host", "")):
+        return None
+    token: str = request.app.state.csrf_token
+    return token
 
 
 def caller_of(request: Request) -> Caller:

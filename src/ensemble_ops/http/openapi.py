@@ -51,6 +51,9 @@ class Answer:
     """``text/event-stream``, each event's data one of these chunks as JSON."""
     text: bool = False
     """``text/plain``."""
+    media: str | None = None
+    """Another media type, as a string body: ``text/html``, a ``text/event-stream`` of
+    records that are not completion chunks."""
 
 
 def errors(*codes: int) -> dict[int, Answer]:
@@ -149,6 +152,8 @@ def _content(answer: Answer, made: _Made) -> dict[str, Any]:
         content["text/event-stream"] = {"schema": stream}
     if answer.text:
         content["text/plain"] = {"schema": {"type": "string"}}
+    if answer.media is not None:
+        content[answer.media] = {"schema": {"type": "string"}}
     return content
 
 

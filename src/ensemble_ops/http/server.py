@@ -136,6 +136,7 @@ async def serve(settings: Settings, config_path: Path | None = None) -> int:
         if signum == signal.SIGINT and _in_terminal():
             delay = 0.0  # Ctrl-C in a terminal: a person is waiting, no load balancer
         app.state.health.begin_shutdown()
+        app.state.events.close()  # open event streams end now, so they never hold the stop
         _log.info("server.draining", signal=signum.name, drain_delay_s=delay)
         delays.append(loop.create_task(stop_after(delay)))
 

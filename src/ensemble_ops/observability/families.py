@@ -140,6 +140,14 @@ class MetricFamilies:
         self.rollouts = Counter(
             "llm_rollouts_total", "Rollouts ended, by kind and outcome.", registry=r
         )
+        self.event_clients = Gauge(
+            "llm_event_clients", "Clients following GET /events now.", registry=r
+        )
+        self.event_clients_dropped = Counter(
+            "llm_event_clients_dropped_total",
+            "Clients of GET /events dropped for falling 1,000 events behind.",
+            registry=r,
+        )
         self.quality_pass_ratio = Gauge(
             "llm_quality_pass_ratio",
             "Share of the golden set the copy passed at its last quality run (copy: stable "
@@ -285,6 +293,8 @@ class MetricFamilies:
                     self.rollouts.set(labels, 0)
         self.cache_hits.set({}, 0)
         self.cache_misses.set({}, 0)
+        self.event_clients.set({}, 0)
+        self.event_clients_dropped.set({}, 0)
         if cache_backend is not None:
             backend = {"backend": cache_backend}
             self.cache_errors.set(backend, 0)
