@@ -208,6 +208,14 @@ class _PausesAfterFirstPiece(EngineWrapper):
         return super().submit(tokens, params, Pausing(), **options)
 
 
+def _is_cancelled(event: InferenceFinished, *, stream: bool) -> None:
+    """A cancelled request's record: its mode, copy and caller, no prompt counted as
+    answered, never a cache hit, and how long it ran."""
+    assert (event.mode, event.copy, event.key) == ("fast", "stable", "anonymous")
+    assert (event.prompt_tokens, event.cached, event.stream) == (0, False, stream)
+    assert 0 < event.latency_s < 60
+
+
 class TestStreams:
     async def test_a_stream_starts_on_the_first_member_that_can_take_it(
         self, ensemble: Ensemble, events: Events
@@ -241,7 +249,12 @@ class TestStreams:
         finally:
             for lease in held:
                 lease.release()
-        assert [f.final for f in events.of(InferenceFailed) if f.final] == [True, True]
+        finals = [f for f in events.of(InferenceFailed) if f.final]
+        assert [(f.model, f.mode, f.error_type, f.copy, f.key) for f in finals] == [
+            ("ensemble", "fast", "no_member_available", "stable", "anonymous"),
+            ("b", "fast", "overloaded", "stable", "anonymous"),
+        ]
+        assert all(f.message and 0 < f.latency_s < 60 for f in finals)
 
     async def test_a_stream_the_client_leaves_stops_and_frees_the_member(
         self, make_ensemble: EnsembleFactory, events: Events
@@ -268,6 +281,7 @@ class TestStreams:
         finished = events.of(InferenceFinished)
         assert [(f.model, f.outcome) for f in finished] == [("b", "cancelled")]
         assert finished[0].completion_tokens < 10
+        _is_cancelled(finished[0], stream=True)
 
     async def test_a_completion_the_caller_stops_waiting_for_is_cancelled(
         self, make_ensemble: EnsembleFactory, events: Events
@@ -295,6 +309,7 @@ class TestStreams:
             while not events.of(InferenceFinished):
                 await anyio.sleep(0.01)
         assert [(f.model, f.outcome) for f in events.of(InferenceFinished)] == [("b", "cancelled")]
+        _is_cancelled(events.of(InferenceFinished)[0], stream=False)
 
     async def test_a_stream_that_fails_before_any_text_raises_its_error(
         self, ensemble: Ensemble, engines: Engines
