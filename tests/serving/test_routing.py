@@ -13,6 +13,7 @@ from ensemble_ops.events import InferenceFailed, InferenceFinished
 from ensemble_ops.serving.demo import DemoModel, write_model
 from ensemble_ops.serving.engine import ChatMessage, GenerationParams
 from ensemble_ops.serving.ensemble import Ensemble
+from ensemble_ops.serving.routing import split_order
 
 from ..conftest import EngineWrapper, route
 from .conftest import EnsembleFactory, Events, request
@@ -166,3 +167,20 @@ class TestContextSize:
             await ensemble.complete(request(params=over, prompt="Hello " * 10))
         finals = [(f.model, f.error_type) for f in events.of(InferenceFailed) if f.final]
         assert finals == [("ensemble", "context_length_exceeded")]
+
+
+class TestSplitOrder:
+    @pytest.mark.parametrize(
+        ("point", "first"),
+        [(0.0, "a"), (49.999, "a"), (50.0, "b"), (99.999, "b"), (100.0, "b")],
+    )
+    def test_the_slices_meet_exactly_at_the_weights(self, point: float, first: str) -> None:
+        """[0, 50) is a's and [50, 100) b's; a point past the last edge (rounding) is the
+        last member's."""
+        assert split_order({"a": 1.0, "b": 1.0}, point)[0] == first
+
+    def test_the_others_follow_heaviest_first_config_order_among_equals(self) -> None:
+        weights = {"a": 20.0, "b": 50.0, "c": 30.0, "d": 30.0}  # slices end at 15.4, 53.8, 76.9
+        assert split_order(weights, 10.0) == ["a", "b", "c", "d"]
+        assert split_order(weights, 25.0) == ["b", "c", "d", "a"]
+        assert split_order(weights, 70.0) == ["c", "b", "d", "a"]
