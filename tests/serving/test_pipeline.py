@@ -74,6 +74,10 @@ class TestFallback:
         assert engines.by_name["c"].calls == 1
         failed = events.of(InferenceFailed)
         assert [(f.model, f.error_type, f.final) for f in failed] == [("c", "engine_error", False)]
+        [attempt] = failed
+        assert (attempt.mode, attempt.copy, attempt.key) == ("fast", "stable", "anonymous")
+        assert "llama_decode returned -3" in attempt.message
+        assert 0 < attempt.latency_s < 60
 
     async def test_a_named_member_does_not_fall_back(
         self, ensemble: Ensemble, engines: Engines, events: Events
@@ -233,7 +237,9 @@ class TestStreams:
         await _until_idle(ensemble, "a")
         finished = events.of(InferenceFinished)
         assert [(f.model, f.stream, f.outcome) for f in finished] == [("a", True, "success")]
-        assert finished[0].time_to_first_token_s is not None
+        ttft = finished[0].time_to_first_token_s
+        assert ttft is not None
+        assert 0 < ttft <= finished[0].latency_s
 
     async def test_a_stream_no_member_can_take_fails_before_it_starts(
         self, ensemble: Ensemble, events: Events
