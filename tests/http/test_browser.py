@@ -123,16 +123,25 @@ class TestStatusPage:
             slot.install(FlakyEngine(LlamaEngine.load(slot.spec)))
             await previous.close()
 
+        async def mend_it() -> None:
+            previous = slot.active
+            slot.install(LlamaEngine.load(slot.spec))
+            await previous.close()
+
+        body = {"model": "demo-small", "prompt": "x", "max_tokens": 2}
         live.call(break_it())
-        for _ in range(3):
-            body = {"model": "demo-small", "prompt": "x", "max_tokens": 2}
-            assert (
-                httpx.post(f"{live.url}/v1/completions", json=body, timeout=30).status_code >= 500
-            )
-        assert live.app.state.health.snapshot("demo-small").status == "unhealthy"
-        WebDriverWait(browser, 2).until(lambda d: _chips(d, "demo-small")[0] == "unhealthy")
-        card = browser.find_element(By.CSS_SELECTOR, 'article[data-member="demo-small"]')
-        assert "failed in a row" in card.find_element(By.CSS_SELECTOR, ".reason").text
+        try:
+            for _ in range(3):
+                answer = httpx.post(f"{live.url}/v1/completions", json=body, timeout=30)
+                assert answer.status_code >= 500
+            assert live.app.state.health.snapshot("demo-small").status == "unhealthy"
+            WebDriverWait(browser, 2).until(lambda d: _chips(d, "demo-small")[0] == "unhealthy")
+            card = browser.find_element(By.CSS_SELECTOR, 'article[data-member="demo-small"]')
+            assert "failed in a row" in card.find_element(By.CSS_SELECTOR, ".reason").text
+        finally:  # the module's other tests see a healthy member again
+            live.call(mend_it())
+            httpx.post(f"{live.url}/v1/completions", json=body, timeout=30)
+        assert live.app.state.health.snapshot("demo-small").status == "healthy"
 
 
 class TestLayout:
