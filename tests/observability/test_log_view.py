@@ -17,6 +17,8 @@ from ensemble_ops.events import (
     GateJudged,
     InferenceFailed,
     InferenceFinished,
+    QualityJudged,
+    QualitySkipped,
     RolloutFinished,
     RolloutStepped,
     ShadowFinished,
@@ -128,4 +130,54 @@ class TestAtInfoLevel:
         lines = [json.loads(line) for line in stream.getvalue().splitlines()]
         assert [(line["event"], line["verdict"], line["level"]) for line in lines] == [
             ("rollout.gate", "fail", "info")
+        ]
+
+
+class TestQualityLines:
+    def test_a_failed_gate_logs_each_failed_case_as_a_warning(self, bus: EventBus) -> None:
+        failure = ("capital", "user: What is the capital of France?", 'contains ["Paris"]', "Lyon")
+        lines = _publish(
+            bus,
+            QualityJudged("a", "candidate", "chat.jsonl", 20, 3, 4.2, (failure,)),
+            QualityJudged("a", "stable", "chat.jsonl", 20, 16, 4.0),
+            QualitySkipped("b", "chat.jsonl"),
+        )
+        assert lines == [
+            {
+                "event": "quality.judged",
+                "log_level": "warning",
+                "model": "a",
+                "copy": "candidate",
+                "golden_set": "chat.jsonl",
+                "passed": 3,
+                "cases": 20,
+                "pass_ratio": 0.15,
+                "seconds": 4.2,
+                "failures": [
+                    {
+                        "case": "capital",
+                        "input": "user: What is the capital of France?",
+                        "expected": 'contains ["Paris"]',
+                        "got": "Lyon",
+                    }
+                ],
+            },
+            {
+                "event": "quality.judged",
+                "log_level": "info",
+                "model": "a",
+                "copy": "stable",
+                "golden_set": "chat.jsonl",
+                "passed": 16,
+                "cases": 20,
+                "pass_ratio": 0.8,
+                "seconds": 4.0,
+                "failures": [],
+            },
+            {
+                "event": "quality.skipped",
+                "log_level": "warning",
+                "model": "b",
+                "golden_set": "chat.jsonl",
+            },
         ]

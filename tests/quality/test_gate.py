@@ -13,6 +13,9 @@ from typing import Any
 
 import anyio
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ensemble_ops.config import Settings
 from ensemble_ops.errors import ConfigError
@@ -143,6 +146,32 @@ class TestGate:
         assert small.state == "completed"
         assert small.quality is not None
         assert (small.quality.golden_set, small.quality.pass_rate) == ("golden.jsonl", 1.0)
+
+
+class TestTrace:
+    async def test_the_verdict_and_each_failed_case_are_on_the_warm_up_span(
+        self, make_settings: SettingsFactory, half: Path
+    ) -> None:
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        app = create_app(_with_golden(make_settings, half), tracer_provider=provider)
+        async with serving(app):
+            status = await app.state.reload.reload_model(MEMBER)
+        provider.shutdown()
+        assert status.state == "failed"
+        [span] = [s for s in exporter.get_finished_spans() if s.name == "reload.warming_up"]
+        attributes = dict(span.attributes or {})
+        assert attributes["ensemble_ops.quality.verdict"] == "fail"
+        assert attributes["ensemble_ops.quality.pass_rate"] == 0.5
+        [failed] = [e for e in span.events if e.name == "quality.case_failed"]
+        event = dict(failed.attributes or {})
+        assert (event["case"], event["input"], event["expected"]) == (
+            "line 2",
+            "Once upon a time",
+            'exact "zzz-never"',
+        )
+        assert event["got"]
 
 
 class TestBadGoldenSets:
