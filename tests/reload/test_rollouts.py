@@ -413,7 +413,7 @@ class TestSticky:
             manager.start_reload(
                 MEMBER, rollout=_fast(kind="canary", steps=[50], min_requests=10_000)
             )
-            while manager.get_reload_status(MEMBER).state != "canary":
+            while app.state.ensemble.slots[MEMBER].candidate is None:  # offered, not just entered
                 await anyio.sleep(0.02)
             body = {"model": MEMBER, "prompt": "Hi", "max_tokens": 1, "temperature": 0.5}
             seen: dict[str, set[str]] = {}
@@ -489,7 +489,9 @@ class TestShutdown:
             manager.start_reload(
                 MEMBER, rollout=_fast(kind="canary", steps=[50], min_requests=10_000)
             )
-            while manager.get_reload_status(MEMBER).state != "canary":
+            # The candidate, not the state: the machine enters "canary" a step before the
+            # state's work offers the new copy.
+            while slot.candidate is None:
                 await anyio.sleep(0.02)
             new = slot.candidate
         assert slot.candidate is None
