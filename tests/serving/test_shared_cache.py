@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+import redis.asyncio
 
 from ensemble_ops.config import Settings
 from ensemble_ops.events import CacheBackendChanged, CacheLookedUp, EventBus
@@ -88,6 +89,13 @@ class TestSharedAnswers:
         await a.load_all()
         await b.load_all()
         first = await a.complete(_request())
+        # Stored, and the claim A took to generate it freed (no replica waits on it).
+        client = redis.asyncio.Redis.from_url(server.url)
+        try:
+            assert len(await client.keys("*:answer:*")) == 1
+            assert await client.keys("*:lock:*") == []
+        finally:
+            await client.aclose()
         second = await b.complete(_request())
         assert (first.cached, second.cached) == (False, True)
         assert second.completion.text == first.completion.text
