@@ -15,6 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -53,9 +54,24 @@ def _open(browser: webdriver.Chrome, url: str) -> None:
     )
 
 
+# Read in one script call: the page redraws a card as events arrive, so an element found by
+# one WebDriver call may be gone by the next.
 def _chips(browser: webdriver.Chrome, member: str) -> list[str]:
-    card = browser.find_element(By.CSS_SELECTOR, f'article[data-member="{member}"]')
-    return [chip.text for chip in card.find_elements(By.CSS_SELECTOR, "h3 .chip")]
+    chips: list[str] = browser.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map((e) => e.textContent)",
+        f'article[data-member="{member}"] h3 .chip',
+    )
+    return chips
+
+
+def _text(browser: webdriver.Chrome, selector: str, attribute: str | None = None) -> str:
+    value: str = browser.execute_script(
+        "const e = document.querySelector(arguments[0]);"
+        "return e === null ? '' : (arguments[1] ? e.getAttribute(arguments[1]) : e.textContent)",
+        selector,
+        attribute,
+    )
+    return value
 
 
 def _severe(browser: webdriver.Chrome) -> list[str]:
@@ -70,8 +86,7 @@ class TestStatusPage:
         _open(browser, live.url)
         for member in MEMBERS:
             assert _chips(browser, member) == ["healthy", "ready"]
-            card = browser.find_element(By.CSS_SELECTOR, f'article[data-member="{member}"]')
-            assert f"{member}.gguf" in card.text
+            assert f"{member}.gguf" in _text(browser, f'article[data-member="{member}"]')
         assert browser.find_element(By.ID, "listener").text == "read-only"
         assert not browser.find_elements(By.CSS_SELECTOR, ".actions")  # no admin means
         assert _severe(browser) == []
@@ -85,11 +100,8 @@ class TestStatusPage:
         started = httpx.post(f"{live.admin_url}/admin/models/demo-base/reload", timeout=30)
         assert started.status_code == 202
         card = 'article[data-member="demo-base"]'
-        WebDriverWait(browser, 60).until(
-            lambda d: "completed" in d.find_element(By.CSS_SELECTOR, f"{card} .reload").text
-        )
-        bar = browser.find_element(By.CSS_SELECTOR, f"{card} .bar")
-        assert bar.get_attribute("aria-valuenow") == "100"
+        WebDriverWait(browser, 60).until(lambda d: "completed" in _text(d, f"{card} .reload"))
+        assert _text(browser, f"{card} .bar", "aria-valuenow") == "100"
         assert browser.execute_script("return window.sameDocument") is True
         # Each of the four state changes was drawn as it came.
         assert browser.execute_script("return statusPage.renderLatenciesMs.length") == 4
@@ -99,9 +111,15 @@ class TestStatusPage:
         self, live: LiveApp, browser: webdriver.Chrome
     ) -> None:
         _open(browser, live.admin_url)
-        card = browser.find_element(By.CSS_SELECTOR, 'article[data-member="demo-tiny"]')
         before = live.app.state.reload.get_reload_status("demo-tiny").completed_at
-        card.find_element(By.XPATH, ".//button[text()='Reload']").click()
+        button = "//article[@data-member='demo-tiny']//button[text()='Reload']"
+
+        # Found and clicked again if a redraw replaced the button in between.
+        def click(driver: webdriver.Chrome) -> bool:
+            driver.find_element(By.XPATH, button).click()
+            return True
+
+        WebDriverWait(browser, 10, ignored_exceptions=[StaleElementReferenceException]).until(click)
         WebDriverWait(browser, 60).until(
             lambda d: (
                 live.app.state.reload.get_reload_status("demo-tiny").completed_at != before
@@ -136,8 +154,8 @@ class TestStatusPage:
                 assert answer.status_code >= 500
             assert live.app.state.health.snapshot("demo-small").status == "unhealthy"
             WebDriverWait(browser, 2).until(lambda d: _chips(d, "demo-small")[0] == "unhealthy")
-            card = browser.find_element(By.CSS_SELECTOR, 'article[data-member="demo-small"]')
-            assert "failed in a row" in card.find_element(By.CSS_SELECTOR, ".reason").text
+            reason = _text(browser, 'article[data-member="demo-small"] .reason')
+            assert "failed in a row" in reason
         finally:  # the module's other tests see a healthy member again
             live.call(mend_it())
             httpx.post(f"{live.url}/v1/completions", json=body, timeout=30)
