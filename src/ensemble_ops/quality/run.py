@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from ensemble_ops.config.golden import GoldenCase
@@ -94,15 +93,6 @@ def run_case(engine: Engine, case: GoldenCase) -> CaseResult:
     return CaseResult(case, answer, case.judge(answer), time.perf_counter() - started)
 
 
-def run_cases(
-    engine: Engine,
-    cases: tuple[GoldenCase, ...],
-    on_case: Callable[[int, CaseResult], None] | None = None,
-) -> QualityRun:
-    """Every case on ``engine`` in turn (blocking); ``on_case`` hears each result."""
-    results = []
-    for i, case in enumerate(cases, 1):
-        results.append(run_case(engine, case))
-        if on_case is not None:
-            on_case(i, results[-1])
-    return QualityRun(tuple(results))
+def run_cases(engine: Engine, cases: tuple[GoldenCase, ...]) -> QualityRun:
+    """Every case on ``engine`` in turn (blocking)."""
+    return QualityRun(tuple(run_case(engine, case) for case in cases))

@@ -9,6 +9,7 @@ reload, promote and abort; those POSTs carry the CSRF token ``/status.json`` han
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from typing import Any
 
@@ -33,28 +34,28 @@ _ASSETS = {
 _CACHE = {"Cache-Control": "no-cache"}  # revalidated: a new release's page is seen at once
 
 
-def _asset(name: str) -> ApiRoute:
+def _file(name: str) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint answering with one of the page's files, read once. The page itself holds
+    no data: with ``auth.protect_observability`` it asks for a key and sends it with its
+    requests for ``/status.json`` and ``/events``."""
     body = _STATIC.joinpath(name).read_bytes()
     media = _ASSETS[name]
 
     async def serve(request: Request) -> Response:
         return Response(body, media_type=media, headers=_CACHE)
 
-    path = "/status/app." + name.rsplit(".", 1)[1]
+    return serve
+
+
+def _asset(name: str) -> ApiRoute:
+    kind = name.rsplit(".", 1)[1]
     return ApiRoute(
-        path,
-        serve,
+        f"/status/app.{kind}",
+        _file(name),
         method="GET",
-        summary=f"The status page's {name.rsplit('.', 1)[1]}",
-        responses={200: Answer("The file.", media=media.split(";")[0])},
+        summary=f"The status page's {kind}",
+        responses={200: Answer("The file.", media=_ASSETS[name].split(";")[0])},
     )
-
-
-async def page(request: Request) -> Response:
-    """The page itself holds no data: with ``auth.protect_observability`` it asks for a key
-    and sends it with its requests for ``/status.json`` and ``/events``."""
-    body = _STATIC.joinpath("status.html").read_bytes()
-    return Response(body, media_type=_ASSETS["status.html"], headers=_CACHE)
 
 
 async def snapshot(request: Request) -> Response:
@@ -122,9 +123,11 @@ async def snapshot(request: Request) -> Response:
 
 _PAGE = {200: Answer("The status page (HTML).", media="text/html")}
 
+_page = _file("status.html")
+
 routes = [
-    ApiRoute("/", page, method="GET", summary="The status page", responses=_PAGE),
-    ApiRoute("/status", page, method="GET", summary="The status page", responses=_PAGE),
+    ApiRoute("/", _page, method="GET", summary="The status page", responses=_PAGE),
+    ApiRoute("/status", _page, method="GET", summary="The status page", responses=_PAGE),
     _asset("status.js"),
     _asset("status.css"),
     ApiRoute(
