@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
@@ -111,6 +112,67 @@ async def serving(app: Starlette) -> AsyncIterator[AppClient]:
             httpx.AsyncClient(transport=admin, base_url="http://admin") as client.admin,
         ):
             yield client
+
+
+Body = Callable[[int, int], dict[str, Any]]
+"""The body client ``i`` sends as its ``n``-th request."""
+
+
+class Traffic:
+    """Clients sending requests to an app until stopped; every answer's status kept (599: a
+    stream that did not end with ``[DONE]``, or carried an error). Every ``stream_every``-th
+    request of a client streams (0: none do)."""
+
+    def __init__(
+        self, client: AppClient, body: Body, path: str, clients: int, stream_every: int
+    ) -> None:
+        self.client = client
+        self.body, self.path, self.clients, self.stream_every = body, path, clients, stream_every
+        self.statuses: list[int] = []
+        self._stop = anyio.Event()
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tasks:
+            for i in range(self.clients):
+                tasks.start_soon(self._loop, i)
+
+    async def _loop(self, i: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            body = self.body(i, n)
+            if not self.stream_every or n % self.stream_every:
+                answer = await self.client.post(self.path, json=body, timeout=120)
+                self.statuses.append(answer.status_code)
+                continue
+            async with self.client.stream(
+                "POST", self.path, json=body | {"stream": True}, timeout=120
+            ) as answer:
+                text = (await answer.aread()).decode()
+            whole = text.rstrip().endswith("data: [DONE]") and '"error"' not in text
+            self.statuses.append(answer.status_code if whole else 599)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@asynccontextmanager
+async def under_load(
+    client: AppClient,
+    body: Body,
+    *,
+    path: str = "/v1/completions",
+    clients: int = 3,
+    stream_every: int = 0,
+) -> AsyncIterator[Traffic]:
+    """``Traffic`` running while the block runs."""
+    traffic = Traffic(client, body, path, clients, stream_every)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(traffic.run)
+        try:
+            yield traffic
+        finally:
+            traffic.stop()
 
 
 @pytest.fixture(name="client")

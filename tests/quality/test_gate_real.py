@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -24,7 +24,7 @@ from ensemble_ops.serving.builtin import real_settings
 from ensemble_ops.serving.demo import DEMO_MEMBERS, write_model
 from ensemble_ops.serving.real_models import REAL_MEMBERS, SMOLLM2_135M
 
-from ..conftest import AppClient, Recorded, serving
+from ..conftest import AppClient, Recorded, Traffic, serving, under_load
 
 pytestmark = pytest.mark.real_models
 
@@ -51,42 +51,18 @@ def _settings(model_dir: Path) -> Settings:
     return real_settings({m.name: model_dir / m.filename for m in REAL_MEMBERS}, environ={})
 
 
-class _Traffic:
-    """Clients sending sampled chats to the instruct member until stopped."""
-
-    def __init__(self, client: AppClient) -> None:
-        self.client = client
-        self.statuses: list[int] = []
-        self._stop = anyio.Event()
-
-    async def run(self, clients: int = 2) -> None:
-        async with anyio.create_task_group() as tasks:
-            for i in range(clients):
-                tasks.start_soon(self._loop, i)
-
-    async def _loop(self, i: int) -> None:
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            body = {
-                "model": INSTRUCT,
-                "messages": [{"role": "user", "content": f"Say something, {i}/{n}."}],
-                "max_tokens": 4,
-                "temperature": 0.8,  # sampled: every request reaches an engine
-            }
-            answer = await self.client.post("/v1/chat/completions", json=body, timeout=120)
-            self.statuses.append(answer.status_code)
+def _chat(i: int, n: int) -> dict[str, Any]:
+    return {
+        "model": INSTRUCT,
+        "messages": [{"role": "user", "content": f"Say something, {i}/{n}."}],
+        "max_tokens": 4,
+        "temperature": 0.8,  # sampled: every request reaches an engine
+    }
 
 
-@asynccontextmanager
-async def _under_load(client: AppClient) -> AsyncIterator[_Traffic]:
-    traffic = _Traffic(client)
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(traffic.run)
-        try:
-            yield traffic
-        finally:
-            traffic._stop.set()
+def _under_load(client: AppClient) -> AbstractAsyncContextManager[Traffic]:
+    """Two clients sending chats to the instruct member."""
+    return under_load(client, _chat, path="/v1/chat/completions", clients=2)
 
 
 async def _reload(client: AppClient, body: dict[str, object]) -> dict[str, object]:

@@ -7,8 +7,7 @@ back at the first step with enough data; no user request fails either way.
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
@@ -34,8 +33,10 @@ from ..conftest import (
     GatedEngine,
     Recorded,
     SettingsFactory,
+    Traffic,
     route,
     serving,
+    under_load,
 )
 
 MEMBER = "demo-tiny"
@@ -49,57 +50,20 @@ class _Recorder(Recorded):
         super().__init__(app.state.bus, *kinds)
 
 
-class _Traffic:
-    """Clients sending sampled completions (every third one streamed) to the member until
-    stopped; every answer's status kept (599: a stream that did not end well)."""
-
-    def __init__(self, client: AppClient, clients: int = 3) -> None:
-        self.client = client
-        self.clients = clients
-        self.statuses: list[int] = []
-        self._stop = anyio.Event()
-
-    async def run(self) -> None:
-        async with anyio.create_task_group() as tasks:
-            for i in range(self.clients):
-                tasks.start_soon(self._loop, i)
-
-    async def _loop(self, i: int) -> None:
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            body = {
-                "model": MEMBER,
-                "prompt": f"client {i} request {n}",
-                "max_tokens": 4,
-                "temperature": 0.8,  # sampled: every request reaches an engine
-                "user": f"user-{i}-{n}",
-            }
-            if n % 3:
-                answer = await self.client.post("/v1/completions", json=body, timeout=60)
-                self.statuses.append(answer.status_code)
-                continue
-            # Every third one streams: it must end with [DONE] and carry no error event.
-            async with self.client.stream(
-                "POST", "/v1/completions", json=body | {"stream": True}, timeout=60
-            ) as answer:
-                text = (await answer.aread()).decode()
-            whole = text.rstrip().endswith("data: [DONE]") and '"error"' not in text
-            self.statuses.append(answer.status_code if whole else 599)
-
-    def stop(self) -> None:
-        self._stop.set()
+def _body(i: int, n: int) -> dict[str, Any]:
+    """Sampled (every request reaches an engine), a session key per request."""
+    return {
+        "model": MEMBER,
+        "prompt": f"client {i} request {n}",
+        "max_tokens": 4,
+        "temperature": 0.8,
+        "user": f"user-{i}-{n}",
+    }
 
 
-@asynccontextmanager
-async def _under_load(client: AppClient) -> AsyncIterator[_Traffic]:
-    traffic = _Traffic(client)
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(traffic.run)
-        try:
-            yield traffic
-        finally:
-            traffic.stop()
+def _under_load(client: AppClient) -> AbstractAsyncContextManager[Traffic]:
+    """Three clients on the member, every third request streamed."""
+    return under_load(client, _body, stream_every=3)
 
 
 def _fast(**changes: Any) -> RolloutSpec:
