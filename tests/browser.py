@@ -1,7 +1,7 @@
 """A real browser and a real HTTP server for the status page's tests.
 
-Chromium and ChromeDriver are Debian's (``chromium``, ``chromium-driver``: `.ci/run`
-installs them), driven by Selenium. The app is served by hypercorn on real ports from a
+The browser is the benchmarks' (Debian's Chromium and ChromeDriver, which `.ci/run`
+installs, driven by Selenium). The app is served by hypercorn on real ports from a
 thread of the test process, so a test can also reach into it (swap a member's engine for
 one that fails, which a real model cannot do on demand) while the browser sees only HTTP.
 """
@@ -9,53 +9,22 @@ one that fails, which a real model cannot do on demand) while the browser sees o
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 import time
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import httpx
+from benchmarks.browser import chromium, viewport
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from starlette.applications import Starlette
 
 from .conftest import free_port
 
+__all__ = ["LiveApp", "chromium", "viewport"]
+
 T = TypeVar("T")
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-@contextmanager
-def chromium(width: int = 1280, height: int = 800) -> Iterator[webdriver.Chrome]:
-    """Headless Chromium with its console log kept (``driver.get_log("browser")``)."""
-    for binary in (CHROMIUM, CHROMEDRIVER):
-        assert shutil.which(binary), (
-            f"{binary} is missing: apt-get install chromium chromium-driver"
-        )
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
-        options.add_argument(argument)
-    options.add_argument(f"--window-size={width},{height}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        viewport(driver, width, height)
-        yield driver
-    finally:
-        driver.quit()
-
-
-def viewport(driver: webdriver.Chrome, width: int, height: int) -> None:
-    """The page's viewport exactly (a phone's: 390 x 844), whatever the window's frame."""
-    driver.execute_cdp_cmd(
-        "Emulation.setDeviceMetricsOverride",
-        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600},
-    )
 
 
 class LiveApp:
