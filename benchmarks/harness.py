@@ -861,6 +861,8 @@ class Reloaded:
     started: float
     seconds: float
     error: str | None = None
+    final: dict[str, Any] | None = None
+    """The reload's last status (``GET /health/llm/reload/{member}``), once it ended."""
 
     @property
     def ended(self) -> float:
@@ -874,24 +876,30 @@ async def reload_member(
     *,
     poll_s: float = 0.1,
     timeout_s: float = 300.0,
+    body: Mapping[str, Any] | None = None,
 ) -> Reloaded:
-    """``POST /admin/models/{member}/reload`` on the admin listener, then its status until it
-    completes or fails."""
+    """``POST /admin/models/{member}/reload`` (with ``body``) on the admin listener, then its
+    status until it completes, fails or rolls back."""
     started = time.perf_counter()
     status = None
 
-    def ended(outcome: str, error: str | None = None) -> Reloaded:
-        return Reloaded(member, outcome, status, started, time.perf_counter() - started, error)
+    def ended(
+        outcome: str, error: str | None = None, final: dict[str, Any] | None = None
+    ) -> Reloaded:
+        seconds = time.perf_counter() - started
+        return Reloaded(member, outcome, status, started, seconds, error, final)
 
     try:
-        answer = await client.post(f"{admin_url}/admin/models/{member}/reload")
+        answer = await client.post(
+            f"{admin_url}/admin/models/{member}/reload", json=dict(body or {})
+        )
         status = answer.status_code
         if status != 202:
             return ended("refused", f"{status} {answer.text[:500]}")
         while time.perf_counter() - started < timeout_s:
             state = (await client.get(f"{admin_url}/health/llm/reload/{member}")).json()
-            if state["state"] in ("completed", "failed"):
-                return ended(str(state["state"]), state.get("error"))
+            if state["state"] in ("completed", "failed", "rolled_back"):
+                return ended(str(state["state"]), state.get("error"), state)
             await asyncio.sleep(poll_s)
     except httpx.HTTPError as err:
         return ended("no answer", repr(err))

@@ -21,13 +21,21 @@ import argparse
 import asyncio
 import itertools
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from benchmarks.harness import RESULTS_DIR, Server, closed_loop, machine, save, until, utc_now
+from benchmarks.harness import (
+    RESULTS_DIR,
+    Server,
+    closed_loop,
+    machine,
+    reload_member,
+    save,
+    until,
+    utc_now,
+)
 from ensemble_ops.serving.demo import DEMO_MEMBERS, write_model
 from ensemble_ops.serving.real_models import SMOLLM2_135M
 
@@ -36,18 +44,12 @@ DEMO_BASE = next(m for m in DEMO_MEMBERS if m.name == "demo-base")
 
 
 async def reload(server: Server, member: str, body: dict[str, Any]) -> dict[str, Any]:
-    """One reload through the admin listener; its final status and wall time."""
-    started = time.perf_counter()
+    """One reload through the admin listener: its final status and wall time."""
     async with httpx.AsyncClient(timeout=60) as admin:
-        answer = await admin.post(f"{server.admin_url}/admin/models/{member}/reload", json=body)
-        answer.raise_for_status()
-        while True:
-            status: dict[str, Any] = (
-                await admin.get(f"{server.admin_url}/health/llm/reload/{member}")
-            ).json()
-            if status["state"] in ("completed", "failed", "rolled_back"):
-                return status | {"wall_s": round(time.perf_counter() - started, 2)}
-            await asyncio.sleep(0.1)
+        done = await reload_member(admin, server.admin_url, member, body=body, poll_s=0.1)
+    if done.final is None:
+        raise SystemExit(f"{member}: reload {done.outcome}: {done.error}")
+    return done.final | {"wall_s": round(done.seconds, 2)}
 
 
 async def gate_cost(server: Server, member: str) -> dict[str, Any]:
