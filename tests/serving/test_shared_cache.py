@@ -3,6 +3,7 @@ replicas, and a Redis outage that costs no request (real engines, a real redis-s
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,15 +11,20 @@ from typing import Any
 import anyio
 import pytest
 import redis.asyncio
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Tracer
 
 from ensemble_ops.config import Settings
 from ensemble_ops.events import CacheBackendChanged, CacheLookedUp, EventBus
-from ensemble_ops.serving.engine import Engine, GenerationParams
+from ensemble_ops.serving.cache.redis_cache import RedisCache
+from ensemble_ops.serving.engine import Completion, Engine, GenerationParams
 from ensemble_ops.serving.ensemble import Ensemble, InferenceRequest, InferenceResult
 from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.tasks import TaskRunner
 
-from ..conftest import FlakyEngine
+from ..conftest import FlakyEngine, GatedEngine
 from ..redis_server import RedisServer, redis_server
 
 GREEDY = GenerationParams(max_tokens=6, temperature=0.0, top_p=1.0)
@@ -53,7 +59,17 @@ async def _replica(
         engines.append(engine)
         return engine
 
-    def make(url: str, *, n_ctx: int = 256, bus: EventBus | None = None, **cache: Any) -> Ensemble:
+    def make(
+        url: str,
+        *,
+        n_ctx: int = 256,
+        bus: EventBus | None = None,
+        gate: threading.Event | None = None,
+        tracer: Tracer | None = None,
+        **cache: Any,
+    ) -> Ensemble:
+        """``gate``: the replica's engine holds each sequence until it is set (not counted
+        in ``engines``); ``tracer``: the replica's request spans."""
         settings = Settings.from_mapping(
             {
                 "models": [
@@ -70,7 +86,13 @@ async def _replica(
             environ={},
         )
         runner = TaskRunner()
-        ensemble = Ensemble(settings, bus or EventBus(), load, runner)
+
+        def load_gated(spec: Any) -> Engine:
+            assert gate is not None
+            return GatedEngine(LlamaEngine.load(spec), gate)
+
+        loader = load if gate is None else load_gated
+        ensemble = Ensemble(settings, bus or EventBus(), loader, runner, tracer=tracer)
         built.append((ensemble, runner))
         return ensemble
 
@@ -158,6 +180,129 @@ class TestSharedAnswers:
         assert sum(e.calls for e in engines) == 1
         assert sorted(r.cached for r in results) == [False] + [True] * 7
         assert len({r.completion.text for r in results}) == 1
+
+
+class TestWaitingOnAnotherReplica:
+    """Replica B asks for what replica A is generating: B waits on A's claim in Redis. A's
+    engine is held at a gate, so B's wait is made by construction, not by timing."""
+
+    @pytest.fixture(name="waiting")
+    def _waiting(self, monkeypatch: pytest.MonkeyPatch) -> anyio.Event:
+        """Set when a replica starts waiting on another's claim (a spy on the real wait)."""
+        started = anyio.Event()
+        real_wait = RedisCache.wait_for
+
+        async def wait_for(cache: RedisCache, key: str) -> Completion | None:
+            started.set()
+            return await real_wait(cache, key)
+
+        monkeypatch.setattr(RedisCache, "wait_for", wait_for)
+        return started
+
+    @staticmethod
+    def _traced() -> tuple[Tracer, InMemorySpanExporter]:
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        return provider.get_tracer("test"), exporter
+
+    @staticmethod
+    async def _cache_label(exporter: InMemorySpanExporter) -> object:
+        """The cache label on the one attempt span. The span ends after the answer is sent,
+        once the answer is stored in Redis and the claim freed: waited for, not assumed."""
+        with anyio.fail_after(10):
+            while not (spans := exporter.get_finished_spans()):
+                await anyio.sleep(0.01)
+        (span,) = spans
+        assert span.attributes is not None
+        return span.attributes.get("ensemble_ops.cache")
+
+    async def test_the_waiting_replica_gets_the_answer_as_coalesced(
+        self,
+        server: RedisServer,
+        replica: Replica,
+        engines: list[FlakyEngine],
+        waiting: anyio.Event,
+    ) -> None:
+        """B generates nothing: it gets A's text once A stores it, counted as a cache hit
+        and labelled ``coalesced`` on its span."""
+        gate = threading.Event()
+        tracer, exporter = self._traced()
+        bus = EventBus()
+        lookups: list[bool] = []
+        bus.subscribe(CacheLookedUp, lambda e: lookups.append(e.hit))
+        a, b = replica(server.url, gate=gate), replica(server.url, bus=bus, tracer=tracer)
+        await a.load_all()
+        await b.load_all()
+        results: dict[str, InferenceResult] = {}
+
+        async def ask(name: str, ensemble: Ensemble) -> None:
+            results[name] = await ensemble.complete(_request("Shared"))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(ask, "a", a)
+                await anyio.to_thread.run_sync(_arrived(a).wait)
+                tasks.start_soon(ask, "b", b)
+                await waiting.wait()
+                gate.set()
+        assert (results["a"].cached, results["b"].cached) == (False, True)
+        assert results["b"].completion == results["a"].completion
+        assert [e.calls for e in engines] == [0]  # B's engine never ran
+        assert lookups == [True]
+        assert await self._cache_label(exporter) == "coalesced"
+
+    async def test_a_wait_that_ends_empty_is_a_miss_and_generates(
+        self,
+        server: RedisServer,
+        replica: Replica,
+        engines: list[FlakyEngine],
+        waiting: anyio.Event,
+    ) -> None:
+        """A's client goes away before A answers: A frees its claim with nothing stored,
+        and B stops waiting and generates itself, labelled ``miss``."""
+        gate = threading.Event()
+        tracer, exporter = self._traced()
+        bus = EventBus()
+        lookups: list[bool] = []
+        bus.subscribe(CacheLookedUp, lambda e: lookups.append(e.hit))
+        a, b = replica(server.url, gate=gate), replica(server.url, bus=bus, tracer=tracer)
+        await a.load_all()
+        await b.load_all()
+        results: list[InferenceResult] = []
+        a_scope = anyio.CancelScope()
+
+        async def ask_a() -> None:
+            with a_scope:
+                await a.complete(_request("Shared"))
+
+        async def ask_b() -> None:
+
+            results.append(await b.complete(_request("Shared")))
+
+        try:
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(ask_a)
+                    await anyio.to_thread.run_sync(_arrived(a).wait)
+                    tasks.start_soon(ask_b)
+                    await waiting.wait()
+                    a_scope.cancel()
+        finally:
+            gate.set()  # lets the parked sequence end as cancelled
+        (result,) = results
+        assert not result.cached
+        assert [e.calls for e in engines] == [1]
+        assert lookups == [False]
+        assert await self._cache_label(exporter) == "miss"
+
+
+def _arrived(ensemble: Ensemble) -> threading.Event:
+    """Set when a sequence of ``ensemble``'s gated member has reached its gate."""
+    active = ensemble.slots["tiny"].active
+    assert active is not None
+    assert isinstance(active.engine, GatedEngine)
+    return active.engine.arrived
 
 
 class TestOutage:
