@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import nox
@@ -79,10 +80,29 @@ def mutate(session: nox.Session) -> None:
     See docs/mutation.md.
     """
     session.install("-e", ".[test,mutate]")
+    # mutmut runs the tests once in its own process, then forks a child per mutant. llama.cpp's
+    # OpenMP thread pool does not survive fork(): a child's first decode would wait forever
+    # (and count as a timeout, i.e. "detected"). Built without OpenMP, ggml starts its own
+    # threads for each computation, so a forked child decodes like any process.
+    session.install(
+        "--no-cache-dir",  # this build must never answer a later install of the same version
+        "--force-reinstall",
+        "--no-deps",
+        "--no-binary=llama-cpp-python",
+        _pinned("llama-cpp-python"),
+        env={"CMAKE_ARGS": "-DGGML_OPENMP=OFF"},
+    )
     # Two cores: two mutants at a time ("-- --max-children 4" overrides it).
     session.run("mutmut", "run", "--max-children", "2", *session.posargs)
     for line in _mutation_scores(Path("mutants")):
         session.log(line)
+
+
+def _pinned(package: str) -> str:
+    """``package==version`` as pinned in pyproject's dependencies."""
+    dependencies = tomllib.loads(Path("pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [d for d in dependencies if d.startswith(f"{package}==")]
+    return str(pin)
 
 
 _DETECTED = {
