@@ -13,7 +13,12 @@ from ensemble_ops.config.golden import (
     shipped_golden_set,
 )
 from ensemble_ops.config.members import ModelSpec, ModeName, ModeSpec, SplitSpec
-from ensemble_ops.config.quality import MemberQuality, QualitySettings, QualityThresholds
+from ensemble_ops.config.quality import (
+    DEFAULT_MIN_PASS_RATE,
+    MemberQuality,
+    QualitySettings,
+    QualityThresholds,
+)
 from ensemble_ops.config.rollout import GATES, GateSpec, ReloadSettings, RolloutKind, RolloutSpec
 from ensemble_ops.config.sections import (
     CacheSettings,
@@ -28,6 +33,7 @@ from ensemble_ops.config.sections import (
 from ensemble_ops.config.settings import ENV_PREFIX, Settings
 
 __all__ = [
+    "DEFAULT_MIN_PASS_RATE",
     "ENV_PREFIX",
     "GATES",
     "ApiKeySpec",

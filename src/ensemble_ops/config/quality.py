@@ -9,7 +9,10 @@ from pydantic import Field
 
 from ensemble_ops.config.base import Section
 
-__all__ = ["MemberQuality", "QualitySettings", "QualityThresholds"]
+__all__ = ["DEFAULT_MIN_PASS_RATE", "MemberQuality", "QualitySettings", "QualityThresholds"]
+
+DEFAULT_MIN_PASS_RATE = 0.8
+"""The floor when no level sets ``min_pass_rate``."""
 
 
 class QualityThresholds(Section):
@@ -37,7 +40,7 @@ class QualitySettings(QualityThresholds):
 
     golden_set: Annotated[Path, Field(strict=False)] | None = None
     """A JSON-lines golden set (docs/quality.md) for every member without its own."""
-    min_pass_rate: Annotated[float, Field(ge=0, le=1, strict=False)] | None = 0.8
+    min_pass_rate: Annotated[float, Field(ge=0, le=1, strict=False)] | None = DEFAULT_MIN_PASS_RATE
 
     def golden_set_for(self, member: MemberQuality) -> Path | None:
         """The golden set a member's reloads must pass (None: no quality gate)."""

@@ -19,14 +19,13 @@ import anyio
 import anyio.to_thread
 from opentelemetry.trace import Span
 
-from ensemble_ops.config import GoldenSet, QualityThresholds
+from ensemble_ops.config import DEFAULT_MIN_PASS_RATE, GoldenSet, QualityThresholds
 from ensemble_ops.events import Copy, EventBus, GateJudged, QualityJudged
 from ensemble_ops.quality.run import CaseResult, QualityRun, run_case
 from ensemble_ops.serving.slot import Loaded
 
 __all__ = ["CaseFailure", "QualityGate", "QualityPlan", "QualityStatus", "judge", "record_quality"]
 
-DEFAULT_MIN_PASS_RATE = 0.8
 DROP_SHARE = 0.10
 """Without ``max_drop``: the new copy may pass one case or 10% fewer, whichever is more."""
 _SHOWN_FAILURES = 20
@@ -124,7 +123,7 @@ def judge(
         round(floor, 4),
         round(seconds, 3),
         f"passed {new.passed}/{new.total} ({rate:.0%}); needs {floor:.0%} ({why})",
-        [CaseFailure.of(result) for result in new.failures[:_SHOWN_FAILURES]],
+        _shown_failures(new),
     )
 
 
@@ -207,15 +206,17 @@ class QualityGate:
         self._scores[(new.name, new.generation, digest)] = run
 
     def _publish(self, name: str, which: Copy, golden: GoldenSet, run: QualityRun) -> None:
-        failures = tuple(
-            (f.case, f.input, f.expected, f.got)
-            for f in (CaseFailure.of(result) for result in run.failures[:_SHOWN_FAILURES])
-        )
+        failures = tuple((f.case, f.input, f.expected, f.got) for f in _shown_failures(run))
         self._bus.publish(
             QualityJudged(
                 name, which, golden.path.name, run.total, run.passed, run.seconds, failures
             )
         )
+
+
+def _shown_failures(run: QualityRun) -> list[CaseFailure]:
+    """The failed cases a status or an event shows: the first 20, answers cut short."""
+    return [CaseFailure.of(result) for result in run.failures[:_SHOWN_FAILURES]]
 
 
 def record_quality(span: Span, status: QualityStatus) -> None:
