@@ -17,6 +17,8 @@ from ensemble_ops.events import (
     GateJudged,
     InferenceFailed,
     InferenceFinished,
+    QualityJudged,
+    ReloadFinished,
     ReloadStateChanged,
     RolloutFinished,
     RolloutStepped,
@@ -525,6 +527,26 @@ class TestRollouts:
         assert (
             sum(float(v) for k, v in flat.items() if k.startswith("llm_rollout_gate_verdict_")) == 0
         )
+
+    def test_a_promoted_copys_quality_score_becomes_the_stable_ones(self) -> None:
+        """After a reload that completed, copy="stable" reads the new copy's score; after
+        one rolled back, it keeps the serving copy's."""
+        metrics, bus = Metrics(members=["a"]), EventBus()
+        metrics.subscribe(bus)
+
+        def scores() -> tuple[float | str, float | str]:
+            flat = metrics.flat()
+            name = "llm_quality_pass_ratio_model=a,copy="
+            return flat[f"{name}stable"], flat[f"{name}candidate"]
+
+        bus.publish(QualityJudged("a", "candidate", "set.jsonl", 20, 18, 1.0))
+        bus.publish(QualityJudged("a", "stable", "set.jsonl", 20, 14, 1.0))
+        assert scores() == (0.7, 0.9)
+        bus.publish(ReloadFinished("a", "completed", 3.0))
+        assert scores() == (0.9, 0.9)
+        bus.publish(QualityJudged("a", "candidate", "set.jsonl", 20, 19, 1.0))
+        bus.publish(ReloadFinished("a", "rolled_back", 3.0, "the p95_latency gate failed"))
+        assert scores() == (0.9, 0.95)
 
     def test_every_reload_state_of_a_rollout_is_one_hot(self) -> None:
         """The rollout stages are reload states like the others, each a series from the start;

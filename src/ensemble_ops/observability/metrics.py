@@ -94,6 +94,7 @@ class Metrics(MetricFamilies):
         self._rates: dict[tuple[str, str], deque[float]] = {}
         self._generations: dict[str, int] = {}
         self._finished_rollouts: set[str] = set()
+        self._candidate_quality: dict[str, float] = {}  # a reload's new copy, until it ends
         self._reload_states: tuple[str, ...] = RELOAD_STATES
         self._loop: Any = None
         self._loop_thread: int | None = None
@@ -386,6 +387,10 @@ class Metrics(MetricFamilies):
     def _on_reload_finished(self, event: ReloadFinished) -> None:
         self.reloads.inc({"model": event.model, "outcome": event.outcome})
         self.reload_duration.observe({"model": event.model}, event.duration_s)
+        candidate = self._candidate_quality.pop(event.model, None)
+        if event.outcome == "completed" and candidate is not None:
+            # The new copy serves now: its score is the stable copy's.
+            self.quality_pass_ratio.set({"model": event.model, "copy": "stable"}, candidate)
 
     def _on_drain_timeout(self, event: DrainTimedOut) -> None:
         self.drain_timeouts.inc({"model": event.model})
@@ -410,6 +415,8 @@ class Metrics(MetricFamilies):
 
     def _on_quality(self, event: QualityJudged) -> None:
         self.quality_pass_ratio.set({"model": event.model, "copy": event.copy}, event.pass_ratio)
+        if event.copy == "candidate":
+            self._candidate_quality[event.model] = event.pass_ratio
 
     def _on_quality_skipped(self, event: QualitySkipped) -> None:
         self.quality_runs.inc({"model": event.model, "outcome": "skipped"})
