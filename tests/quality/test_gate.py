@@ -103,6 +103,24 @@ class TestGate:
                 assert status.quality.required_pass_rate == 0.5
         assert [e.copy for e in events.of(QualityJudged)] == ["candidate", "stable", "candidate"]
 
+    async def test_a_reread_config_applies_quality_to_the_next_reload(
+        self, make_settings: SettingsFactory, half: Path
+    ) -> None:
+        """SIGHUP's new ``[quality]`` floor (members unchanged, so nothing reloads then)
+        decides the next reload's gate."""
+        settings = _with_golden(make_settings, half)
+        app = create_app(settings)
+        lowered = _with_golden(make_settings, half, min_pass_rate=0.5)
+        assert lowered.models == settings.models
+        async with serving(app) as client:
+            assert app.state.reload.apply_settings(lowered) == {}
+            started = await client.admin.post(f"/admin/models/{MEMBER}/reload", json={})
+            assert started.status_code == 202
+            status = await app.state.reload.wait_for_reload(MEMBER)
+        assert status.state == "completed", status
+        assert status.quality is not None
+        assert status.quality.required_pass_rate == 0.5
+
     async def test_quality_false_skips_the_gate_and_says_so(
         self, make_settings: SettingsFactory, half: Path
     ) -> None:

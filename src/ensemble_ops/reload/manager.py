@@ -238,7 +238,9 @@ class ReloadManager:
         return job.status()
 
     def apply_settings(self, new: Settings) -> dict[str, str]:
-        """Reload every member whose spec changed in ``new`` (SIGHUP); name -> what happened."""
+        """Reload every member whose spec changed in ``new`` (SIGHUP); name -> what happened.
+        ``[quality]`` applies from the reloads started here on."""
+        self.quality = new.quality
         outcome: dict[str, str] = {}
         new_specs = {spec.name: spec for spec in new.models}
         for name, slot in self.slots.items():
