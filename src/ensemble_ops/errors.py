@@ -93,9 +93,11 @@ class ModelNotFoundError(EnsembleOpsError):
     code = "model_not_found"
     param = "model"
 
-    def __init__(self, name: str, known: list[str]) -> None:
+    def __init__(self, name: str, known: list[str], *, ensemble: bool = True) -> None:
+        """``ensemble``: the choices include ``ensemble`` (inference; not a member's own
+        endpoints)."""
         self.name = name
-        choices = ", ".join(["ensemble", *known])
+        choices = ", ".join(["ensemble", *known] if ensemble else known)
         super().__init__(f"The model {name!r} does not exist; choose one of: {choices}.")
 
 

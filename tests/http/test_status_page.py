@@ -102,7 +102,7 @@ class TestEventsRefusals:
         ("query", "headers", "status", "message"),
         [
             ("?type=nonsense", {}, 400, "Unknown event type 'nonsense'"),
-            ("?model=nobody", {}, 404, "nobody"),
+            ("?model=nobody", {}, 404, "'nobody' does not exist; choose one of: demo-"),
             ("", {"Last-Event-ID": "abc"}, 400, "Last-Event-ID must be an event id"),
         ],
     )

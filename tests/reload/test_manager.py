@@ -402,10 +402,18 @@ class TestHttp:
         status = await client.get("/health/llm/reload/demo-tiny")
         assert status.json()["state"] == "idle"  # nothing started
 
-    async def test_unknown_model(self, client: AppClient) -> None:
-        """404 for the reload and for its status."""
-        assert (await client.admin.post("/admin/models/nope/reload")).status_code == 404
-        assert (await client.get("/health/llm/reload/nope")).status_code == 404
+    async def test_unknown_model(self, client: AppClient, settings: Settings) -> None:
+        """404 for the reload and for its status, offering the members only: ``ensemble``
+        is a name to ask for inference, not one to reload."""
+        for response in (
+            await client.admin.post("/admin/models/nope/reload"),
+            await client.get("/health/llm/reload/nope"),
+            await client.get("/health/llm?model=nope"),
+        ):
+            assert response.status_code == 404
+            message = response.json()["error"]["message"]
+            choices = message.removeprefix("The model 'nope' does not exist; choose one of: ")
+            assert choices.rstrip(".").split(", ") == [spec.name for spec in settings.models]
 
     async def test_admin_token(self, make_settings: SettingsFactory) -> None:
         """With a token configured: 401 without it or with a wrong one, 202 with it."""

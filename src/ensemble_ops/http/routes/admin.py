@@ -33,7 +33,7 @@ def _manager(request: Request) -> ReloadManager:
 
 def _known(manager: ReloadManager, model: str) -> None:
     if model not in manager.slots:
-        raise ModelNotFoundError(model, list(manager.slots))
+        raise ModelNotFoundError(model, list(manager.slots), ensemble=False)
 
 
 async def start_reload(request: Request) -> Response:

@@ -54,7 +54,7 @@ async def events(request: Request) -> Response:
     types = request.query_params.getlist("type")
     for model in models:
         if model not in members:
-            raise ModelNotFoundError(model, members)
+            raise ModelNotFoundError(model, members, ensemble=False)
     unknown = [kind for kind in types if kind not in EVENT_TYPES]
     if unknown:
         raise InvalidRequestError(

@@ -45,7 +45,7 @@ async def model_health(request: Request) -> Response:
     checker = _checker(request)
     query = parse_query(ModelHealthQuery, request.query_params)
     if query.model not in checker.slots:
-        raise ModelNotFoundError(query.model, list(checker.slots))
+        raise ModelNotFoundError(query.model, list(checker.slots), ensemble=False)
     health = await checker.check_model_health(query.model, query.run_inference == "true")
     return JSONResponse(
         dump_model_health(health), status_code=200 if health.status.serving else 503
