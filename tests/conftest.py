@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -353,7 +354,7 @@ class GatedEngine(EngineWrapper):
         handle = _Parked()
 
         def after_the_gate() -> None:
-            self.release.wait()
+            self.hold()
             if handle.cancelled:
                 sink.end(EngineFailure("cancelled", cancelled=True))
                 return
@@ -364,6 +365,23 @@ class GatedEngine(EngineWrapper):
         threading.Thread(target=after_the_gate, daemon=True).start()
         self.arrived.set()
         return handle
+
+    def hold(self) -> None:
+        """Runs on the sequence's own thread until it may reach the engine."""
+        self.release.wait()
+
+
+class DelayedEngine(GatedEngine):
+    """A real engine that starts each sequence ``delay_s`` late: a copy slower than the one
+    serving by construction (two small real models differ by an amount that depends on the
+    machine, and a gate judging it would be decided by timing)."""
+
+    def __init__(self, real: LlamaEngine, delay_s: float) -> None:
+        super().__init__(real)
+        self.delay_s = delay_s
+
+    def hold(self) -> None:
+        time.sleep(self.delay_s)
 
 
 def route(

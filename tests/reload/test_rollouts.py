@@ -29,6 +29,7 @@ from ensemble_ops.serving.llama_engine import LlamaEngine
 
 from ..conftest import (
     AppClient,
+    DelayedEngine,
     FlakyEngine,
     GatedEngine,
     Recorded,
@@ -178,11 +179,15 @@ class TestCanary:
         assert set(traffic.statuses) == {200}
 
     async def test_a_much_slower_copy_rolls_back(self, settings: Settings) -> None:
-        """The member reloaded to a far larger model: its p95 latency gate rolls it back."""
+        """A new copy that starts every answer half a second late: its p95 latency gate (or
+        its time-to-first-token gate) rolls it back."""
         app = create_app(settings)
+        spec = settings.model(MEMBER)
         async with serving(app) as client, _under_load(client) as traffic:
             status = await _reload(
-                app, _fast(kind="canary", steps=[20]), path=settings.model("demo-base").path
+                app,
+                _fast(kind="canary", steps=[20]),
+                loader_func=lambda: DelayedEngine(LlamaEngine.load(spec), delay_s=0.5),
             )
         assert status.state == "rolled_back", status
         assert "p95_latency" in (status.error or "") or "ttft" in (status.error or "")
