@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
-from ensemble_ops.config import ModeName
+from ensemble_ops.config import ModeName, Settings
 from ensemble_ops.errors import (
     DeadlineUnreachableError,
     EngineError,
@@ -18,7 +18,8 @@ from ensemble_ops.errors import (
     NoMemberAvailableError,
     OverloadedError,
 )
-from ensemble_ops.events import InferenceFailed, InferenceFinished
+from ensemble_ops.events import EventBus, InferenceFailed, InferenceFinished
+from ensemble_ops.serving import pipeline
 from ensemble_ops.serving.demo import DemoModel, write_model
 from ensemble_ops.serving.engine import (
     ChatMessage,
@@ -30,6 +31,7 @@ from ensemble_ops.serving.engine import (
 )
 from ensemble_ops.serving.ensemble import Ensemble, TextStream
 from ensemble_ops.serving.llama_engine import LlamaEngine
+from ensemble_ops.tasks import TaskRunner
 
 from ..conftest import EngineWrapper, GatedEngine
 from .conftest import MEMBERS, SAMPLED, Engines, EnsembleFactory, Events, members, request
@@ -333,6 +335,51 @@ class TestStreams:
         await ensemble.close(drain_timeout_s=1.0)
         with pytest.raises(ModelUnavailableError, match="not loaded"):
             await ensemble.answer(request("a"), incremental=True).first()
+
+
+class TestEveryAnswerEnds:
+    async def test_a_stage_that_breaks_ends_the_answer_with_its_error(
+        self, ensemble: Ensemble, engines: Engines, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A bug in a stage (here: in reporting a request no member could answer) ends the
+        answer with its error, a 500 for the client, instead of leaving it waiting."""
+
+        def broken(*args: Any) -> None:
+            raise RuntimeError("a bug in a stage")
+
+        monkeypatch.setattr(pipeline, "report_unanswered", broken)
+        for name in MEMBERS:
+            engines.by_name[name].failing = True
+        with anyio.fail_after(10):
+            with pytest.raises(RuntimeError, match="a bug in a stage"):
+                await ensemble.complete(request())
+            with pytest.raises(RuntimeError, match="a bug in a stage"):
+                await ensemble.answer(request(), incremental=True).first()
+
+    async def test_an_answer_cancelled_by_a_shutdown_ends_with_a_503(
+        self, ensemble_settings: Settings, bus: EventBus, engines: Engines
+    ) -> None:
+        """The server stopping cancels the walks still running: their answers end with a
+        retryable refusal, not silence."""
+        runner = TaskRunner()
+        ensemble = Ensemble(ensemble_settings, bus, engines, runner)
+        await ensemble.load_all()
+        slot = ensemble.slots["b"]
+        previous = slot.active
+        assert previous is not None
+        gated = GatedEngine(LlamaEngine.load(slot.spec))
+        slot.install(gated)
+        await previous.close()
+        try:
+            stream = ensemble.answer(request("b"), incremental=True)
+            await anyio.to_thread.run_sync(gated.arrived.wait)
+            with anyio.fail_after(10):
+                await runner.aclose()
+                with pytest.raises(ModelUnavailableError, match="shutting down"):
+                    await stream.first()
+        finally:
+            gated.release.set()
+            await ensemble.close(drain_timeout_s=1.0)
 
 
 class TestWhatTheEngineIsAsked:

@@ -154,6 +154,11 @@ class TextStream:
             raise ClientGoneError("the answer was cancelled")
         return self.result
 
+    @property
+    def ended(self) -> bool:
+        """The answer has ended (a completion, an error, or nothing once the client left)."""
+        return self._ended.is_set()
+
     def close(self) -> None:
         """The client is gone (idempotent): cancel what still generates the answer."""
         if self.closed:

@@ -67,8 +67,21 @@ class Pipeline:
         """Start answering ``request`` in a task of its own; pieces flow as they come when
         ``incremental``."""
         stream = TextStream(request, incremental=incremental)
-        self._runner.spawn(self._walk, stream)
+        self._runner.spawn(self._answer, stream)
         return stream
+
+    async def _answer(self, stream: TextStream) -> None:
+        """The walk, guarded: however it stops (a stage's own bug, or a shutdown cancelling
+        it), the stream ends, so no client waits for an answer that will never come."""
+        try:
+            await self._walk(stream)
+        except Exception as err:
+            if not stream.ended:
+                stream.end(None, err)  # a 500 for the client; the task runner logs it
+            raise
+        finally:
+            if not stream.ended:  # cancelled: the server is stopping
+                stream.end(None, ModelUnavailableError(stream.request.model, "shutting down"))
 
     async def _walk(self, stream: TextStream) -> None:
         request = stream.request
