@@ -3,6 +3,7 @@ and context size."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,12 @@ class TestSplitOrder:
         """[0, 50) is a's and [50, 100) b's; a point past the last edge (rounding) is the
         last member's."""
         assert split_order({"a": 1.0, "b": 1.0}, point)[0] == first
+
+    def test_a_point_that_rounding_puts_past_the_last_edge_is_the_last_members(self) -> None:
+        """Three equal thirds add up to 99.99999999999999, the largest point below 100: a
+        point there is in the last slice, not in any other."""
+        weights = {"a": 1.0, "b": 1.0, "c": 1.0}
+        assert split_order(weights, math.nextafter(100.0, 0.0)) == ["c", "a", "b"]
 
     def test_the_others_follow_heaviest_first_config_order_among_equals(self) -> None:
         weights = {"a": 20.0, "b": 50.0, "c": 30.0, "d": 30.0}  # slices end at 15.4, 53.8, 76.9
