@@ -319,6 +319,22 @@ class FlakyEngine(EngineWrapper):
         return super().submit(tokens, params, sink, **options)
 
 
+class FailsMidStream(EngineWrapper):
+    """An engine that sends one piece and then fails: a decode failing mid-answer, which a
+    real model cannot do on demand."""
+
+    def submit(
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        sink: SequenceSink,
+        **options: Any,
+    ) -> SequenceHandle:
+        sink.piece("partial")
+        sink.end(EngineFailure("decode failed mid-way"))
+        return _Ended()
+
+
 class _Parked:
     """The handle of a sequence waiting at a gate: cancelling it there ends it there."""
 

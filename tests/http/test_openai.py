@@ -15,9 +15,10 @@ from structlog.testing import capture_logs
 from ensemble_ops.config import ModelSpec, Settings
 from ensemble_ops.http.app import create_app
 from ensemble_ops.http.protocol import ChatCompletionBody, CompletionBody, InferenceHeaders
+from ensemble_ops.serving.accounting import Attempt
 from ensemble_ops.serving.llama_engine import LlamaEngine
 
-from ..conftest import AppClient, FlakyEngine, SettingsFactory, serving
+from ..conftest import AppClient, FailsMidStream, FlakyEngine, SettingsFactory, serving
 
 COMPLETION = {"model": "demo-tiny", "prompt": "Hello", "max_tokens": 8}
 
@@ -428,6 +429,37 @@ class TestFailures:
             )
             assert routed.status_code == 200
             assert routed.json()["model"] == "demo-base"
+
+    async def test_a_stream_failing_mid_way_ends_with_an_error_event(
+        self, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Past its first piece a stream cannot become an HTTP error: it ends with an error
+        event carrying the engine's message. A bug of the server's own is sent as "Internal
+        server error.", its details kept for the log."""
+
+        def loader(spec: ModelSpec) -> Any:
+            engine = LlamaEngine.load(spec)
+            return FailsMidStream(engine) if spec.name == "demo-small" else engine
+
+        def errors(response: httpx.Response) -> list[str]:
+            assert response.status_code == 200
+            events = [line.removeprefix("data: ") for line in response.text.splitlines() if line]
+            assert "[DONE]" not in events
+            return [e["error"]["message"] for e in map(json.loads, events) if "error" in e]
+
+        body = {**COMPLETION, "model": "demo-small", "stream": True}
+        async with serving(create_app(settings, loader=loader)) as client:
+            engine_failed = await client.post("/v1/completions", json=body)
+            assert errors(engine_failed) == [
+                "Inference failed on model 'demo-small': decode failed mid-way"
+            ]
+
+            def broken(*args: Any, **kwargs: Any) -> None:
+                raise RuntimeError("internal detail")
+
+            monkeypatch.setattr(Attempt, "failed", broken)
+            crashed = await client.post("/v1/completions", json=body)
+            assert errors(crashed) == ["Internal server error."]
 
     async def test_member_that_failed_to_load(
         self, make_settings: SettingsFactory, demo_dir: Any

@@ -33,7 +33,7 @@ from ensemble_ops.serving.ensemble import Ensemble, TextStream
 from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.tasks import TaskRunner
 
-from ..conftest import EngineWrapper, GatedEngine
+from ..conftest import EngineWrapper, FailsMidStream, GatedEngine
 from .conftest import MEMBERS, SAMPLED, Engines, EnsembleFactory, Events, members, request
 
 
@@ -147,7 +147,7 @@ class TestFallback:
         slot = ensemble.slots["c"]
         active = slot.active
         assert active is not None
-        slot.install(_FailsMidStream(LlamaEngine.load(slot.spec)))
+        slot.install(FailsMidStream(LlamaEngine.load(slot.spec)))
         stream = ensemble.answer(request(params=SAMPLED), incremental=True)
         await stream.first()
         pieces: list[str] = []
@@ -163,27 +163,6 @@ class TestFallback:
         failed = [(f.model, f.final) for f in events.of(InferenceFailed)]
         assert failed == [("c", True)]
         await active.close()
-
-
-class _FailsMidStream(EngineWrapper):
-    """An engine that sends one piece and then fails: a decode failing mid-answer, which a
-    real model cannot do on demand."""
-
-    def submit(
-        self,
-        tokens: list[int],
-        params: GenerationParams,
-        sink: SequenceSink,
-        **options: Any,
-    ) -> SequenceHandle:
-        sink.piece("partial")
-        sink.end(EngineFailure("decode failed mid-way"))
-        return _Done()
-
-
-class _Done:
-    def cancel(self) -> None:
-        pass
 
 
 class _PausesAfterFirstPiece(EngineWrapper):

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ensemble_ops.access.gate import Gate, Pass
 from ensemble_ops.config import Settings
-from ensemble_ops.errors import InvalidRequestError
+from ensemble_ops.errors import EnsembleOpsError, InvalidRequestError
 from ensemble_ops.http.auth import caller_of, is_admin
 from ensemble_ops.http.middleware import log_fields, response_headers
 from ensemble_ops.http.openapi import Answer, ApiRoute, errors
@@ -197,7 +197,9 @@ def _events(
                 yield event([chunk.piece(piece)])
         except Exception as err:  # the engine failed mid-stream: say so in the stream
             fields["error"] = str(err)
-            yield _event(StreamError(error=StreamErrorDetail(message=str(err))))
+            # A bug of the server's own is logged with its details, not sent (as for a 500).
+            said = str(err) if isinstance(err, EnsembleOpsError) else "Internal server error."
+            yield _event(StreamError(error=StreamErrorDetail(message=said)))
             return
         finally:
             stream.close()
