@@ -239,6 +239,34 @@ class TestShadow:
         assert status.state == "rolled_back"
         assert "aborted" in (status.error or "")
 
+    async def test_a_shadow_copy_that_fails_rolls_back_on_its_errors(
+        self, settings: Settings
+    ) -> None:
+        """Every mirrored request fails on the new copy: each is recorded as a failure of
+        the new copy (nothing generated, no first token), the error-rate gate rolls the
+        shadow back, and users never see it."""
+        app = create_app(settings)
+        events = _Recorder(app)
+        spec = settings.model(MEMBER)
+        async with serving(app) as client, _under_load(client) as traffic:
+            status = await _reload(
+                app,
+                _fast(kind="shadow", shadow_percent=100),
+                loader_func=lambda: FlakyEngine(LlamaEngine.load(spec)),  # fails every decode
+                warmup_func=lambda engine: "ok",  # it fails once it is mirrored to
+            )
+        assert status.state == "rolled_back", status
+        assert "error_rate" in (status.error or "")
+        assert set(traffic.statuses) == {200}
+        assert {e.copy for e in events.of(InferenceFinished)} == {"stable"}
+        mirrored = events.of(ShadowFinished)
+        assert len(mirrored) >= 10
+        for shadow in mirrored:
+            assert (shadow.model, shadow.error_type) == (MEMBER, "engine_error")
+            assert (shadow.time_to_first_token_s, shadow.completion_tokens) == (None, 0)
+            assert shadow.empty
+            assert 0 < shadow.latency_s < 60
+
     async def test_a_good_shadow_goes_on_to_switch(self, settings: Settings) -> None:
         """A mirrored copy that keeps the gates is switched to."""
         app = create_app(settings)
