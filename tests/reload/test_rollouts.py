@@ -267,6 +267,34 @@ class TestShadow:
             assert shadow.empty
             assert 0 < shadow.latency_s < 60
 
+    async def test_a_shadow_copy_that_answers_nothing_rolls_back(self, settings: Settings) -> None:
+        """A real model whose answers are all empty, mirrored to: each mirror is recorded as
+        an empty answer, and the empty-share gate rolls it back."""
+        silent = write_model(
+            DemoModel("silent", n_embd=64, n_layer=2, n_ff=192, n_head=4, seed=1, silent=True),
+            settings.model(MEMBER).path.parent / "silent-shadow.gguf",
+        )
+        app = create_app(settings)
+        events = _Recorder(app)
+        try:
+            async with serving(app) as client, _under_load(client) as traffic:
+                status = await _reload(
+                    app,
+                    _fast(kind="shadow", shadow_percent=100),
+                    path=silent,
+                    warmup_func=lambda engine: engine.tokenize("Hi"),
+                )
+        finally:
+            silent.unlink()  # the demo folder is shared by the session's tests
+        assert status.state == "rolled_back", status
+        assert "empty_share" in (status.error or "")
+        assert set(traffic.statuses) == {200}
+        mirrored = events.of(ShadowFinished)
+        assert mirrored
+        for shadow in mirrored:
+            assert (shadow.model, shadow.error_type, shadow.empty) == (MEMBER, None, True)
+            assert shadow.completion_tokens == 0
+
     async def test_a_good_shadow_goes_on_to_switch(self, settings: Settings) -> None:
         """A mirrored copy that keeps the gates is switched to."""
         app = create_app(settings)
@@ -283,7 +311,13 @@ class TestShadow:
             status = await _reload(app, rollout)
         assert status.state == "completed", status
         assert set(traffic.statuses) == {200}
-        assert len(events.of(ShadowFinished)) >= 10
+        mirrored = events.of(ShadowFinished)
+        assert len(mirrored) >= 10
+        for shadow in mirrored:
+            assert (shadow.model, shadow.error_type, shadow.empty) == (MEMBER, None, False)
+            assert shadow.completion_tokens > 0
+            assert shadow.time_to_first_token_s is not None
+            assert 0 < shadow.time_to_first_token_s <= shadow.latency_s < 60
         assert {e.copy for e in events.of(InferenceFinished)} == {"stable"}
 
 
