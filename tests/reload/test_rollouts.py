@@ -78,7 +78,10 @@ def _settings(make_settings: SettingsFactory) -> Settings:
 
 
 async def _reload(app: Starlette, rollout: RolloutSpec, **options: Any) -> Any:
-    return await app.state.reload.reload_model(MEMBER, rollout=rollout, **options)
+    """The rollout's outcome; a rollout that never ends (a gate that never gets its
+    figures) fails the test instead of holding it and the traffic forever."""
+    with anyio.fail_after(120):
+        return await app.state.reload.reload_model(MEMBER, rollout=rollout, **options)
 
 
 class TestCanary:
