@@ -4,8 +4,9 @@ completions, the client leaving, and what the engine is asked."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import pytest
@@ -24,6 +25,7 @@ from ensemble_ops.serving.demo import DemoModel, write_model
 from ensemble_ops.serving.engine import (
     ChatMessage,
     Completion,
+    Engine,
     EngineFailure,
     GenerationParams,
     SequenceHandle,
@@ -40,6 +42,20 @@ from .conftest import MEMBERS, SAMPLED, Engines, EnsembleFactory, Events, member
 async def _collect(stream: TextStream) -> str:
     await stream.first()
     return "".join([piece async for piece in stream.pieces()])
+
+
+_E = TypeVar("_E", bound=Engine)
+
+
+async def _swap_in(ensemble: Ensemble, name: str, wrap: Callable[[LlamaEngine], _E]) -> _E:
+    """Serve ``name`` from ``wrap`` of a new real engine on its file; the old copy closed."""
+    slot = ensemble.slots[name]
+    previous = slot.active
+    assert previous is not None
+    engine = wrap(LlamaEngine.load(slot.spec))
+    slot.install(engine)
+    await previous.close()
+    return engine
 
 
 async def _until_idle(ensemble: Ensemble, name: str) -> None:
@@ -250,12 +266,7 @@ class TestStreams:
         the outcome is cancelled, and far fewer tokens than asked were made."""
         ensemble = make_ensemble()
         await ensemble.load_all()
-        slot = ensemble.slots["b"]
-        previous = slot.active
-        assert previous is not None
-        paused = _PausesAfterFirstPiece(LlamaEngine.load(slot.spec))
-        slot.install(paused)
-        await previous.close()
+        paused = await _swap_in(ensemble, "b", _PausesAfterFirstPiece)
         long = GenerationParams(max_tokens=200, temperature=0.9, top_p=1.0)
         stream = ensemble.answer(request("b", long), incremental=True)
         await stream.first()
@@ -277,12 +288,7 @@ class TestStreams:
         its sequence in the engine; the outcome is cancelled."""
         ensemble = make_ensemble()
         await ensemble.load_all()
-        slot = ensemble.slots["b"]
-        previous = slot.active
-        assert previous is not None
-        gated = GatedEngine(LlamaEngine.load(slot.spec))
-        slot.install(gated)
-        await previous.close()
+        gated = await _swap_in(ensemble, "b", GatedEngine)
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(ensemble.complete, request("b"))
@@ -343,12 +349,7 @@ class TestEveryAnswerEnds:
         runner = TaskRunner()
         ensemble = Ensemble(ensemble_settings, bus, engines, runner)
         await ensemble.load_all()
-        slot = ensemble.slots["b"]
-        previous = slot.active
-        assert previous is not None
-        gated = GatedEngine(LlamaEngine.load(slot.spec))
-        slot.install(gated)
-        await previous.close()
+        gated = await _swap_in(ensemble, "b", GatedEngine)
         try:
             stream = ensemble.answer(request("b"), incremental=True)
             await anyio.to_thread.run_sync(gated.arrived.wait)
@@ -437,12 +438,7 @@ class TestLatencyTargets:
         the next member answers instead."""
         ensemble = make_ensemble()
         await ensemble.load_all()
-        slot = ensemble.slots["c"]
-        previous = slot.active
-        assert previous is not None
-        behind = _FarBehind(LlamaEngine.load(slot.spec), wait_s=6.0)
-        slot.install(behind)
-        await previous.close()
+        behind = await _swap_in(ensemble, "c", lambda real: _FarBehind(real, wait_s=6.0))
         with pytest.raises(DeadlineUnreachableError) as refused:
             await ensemble.complete(request("c", mode="fast"))
         assert refused.value.retry_after_s == 4  # 6 s of work, 2.5 s of target
@@ -455,11 +451,7 @@ class TestLatencyTargets:
         """The same 3.5 s of work ahead refuses a fast request but not a creative one (4 s)."""
         ensemble = make_ensemble()
         await ensemble.load_all()
-        slot = ensemble.slots["b"]
-        previous = slot.active
-        assert previous is not None
-        slot.install(_FarBehind(LlamaEngine.load(slot.spec), wait_s=3.5))
-        await previous.close()
+        await _swap_in(ensemble, "b", lambda real: _FarBehind(real, wait_s=3.5))
         with pytest.raises(DeadlineUnreachableError):
             await ensemble.complete(request("b", mode="fast"))
         assert (await ensemble.complete(request("b", mode="creative"))).member == "b"
