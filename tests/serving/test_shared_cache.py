@@ -200,11 +200,23 @@ class TestWaitingOnAnotherReplica:
         return started
 
     @staticmethod
-    def _traced() -> tuple[Tracer, InMemorySpanExporter]:
+    async def _a_gated_and_b_traced(
+        server: RedisServer, replica: Replica
+    ) -> tuple[threading.Event, Ensemble, Ensemble, list[bool], InMemorySpanExporter]:
+        """Replica A, whose engine holds each sequence until the gate is set, and replica B,
+        whose cache lookups (hit or not) and spans are recorded; both loaded."""
+        gate = threading.Event()
         exporter = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(exporter))
-        return provider.get_tracer("test"), exporter
+        bus = EventBus()
+        lookups: list[bool] = []
+        bus.subscribe(CacheLookedUp, lambda e: lookups.append(e.hit))
+        a = replica(server.url, gate=gate)
+        b = replica(server.url, bus=bus, tracer=provider.get_tracer("test"))
+        await a.load_all()
+        await b.load_all()
+        return gate, a, b, lookups, exporter
 
     @staticmethod
     async def _cache_label(exporter: InMemorySpanExporter) -> object:
@@ -226,14 +238,7 @@ class TestWaitingOnAnotherReplica:
     ) -> None:
         """B generates nothing: it gets A's text once A stores it, counted as a cache hit
         and labelled ``coalesced`` on its span."""
-        gate = threading.Event()
-        tracer, exporter = self._traced()
-        bus = EventBus()
-        lookups: list[bool] = []
-        bus.subscribe(CacheLookedUp, lambda e: lookups.append(e.hit))
-        a, b = replica(server.url, gate=gate), replica(server.url, bus=bus, tracer=tracer)
-        await a.load_all()
-        await b.load_all()
+        gate, a, b, lookups, exporter = await self._a_gated_and_b_traced(server, replica)
         results: dict[str, InferenceResult] = {}
 
         async def ask(name: str, ensemble: Ensemble) -> None:
@@ -261,14 +266,7 @@ class TestWaitingOnAnotherReplica:
     ) -> None:
         """A's client goes away before A answers: A frees its claim with nothing stored,
         and B stops waiting and generates itself, labelled ``miss``."""
-        gate = threading.Event()
-        tracer, exporter = self._traced()
-        bus = EventBus()
-        lookups: list[bool] = []
-        bus.subscribe(CacheLookedUp, lambda e: lookups.append(e.hit))
-        a, b = replica(server.url, gate=gate), replica(server.url, bus=bus, tracer=tracer)
-        await a.load_all()
-        await b.load_all()
+        gate, a, b, lookups, exporter = await self._a_gated_and_b_traced(server, replica)
         results: list[InferenceResult] = []
         a_scope = anyio.CancelScope()
 
