@@ -7,7 +7,9 @@ back at the first step with enough data; no user request fails either way.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -75,6 +77,18 @@ def _fast(**changes: Any) -> RolloutSpec:
 @pytest.fixture(name="settings")
 def _settings(make_settings: SettingsFactory) -> Settings:
     return make_settings(cache={"enabled": False})
+
+
+@pytest.fixture(name="silent")
+def _silent(settings: Settings) -> Iterator[Path]:
+    """A real model whose answers are all empty, beside the member's file (reload paths stay
+    in the model directory); removed afterwards, as the demo folder is the session's."""
+    path = write_model(
+        DemoModel("silent", n_embd=64, n_layer=2, n_ff=192, n_head=4, seed=1, silent=True),
+        settings.model(MEMBER).path.parent / "silent.gguf",
+    )
+    yield path
+    path.unlink()
 
 
 async def _reload(app: Starlette, rollout: RolloutSpec, **options: Any) -> Any:
@@ -159,24 +173,19 @@ class TestCanary:
         assert {e.gate for e in failed} == {"error_rate"}
         assert events.of(RolloutFinished)[0].outcome == "rolled_back"
 
-    async def test_a_copy_that_answers_nothing_rolls_back(self, settings: Settings) -> None:
+    async def test_a_copy_that_answers_nothing_rolls_back(
+        self, settings: Settings, silent: Path
+    ) -> None:
         """A real model whose answers are all empty: the empty-share gate rolls it back."""
-        silent = write_model(
-            DemoModel("silent", n_embd=64, n_layer=2, n_ff=192, n_head=4, seed=1, silent=True),
-            settings.model(MEMBER).path.parent / "silent.gguf",
-        )
         app = create_app(settings)
-        try:
-            async with serving(app) as client, _under_load(client) as traffic:
-                # Its warm-up only checks that it tokenizes: the gate is what must catch it.
-                status = await _reload(
-                    app,
-                    _fast(kind="canary", steps=[20]),
-                    path=silent,
-                    warmup_func=lambda engine: engine.tokenize("Hi"),
-                )
-        finally:
-            silent.unlink()  # the demo folder is shared by the session's tests
+        async with serving(app) as client, _under_load(client) as traffic:
+            # Its warm-up only checks that it tokenizes: the gate is what must catch it.
+            status = await _reload(
+                app,
+                _fast(kind="canary", steps=[20]),
+                path=silent,
+                warmup_func=lambda engine: engine.tokenize("Hi"),
+            )
         assert status.state == "rolled_back", status
         assert "empty_share" in (status.error or "")
         assert set(traffic.statuses) == {200}
@@ -270,25 +279,20 @@ class TestShadow:
             assert shadow.empty
             assert 0 < shadow.latency_s < 60
 
-    async def test_a_shadow_copy_that_answers_nothing_rolls_back(self, settings: Settings) -> None:
+    async def test_a_shadow_copy_that_answers_nothing_rolls_back(
+        self, settings: Settings, silent: Path
+    ) -> None:
         """A real model whose answers are all empty, mirrored to: each mirror is recorded as
         an empty answer, and the empty-share gate rolls it back."""
-        silent = write_model(
-            DemoModel("silent", n_embd=64, n_layer=2, n_ff=192, n_head=4, seed=1, silent=True),
-            settings.model(MEMBER).path.parent / "silent-shadow.gguf",
-        )
         app = create_app(settings)
         events = _Recorder(app)
-        try:
-            async with serving(app) as client, _under_load(client) as traffic:
-                status = await _reload(
-                    app,
-                    _fast(kind="shadow", shadow_percent=100),
-                    path=silent,
-                    warmup_func=lambda engine: engine.tokenize("Hi"),
-                )
-        finally:
-            silent.unlink()  # the demo folder is shared by the session's tests
+        async with serving(app) as client, _under_load(client) as traffic:
+            status = await _reload(
+                app,
+                _fast(kind="shadow", shadow_percent=100),
+                path=silent,
+                warmup_func=lambda engine: engine.tokenize("Hi"),
+            )
         assert status.state == "rolled_back", status
         assert "empty_share" in (status.error or "")
         assert set(traffic.statuses) == {200}
