@@ -92,8 +92,17 @@ def mutate(session: nox.Session) -> None:
         _pinned("llama-cpp-python"),
         env={"CMAKE_ARGS": "-DGGML_OPENMP=OFF"},
     )
-    # Two cores: two mutants at a time ("-- --max-children 4" overrides it).
-    session.run("mutmut", "run", "--max-children", "2", *session.posargs)
+    # Two cores: two mutants at a time ("-- --max-children 4" overrides it). A mutant that hangs
+    # a test fails that test after 90 s (3x the slowest test, two children sharing the cores)
+    # instead of holding a worker until mutmut's limit for the whole selection.
+    session.run(
+        "mutmut",
+        "run",
+        "--max-children",
+        "2",
+        *session.posargs,
+        env={"PYTEST_ADDOPTS": "--timeout=90"},
+    )
     for line in _mutation_scores(Path("mutants")):
         session.log(line)
 

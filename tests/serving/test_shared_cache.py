@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import redis.asyncio
 from opentelemetry.sdk.trace import TracerProvider
@@ -17,6 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Tracer
 
 from ensemble_ops.config import Settings
+from ensemble_ops.errors import ModelUnavailableError
 from ensemble_ops.events import CacheBackendChanged, CacheLookedUp, EventBus
 from ensemble_ops.serving.cache.redis_cache import RedisCache
 from ensemble_ops.serving.engine import Completion, Engine, GenerationParams
@@ -66,10 +68,12 @@ async def _replica(
         bus: EventBus | None = None,
         gate: threading.Event | None = None,
         tracer: Tracer | None = None,
+        runner: TaskRunner | None = None,
         **cache: Any,
     ) -> Ensemble:
         """``gate``: the replica's engine holds each sequence until it is set (not counted
-        in ``engines``); ``tracer``: the replica's request spans."""
+        in ``engines``); ``tracer``: the replica's request spans; ``runner``: the replica's
+        task runner (to stop it as a shutdown does)."""
         settings = Settings.from_mapping(
             {
                 "models": [
@@ -85,7 +89,7 @@ async def _replica(
             },
             environ={},
         )
-        runner = TaskRunner()
+        runner = runner or TaskRunner()
 
         def load_gated(spec: Any) -> Engine:
             assert gate is not None
@@ -275,7 +279,6 @@ class TestWaitingOnAnotherReplica:
                 await a.complete(_request("Shared"))
 
         async def ask_b() -> None:
-
             results.append(await b.complete(_request("Shared")))
 
         try:
@@ -293,6 +296,53 @@ class TestWaitingOnAnotherReplica:
         assert [e.calls for e in engines] == [1]
         assert lookups == [False]
         assert await self._cache_label(exporter) == "miss"
+
+
+class TestShutdown:
+    async def test_a_claim_sent_as_the_server_stops_is_freed(
+        self, server: RedisServer, replica: Replica, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Redis holds the claim (its writes paused) while the replica shuts down: the claim
+        still lands, is remembered and freed, so no other replica waits on it, and the
+        request is answered 503. Nothing is timed: each step waits for the state before it."""
+        claiming = anyio.Event()
+        real_claim = RedisCache.claim
+
+        async def claim(cache: RedisCache, key: str) -> bool:
+            claiming.set()
+            return await real_claim(cache, key)
+
+        monkeypatch.setattr(RedisCache, "claim", claim)
+        runner = TaskRunner()
+        a = replica(server.url, runner=runner, timeout_s=30.0)  # the pause is no outage
+        await a.load_all()
+        admin = redis.asyncio.Redis.from_url(server.url)
+        failures: list[BaseException] = []
+
+        async def ask() -> None:
+            try:
+                await a.complete(_request("Stopping"))
+            except ModelUnavailableError as err:
+                failures.append(err)
+
+        try:
+            with anyio.fail_after(30):
+                await admin.client_pause(60_000, all=False)  # writes wait
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(ask)
+                    await claiming.wait()
+                    while (await admin.info("clients"))["blocked_clients"] < 1:
+                        await anyio.sleep(0.01)  # until Redis holds the claim's SET
+                    tasks.start_soon(runner.aclose)
+                    await anyio.lowlevel.checkpoint()  # aclose has cancelled the walk
+                    await admin.client_unpause()
+            locks = await admin.keys("*:lock:*")
+        finally:
+            await admin.client_unpause()
+            await admin.aclose()
+        assert locks == []
+        (failure,) = failures
+        assert "shutting down" in str(failure)
 
 
 def _arrived(ensemble: Ensemble) -> threading.Event:

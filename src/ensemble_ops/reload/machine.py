@@ -407,21 +407,25 @@ class ReloadJob:
         self.completed_at = time.time()
         self._entered(100.0, self.message)
 
+    async def abandon(self) -> None:
+        """Shutdown cancelled the reload: free the new copy now (no task will run later) and
+        keep the old one. Called by the reload's driver, shielded, once ``start()`` returns
+        mid-chain: transitions runs each callback in an asyncio task of its own, which a
+        cancellation reaches through any shield, and returns from a cancelled trigger."""
+        if self._state_span is not None:
+            self._state_span.end()
+            self._state_span = None
+        if self.slot.candidate is self._new:
+            self.slot.withdraw()  # shutting down mid-rollout: the old copy stays
+        if self._new is not None:
+            new, self._new = self._new, None
+            await new.close()
+
     async def on_exception(self, event: EventData) -> None:
         """The machine's ``on_exception``: a state's work failed, so the reload fails."""
         err: BaseException | None = event.error
         if isinstance(err, anyio.get_cancelled_exc_class()):
-            # Shutdown cancelled the reload: free the new copy here (no task will run later),
-            # keep the old one, and let the cancellation go on.
-            if self._state_span is not None:
-                self._state_span.end()
-                self._state_span = None
-            if self.slot.candidate is self._new:
-                self.slot.withdraw()  # shutting down mid-rollout: the old copy stays
-            if self._new is not None:
-                new, self._new = self._new, None
-                await new.close()
-            raise err
+            raise err  # shutdown: whoever drives the reload calls abandon()
         expected = isinstance(err, ReloadFailedError)
         self.error = str(err) if expected else f"{type(err).__name__}: {err}"
         if self._state_span is not None and err is not None:

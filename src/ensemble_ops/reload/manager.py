@@ -40,7 +40,7 @@ from ensemble_ops.quality.gate import QualityGate, QualityPlan
 from ensemble_ops.reload.machine import LoaderFunc, Plan, ReloadJob, new_machine
 from ensemble_ops.reload.memory import available_memory, release_memory
 from ensemble_ops.reload.rollout import Decision
-from ensemble_ops.reload.status import ReloadStatus
+from ensemble_ops.reload.status import RUNNING, ReloadStatus
 from ensemble_ops.reload.warmup import WarmupFunc, chat_warmup
 from ensemble_ops.serving.engine import Engine
 from ensemble_ops.serving.gguf_check import inspect_gguf
@@ -323,6 +323,9 @@ class ReloadManager:
                 f"reload {job.name}", attributes={"ensemble_ops.model": job.name}
             ) as span:
                 await job.start()  # runs the whole chain: each state fires the next trigger
+                if job.state in RUNNING:  # a shutdown cancelled it (transitions returns then)
+                    with anyio.CancelScope(shield=True):
+                        await job.abandon()
                 span.set_attribute("ensemble_ops.reload.outcome", job.state)
                 if job.state != "completed":
                     span.set_status(Status(StatusCode.ERROR, job.error or "failed"))
