@@ -83,6 +83,17 @@ class RedisServer:
             self._process.wait(timeout=10)
             self._process = None
 
+    def unread_bytes(self) -> int:
+        """Bytes clients sent that Redis has not read yet (its sockets' receive queues, from
+        /proc/net/tcp): while frozen, proof that a command was sent."""
+        total = 0
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == self.port:
+                total += int(fields[4].split(":")[1], 16)
+        return total
+
     @contextmanager
     def frozen(self) -> Iterator[None]:
         """SIGSTOP for the block: connections are accepted by the kernel, never answered."""

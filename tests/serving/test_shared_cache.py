@@ -3,6 +3,7 @@ replicas, and a Redis outage that costs no request (real engines, a real redis-s
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -299,24 +300,26 @@ class TestWaitingOnAnotherReplica:
 
 
 class TestShutdown:
-    async def test_a_claim_sent_as_the_server_stops_is_freed(
+    async def test_a_claim_sent_as_the_server_stops_is_remembered_and_freed(
         self, server: RedisServer, replica: Replica, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """Redis holds the claim (its writes paused) while the replica shuts down: the claim
-        still lands, is remembered and freed, so no other replica waits on it, and the
-        request is answered 503. Nothing is timed: each step waits for the state before it."""
+        """The claim's SET has reached Redis (frozen, so it is not answered yet) when the
+        replica shuts down: the replica waits for the answer, remembers the claim and frees
+        it, so no other replica waits on it until it expires; the request is answered 503.
+        Nothing is timed: each step waits for the state before it."""
         claiming = anyio.Event()
+        freeze = contextlib.ExitStack()
         real_claim = RedisCache.claim
 
         async def claim(cache: RedisCache, key: str) -> bool:
+            freeze.enter_context(server.frozen())
             claiming.set()
             return await real_claim(cache, key)
 
         monkeypatch.setattr(RedisCache, "claim", claim)
         runner = TaskRunner()
-        a = replica(server.url, runner=runner, timeout_s=30.0)  # the pause is no outage
+        a = replica(server.url, runner=runner, timeout_s=30.0)  # the freeze is no outage
         await a.load_all()
-        admin = redis.asyncio.Redis.from_url(server.url)
         failures: list[BaseException] = []
 
         async def ask() -> None:
@@ -325,22 +328,20 @@ class TestShutdown:
             except ModelUnavailableError as err:
                 failures.append(err)
 
+        with freeze, anyio.fail_after(30):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(ask)
+                await claiming.wait()
+                while server.unread_bytes() == 0:
+                    await anyio.sleep(0.01)  # until the SET waits in Redis's socket
+                tasks.start_soon(runner.aclose)
+                await anyio.lowlevel.checkpoint()  # aclose has cancelled the walk
+                freeze.close()
+        admin = redis.asyncio.Redis.from_url(server.url)
         try:
-            with anyio.fail_after(30):
-                await admin.client_pause(60_000, all=False)  # writes wait
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(ask)
-                    await claiming.wait()
-                    while (await admin.info("clients"))["blocked_clients"] < 1:
-                        await anyio.sleep(0.01)  # until Redis holds the claim's SET
-                    tasks.start_soon(runner.aclose)
-                    await anyio.lowlevel.checkpoint()  # aclose has cancelled the walk
-                    await admin.client_unpause()
-            locks = await admin.keys("*:lock:*")
+            assert await admin.keys("*:lock:*") == []
         finally:
-            await admin.client_unpause()
             await admin.aclose()
-        assert locks == []
         (failure,) = failures
         assert "shutting down" in str(failure)
 
