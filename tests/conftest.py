@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import threading
 import time
@@ -37,6 +39,19 @@ from ensemble_ops.serving.engine import (
 from ensemble_ops.serving.ensemble import Ensemble, InferenceRequest
 from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.serving.real_models import ensure_real_models
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under mutmut (``nox -s mutate``) only: the fastest tests first. mutmut stops a mutant's
+    run at its first failing test, so a mutant that a quick test detects then costs seconds,
+    not the slow rollout tests' minutes. The durations are mutmut's, from its stats run."""
+    stats = Path("mutmut-stats.json")  # in the folder mutmut runs the tests from
+    if "MUTANT_UNDER_TEST" not in os.environ or not stats.is_file():
+        return
+    durations: dict[str, float] = json.loads(stats.read_text()).get("duration_by_test", {})
+    items.sort(key=lambda item: durations.get(item.nodeid, math.inf))
+
 
 BYTE_SAMPLER = DemoModel(
     "byte-sampler", n_embd=64, n_layer=2, n_ff=192, n_head=4, seed=11, printable=False
