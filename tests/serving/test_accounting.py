@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from ensemble_ops.errors import NoMemberAvailableError
 from ensemble_ops.events import EventBus, InferenceFailed, InferenceFinished
 from ensemble_ops.serving.accounting import Attempt, report_unanswered
-from ensemble_ops.serving.engine import GenerationParams
+from ensemble_ops.serving.engine import Completion, GenerationParams
 from ensemble_ops.serving.inference import InferenceRequest
 
 from ..conftest import Recorded
@@ -66,6 +66,102 @@ class TestAttempt:
             attempt.skipped("the prompt does not fit its context")
         attributes = _only_span(provider).attributes or {}
         assert attributes["ensemble_ops.skipped"] == "the prompt does not fit its context"
+
+
+GENERATED = Completion(
+    "Hello there",
+    "stop",
+    prompt_tokens=5,
+    completion_tokens=3,
+    engine_s=0.5,
+    queue_wait_s=0.25,
+    time_to_first_token_s=0.125,
+    decode_s=0.2,
+    cached_tokens=2,
+    compute_wait_s=0.0625,
+    first_token_compute_wait_s=0.03125,
+)
+"""A generated answer whose every figure differs from the others and from the defaults."""
+
+
+class TestFinished:
+    """Each figure of a finished attempt, from the engine's completion or, for an answer that
+    did not run on the engine, the values that say so."""
+
+    def test_a_generated_answer_reports_the_engines_figures(
+        self, provider: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> None:
+        bus = EventBus()
+        events = Recorded(bus, InferenceFinished)
+        attempt = Attempt.open(bus, provider[0].get_tracer("test"), ASKED, "a", stream=False)
+        attempt.copy = "candidate"
+        started = time.perf_counter()
+        with attempt.current():
+            attempt.finished(GENERATED, cached=False)
+        (finished,) = events.of(InferenceFinished)
+        assert (finished.model, finished.mode, finished.key) == ("a", "balanced", "ops")
+        assert (finished.copy, finished.stream, finished.cached) == ("candidate", False, False)
+        assert finished.outcome == "success"
+        assert (finished.prompt_tokens, finished.completion_tokens) == (5, 3)
+        assert finished.time_to_first_token_s == 0.125  # no piece was streamed: the engine's
+        assert (finished.engine_s, finished.queue_wait_s) == (0.5, 0.25)
+        assert finished.time_per_output_token_s == pytest.approx(0.1)  # 0.2 s over 2 tokens
+        assert finished.cached_tokens == 2
+        assert (finished.compute_wait_s, finished.first_token_compute_wait_s) == (0.0625, 0.03125)
+        assert 0 <= finished.latency_s <= time.perf_counter() - started + 1e-3
+        attributes = _only_span(provider).attributes or {}
+        assert attributes["gen_ai.usage.input_tokens"] == 5
+        assert attributes["gen_ai.usage.output_tokens"] == 3
+        assert attributes["gen_ai.request.stream"] is False
+        assert "gen_ai.input.messages" not in attributes  # content is captured only when asked
+
+    def test_a_streamed_answer_reports_when_its_first_piece_reached_the_request(
+        self, provider: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> None:
+        bus = EventBus()
+        events = Recorded(bus, InferenceFinished)
+        attempt = _attempt(bus, provider)
+        before = time.perf_counter()
+        with attempt.current():
+            attempt.first_piece()
+            attempt.first_piece()  # only the first one counts
+            attempt.finished(GENERATED, cached=False)
+        (finished,) = events.of(InferenceFinished)
+        assert finished.stream is True
+        assert finished.time_to_first_token_s is not None
+        assert finished.time_to_first_token_s != 0.125  # the request's own, not the engine's
+        assert 0 <= finished.time_to_first_token_s <= time.perf_counter() - before + 1e-3
+        assert finished.time_to_first_token_s <= finished.latency_s
+
+    def test_a_cached_answer_reports_no_engine_figures(
+        self, provider: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> None:
+        bus = EventBus()
+        events = Recorded(bus, InferenceFinished)
+        attempt = Attempt.open(bus, provider[0].get_tracer("test"), ASKED, "a", stream=False)
+        with attempt.current():
+            attempt.finished(GENERATED, cached=True)
+        (finished,) = events.of(InferenceFinished)
+        assert (finished.cached, finished.copy, finished.outcome) == (True, "stable", "success")
+        assert (finished.prompt_tokens, finished.completion_tokens) == (5, 3)
+        assert finished.time_to_first_token_s is None  # the stored figure is not this request's
+        assert (finished.engine_s, finished.queue_wait_s) == (0.0, None)
+        assert finished.time_per_output_token_s is None
+        assert finished.cached_tokens == 0
+        assert (finished.compute_wait_s, finished.first_token_compute_wait_s) == (0.0, 0.0)
+
+    def test_content_is_captured_on_the_span_when_asked(
+        self, provider: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> None:
+        tracer = provider[0].get_tracer("test")
+        attempt = Attempt.open(EventBus(), tracer, ASKED, "a", stream=True, capture_content=True)
+        with attempt.current():
+            attempt.finished(GENERATED, cached=False)
+        attributes = _only_span(provider).attributes or {}
+        assert "Hi" in str(attributes["gen_ai.input.messages"])
+        assert "Hello there" in str(attributes["gen_ai.output.messages"])
+        assert attributes["gen_ai.request.stream"] is True
+        assert attributes["gen_ai.response.model"] == "a"
 
 
 class TestUnanswered:
