@@ -4,7 +4,8 @@ completions, the client leaving, and what the engine is asked."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +34,7 @@ from ensemble_ops.serving.engine import (
 )
 from ensemble_ops.serving.ensemble import Ensemble, TextStream
 from ensemble_ops.serving.llama_engine import LlamaEngine
+from ensemble_ops.serving.slot import Loaded
 from ensemble_ops.tasks import TaskRunner
 
 from ..conftest import EngineWrapper, FailsMidStream, GatedEngine
@@ -455,3 +457,47 @@ class TestLatencyTargets:
         with pytest.raises(DeadlineUnreachableError):
             await ensemble.complete(request("b", mode="fast"))
         assert (await ensemble.complete(request("b", mode="creative"))).member == "b"
+
+
+class TestARolloutsCandidate:
+    """The rollout's copy choice on a member whose candidate answers every request it can."""
+
+    @pytest.fixture(name="candidate")
+    async def _candidate(self, ensemble: Ensemble, tmp_path: Path) -> AsyncIterator[Loaded]:
+        """Member a's candidate: a file without a chat template (a rollout allowed to drop
+        chat), taking every request's draw, with room for one request."""
+        model = DemoModel("untemplated", 64, 2, 192, 4, seed=1, chat_template="")
+        spec = members(write_model(model, tmp_path / model.filename)).models[0]
+        candidate = Loaded("a", LlamaEngine.load(spec), queue_size=0)
+        slot = ensemble.slots["a"]
+        slot.offer(candidate, weight_percent=100)
+        try:
+            yield candidate
+        finally:
+            slot.withdraw()
+            await candidate.close()
+
+    async def test_it_answers_only_what_it_can_unless_asked_for(
+        self, ensemble: Ensemble, events: Events, candidate: Loaded
+    ) -> None:
+        """Chat stays on the stable copy, text goes to the candidate, and a chat that asks
+        for the candidate gets it (the named copy's plain transcript)."""
+        chat = request("a", prompt=None, messages=(ChatMessage("user", "Hello"),))
+        for asked in (chat, request("a"), replace(chat, copy="candidate")):
+            await ensemble.complete(asked)
+        copies = [finished.copy for finished in events.of(InferenceFinished)]
+        assert copies == ["stable", "candidate", "candidate"]
+
+    async def test_a_full_candidate_leaves_the_request_to_the_stable_copy(
+        self, ensemble: Ensemble, events: Events, candidate: Loaded
+    ) -> None:
+        """With the candidate's one place taken, its draw is answered by the stable copy; a
+        request that asked for the candidate is refused as overloaded instead."""
+        held = ensemble.slots["a"].acquire("candidate")
+        try:
+            await ensemble.complete(request("a"))
+            with pytest.raises(OverloadedError):
+                await ensemble.complete(replace(request("a"), copy="candidate"))
+        finally:
+            held.release()
+        assert [finished.copy for finished in events.of(InferenceFinished)] == ["stable"]
