@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +21,7 @@ from ensemble_ops.errors import (
     NoMemberAvailableError,
     OverloadedError,
 )
-from ensemble_ops.events import EventBus, InferenceFailed, InferenceFinished
+from ensemble_ops.events import EventBus, InferenceFailed, InferenceFinished, ShadowFinished
 from ensemble_ops.serving import pipeline
 from ensemble_ops.serving.demo import DemoModel, write_model
 from ensemble_ops.serving.engine import (
@@ -37,7 +38,7 @@ from ensemble_ops.serving.llama_engine import LlamaEngine
 from ensemble_ops.serving.slot import Loaded
 from ensemble_ops.tasks import TaskRunner
 
-from ..conftest import EngineWrapper, FailsMidStream, GatedEngine
+from ..conftest import EngineWrapper, FailsMidStream, FlakyEngine, GatedEngine, Recorded
 from .conftest import MEMBERS, SAMPLED, Engines, EnsembleFactory, Events, members, request
 
 
@@ -459,45 +460,89 @@ class TestLatencyTargets:
         assert (await ensemble.complete(request("b", mode="creative"))).member == "b"
 
 
-class TestARolloutsCandidate:
-    """The rollout's copy choice on a member whose candidate answers every request it can."""
+@asynccontextmanager
+async def _candidate(
+    ensemble: Ensemble, engine: Engine, *, weight_percent: float = 0.0, shadow: float = 0.0
+) -> AsyncIterator[Loaded]:
+    """``engine`` offered as member a's rollout candidate, with room for one request;
+    withdrawn and closed afterwards."""
+    candidate = Loaded("a", engine, queue_size=0)
+    slot = ensemble.slots["a"]
+    slot.offer(candidate, weight_percent=weight_percent, shadow=shadow)
+    try:
+        yield candidate
+    finally:
+        slot.withdraw()
+        await candidate.close()
 
-    @pytest.fixture(name="candidate")
-    async def _candidate(self, ensemble: Ensemble, tmp_path: Path) -> AsyncIterator[Loaded]:
-        """Member a's candidate: a file without a chat template (a rollout allowed to drop
-        chat), taking every request's draw, with room for one request."""
+
+class TestARolloutsCandidate:
+    """The rollout's copy choice, retry and mirroring on a member with a candidate."""
+
+    @pytest.fixture(name="cannot_chat")
+    def _cannot_chat(self, tmp_path: Path) -> LlamaEngine:
+        """A file without a chat template: the candidate of a rollout allowed to drop chat."""
         model = DemoModel("untemplated", 64, 2, 192, 4, seed=1, chat_template="")
-        spec = members(write_model(model, tmp_path / model.filename)).models[0]
-        candidate = Loaded("a", LlamaEngine.load(spec), queue_size=0)
-        slot = ensemble.slots["a"]
-        slot.offer(candidate, weight_percent=100)
-        try:
-            yield candidate
-        finally:
-            slot.withdraw()
-            await candidate.close()
+        return LlamaEngine.load(members(write_model(model, tmp_path / model.filename)).models[0])
 
     async def test_it_answers_only_what_it_can_unless_asked_for(
-        self, ensemble: Ensemble, events: Events, candidate: Loaded
+        self, ensemble: Ensemble, events: Events, cannot_chat: LlamaEngine
     ) -> None:
         """Chat stays on the stable copy, text goes to the candidate, and a chat that asks
         for the candidate gets it (the named copy's plain transcript)."""
         chat = request("a", prompt=None, messages=(ChatMessage("user", "Hello"),))
-        for asked in (chat, request("a"), replace(chat, copy="candidate")):
-            await ensemble.complete(asked)
+        async with _candidate(ensemble, cannot_chat, weight_percent=100):
+            for asked in (chat, request("a"), replace(chat, copy="candidate")):
+                await ensemble.complete(asked)
         copies = [finished.copy for finished in events.of(InferenceFinished)]
         assert copies == ["stable", "candidate", "candidate"]
 
     async def test_a_full_candidate_leaves_the_request_to_the_stable_copy(
-        self, ensemble: Ensemble, events: Events, candidate: Loaded
+        self, ensemble: Ensemble, events: Events, cannot_chat: LlamaEngine
     ) -> None:
         """With the candidate's one place taken, its draw is answered by the stable copy; a
         request that asked for the candidate is refused as overloaded instead."""
-        held = ensemble.slots["a"].acquire("candidate")
-        try:
-            await ensemble.complete(request("a"))
-            with pytest.raises(OverloadedError):
+        async with _candidate(ensemble, cannot_chat, weight_percent=100):
+            held = ensemble.slots["a"].acquire("candidate")
+            try:
+                await ensemble.complete(request("a"))
+                with pytest.raises(OverloadedError):
+                    await ensemble.complete(replace(request("a"), copy="candidate"))
+            finally:
+                held.release()
+        assert [finished.copy for finished in events.of(InferenceFinished)] == ["stable"]
+
+    async def test_a_candidate_failing_before_any_text_is_retried_on_the_stable_copy(
+        self, ensemble: Ensemble, events: Events
+    ) -> None:
+        """The candidate's failure is recorded as not final and the stable copy answers the
+        same member; a request that asked for the candidate gets the failure itself."""
+        failing = FlakyEngine(LlamaEngine.load(ensemble.slots["a"].spec))
+        async with _candidate(ensemble, failing, weight_percent=100):
+            answered = await ensemble.complete(request("a"))
+            with pytest.raises(EngineError):
                 await ensemble.complete(replace(request("a"), copy="candidate"))
-        finally:
-            held.release()
+        assert answered.member == "a"
+        assert [(f.copy, f.final) for f in events.of(InferenceFailed)] == [
+            ("candidate", False),
+            ("candidate", True),
+        ]
+        assert [finished.copy for finished in events.of(InferenceFinished)] == ["stable"]
+        assert failing.calls == 2
+
+    async def test_a_shadow_is_sent_each_answered_request_and_its_answer_dropped(
+        self, ensemble: Ensemble, events: Events, bus: EventBus
+    ) -> None:
+        """The user's answer comes from the stable copy; the same request then runs on the
+        candidate (the same file here, so the same tokens), reported only to the rollout."""
+        shadows = Recorded(bus, ShadowFinished)
+        mirror = LlamaEngine.load(ensemble.slots["a"].spec)
+        async with _candidate(ensemble, mirror, shadow=100):
+            answered = await ensemble.complete(request("a"))
+            with anyio.fail_after(10):
+                while not shadows.seen:
+                    await anyio.sleep(0.01)
+        (shadow,) = shadows.seen
+        assert (shadow.model, shadow.error_type, shadow.empty) == ("a", None, False)
+        assert shadow.completion_tokens == answered.completion.completion_tokens
         assert [finished.copy for finished in events.of(InferenceFinished)] == ["stable"]
