@@ -7,6 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ensemble_ops.config import ModeName, Settings
 from ensemble_ops.errors import ContextLengthExceededError, ModelNotFoundError
@@ -137,7 +140,8 @@ class TestContextSize:
         self, make_ensemble: EnsembleFactory, demo_dir: Path, events: Events
     ) -> None:
         """The preferred member's context is too small for the prompt: the next member,
-        with a larger one, answers, and the skip is no failure of anyone."""
+        with a larger one, answers, and the skip is no failure of anyone (its span says
+        why it was passed over)."""
         path = str(demo_dir / "demo-tiny.gguf")
         settings = Settings.from_mapping(
             {
@@ -149,7 +153,10 @@ class TestContextSize:
             },
             environ={},
         )
-        ensemble = make_ensemble(settings)
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        ensemble = make_ensemble(settings, tracer=provider.get_tracer("test"))
         await ensemble.load_all()
         long_prompt = "word " * 100
         result = await ensemble.complete(request(prompt=long_prompt))
@@ -157,6 +164,13 @@ class TestContextSize:
         assert (await ensemble.complete(request(prompt="Hi"))).member == "small"
         assert events.of(InferenceFailed) == []
         assert [e.model for e in events.of(InferenceFinished)] == ["large", "small"]
+        skipped = [
+            (span.attributes or {}).get("gen_ai.response.model")
+            for span in exporter.get_finished_spans()
+            if (span.attributes or {}).get("ensemble_ops.skipped")
+            == "the prompt does not fit its context"
+        ]
+        assert skipped == ["small"]
 
     async def test_a_prompt_too_long_for_every_member_is_the_clients_error(
         self, ensemble: Ensemble, events: Events
