@@ -12,6 +12,10 @@ from typing import Any, TypeVar
 
 import anyio
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from ensemble_ops.config import ModeName, Settings
 from ensemble_ops.errors import (
@@ -489,13 +493,14 @@ class TestARolloutsCandidate:
         self, ensemble: Ensemble, events: Events, cannot_chat: LlamaEngine
     ) -> None:
         """Chat stays on the stable copy, text goes to the candidate, and a chat that asks
-        for the candidate gets it (the named copy's plain transcript)."""
+        for the candidate gets it (the named copy's plain transcript), not the stable copy's
+        cached answer to the same chat."""
         chat = request("a", prompt=None, messages=(ChatMessage("user", "Hello"),))
         async with _candidate(ensemble, cannot_chat, weight_percent=100):
             for asked in (chat, request("a"), replace(chat, copy="candidate")):
                 await ensemble.complete(asked)
-        copies = [finished.copy for finished in events.of(InferenceFinished)]
-        assert copies == ["stable", "candidate", "candidate"]
+        copies = [(finished.copy, finished.cached) for finished in events.of(InferenceFinished)]
+        assert copies == [("stable", False), ("candidate", False), ("candidate", False)]
 
     async def test_a_full_candidate_leaves_the_request_to_the_stable_copy(
         self, ensemble: Ensemble, events: Events, cannot_chat: LlamaEngine
@@ -513,10 +518,16 @@ class TestARolloutsCandidate:
         assert [finished.copy for finished in events.of(InferenceFinished)] == ["stable"]
 
     async def test_a_candidate_failing_before_any_text_is_retried_on_the_stable_copy(
-        self, ensemble: Ensemble, events: Events
+        self, make_ensemble: EnsembleFactory, events: Events
     ) -> None:
         """The candidate's failure is recorded as not final and the stable copy answers the
-        same member; a request that asked for the candidate gets the failure itself."""
+        same member within the same span, which ends well; a request that asked for the
+        candidate gets the failure itself, on its span too."""
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        ensemble = make_ensemble(tracer=provider.get_tracer("test"))
+        await ensemble.load_all()
         failing = FlakyEngine(LlamaEngine.load(ensemble.slots["a"].spec))
         async with _candidate(ensemble, failing, weight_percent=100):
             answered = await ensemble.complete(request("a"))
@@ -529,6 +540,11 @@ class TestARolloutsCandidate:
         ]
         assert [finished.copy for finished in events.of(InferenceFinished)] == ["stable"]
         assert failing.calls == 2
+        retried, refused = exporter.get_finished_spans()
+        assert retried.status.status_code != StatusCode.ERROR
+        assert "error.type" not in (retried.attributes or {})
+        assert refused.status.status_code == StatusCode.ERROR
+        assert (refused.attributes or {})["error.type"] == "engine_error"
 
     async def test_a_shadow_is_sent_each_answered_request_and_its_answer_dropped(
         self, ensemble: Ensemble, events: Events, bus: EventBus
