@@ -12,6 +12,8 @@ import pytest
 from ensemble_ops.config import ModelSpec, Settings
 from ensemble_ops.errors import EngineError
 from ensemble_ops.events import CacheLookedUp, InferenceFailed, InferenceFinished
+from ensemble_ops.serving.answers import KnownAnswers
+from ensemble_ops.serving.cache import cache_key
 from ensemble_ops.serving.engine import GenerationParams
 from ensemble_ops.serving.ensemble import (
     Ensemble,
@@ -20,6 +22,7 @@ from ensemble_ops.serving.ensemble import (
     TextStream,
 )
 from ensemble_ops.serving.llama_engine import LlamaEngine
+from ensemble_ops.serving.slot import Loaded
 
 from .conftest import SAMPLED, Engines, EnsembleFactory, Events, members, request
 
@@ -318,3 +321,25 @@ class TestCache:
         for _ in range(2):
             assert not (await ensemble.complete(request("a"))).cached
         assert engines.by_name["a"].calls == 2
+
+
+class TestKeys:
+    async def test_only_a_copy_with_an_identity_keys_deterministic_requests(
+        self, ensemble: Ensemble
+    ) -> None:
+        """A copy whose file could not be identified when it loaded caches nothing, nor
+        does a member without a copy, a sampled request or an ensemble without a cache; a
+        copy with an identity keys a deterministic request by it."""
+        known = KnownAnswers(ensemble.cache)
+        active = ensemble.slots["a"].active
+        assert active is not None
+        assert active.identity is not None
+        unidentified = Loaded("a", active.engine)  # the same engine, closed with the member
+        asked = request("a")
+        assert known.key(active, asked) == cache_key(
+            active.identity, asked.prompt, asked.messages, asked.params
+        )
+        assert known.key(unidentified, asked) is None
+        assert known.key(None, asked) is None
+        assert known.key(active, request("a", SAMPLED)) is None
+        assert KnownAnswers(None).key(active, asked) is None
