@@ -21,6 +21,7 @@ from ensemble_ops.config import ModeName, Settings
 from ensemble_ops.errors import (
     DeadlineUnreachableError,
     EngineError,
+    InvalidRequestError,
     ModelUnavailableError,
     NoMemberAvailableError,
     OverloadedError,
@@ -501,6 +502,21 @@ class TestARolloutsCandidate:
                 await ensemble.complete(asked)
         copies = [(finished.copy, finished.cached) for finished in events.of(InferenceFinished)]
         assert copies == [("stable", False), ("candidate", False), ("candidate", False)]
+
+    async def test_asking_for_a_candidate_no_rollout_serves_is_the_requests_mistake(
+        self, ensemble: Ensemble, events: Events
+    ) -> None:
+        """A 400 naming the header, reported as the request's own mistake on the stable
+        copy's line (no copy was chosen)."""
+        with pytest.raises(InvalidRequestError, match="X-Ensemble-Copy asks for the new copy"):
+            await ensemble.complete(replace(request("a"), copy="candidate"))
+        (failed,) = events.of(InferenceFailed)
+        assert (failed.model, failed.error_type, failed.final, failed.copy) == (
+            "a",
+            "invalid_value",
+            True,
+            "stable",
+        )
 
     async def test_a_full_candidate_leaves_the_request_to_the_stable_copy(
         self, ensemble: Ensemble, events: Events, cannot_chat: LlamaEngine
