@@ -550,9 +550,9 @@ class TestARolloutsCandidate:
             with pytest.raises(EngineError):
                 await ensemble.complete(replace(request("a"), copy="candidate"))
         assert answered.member == "a"
-        assert [(f.copy, f.final) for f in events.of(InferenceFailed)] == [
-            ("candidate", False),
-            ("candidate", True),
+        assert [(f.copy, f.final, f.error_type) for f in events.of(InferenceFailed)] == [
+            ("candidate", False, "engine_error"),
+            ("candidate", True, "engine_error"),
         ]
         assert [finished.copy for finished in events.of(InferenceFinished)] == ["stable"]
         assert failing.calls == 2
