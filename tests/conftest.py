@@ -43,14 +43,25 @@ from ensemble_ops.serving.real_models import ensure_real_models
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under mutmut (``nox -s mutate``) only: the fastest tests first. mutmut stops a mutant's
-    run at its first failing test, so a mutant that a quick test detects then costs seconds,
-    not the slow rollout tests' minutes. The durations are mutmut's, from its stats run."""
+    """Under mutmut (``nox -s mutate``) only: the tests of the mutant's own package first
+    (they test it most directly), then the rest, the fastest first in each. mutmut stops a
+    mutant's run at its first failing test, so a mutant that a quick test detects then costs
+    seconds, not the slow rollout tests' minutes. The durations are mutmut's, from its stats
+    run."""
     stats = Path("mutmut-stats.json")  # in the folder mutmut runs the tests from
-    if "MUTANT_UNDER_TEST" not in os.environ or not stats.is_file():
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    if not mutant or not stats.is_file():
         return
     durations: dict[str, float] = json.loads(stats.read_text()).get("duration_by_test", {})
-    items.sort(key=lambda item: durations.get(item.nodeid, math.inf))
+    # "ensemble_ops.serving.copies.xǁCopiesǁchoose__mutmut_6": its tests are in tests/serving/
+    package = mutant.split(".")[1] if mutant.count(".") > 1 else ""
+    own = f"tests/{package}/"
+    items.sort(
+        key=lambda item: (
+            not item.nodeid.startswith(own),
+            durations.get(item.nodeid, math.inf),
+        )
+    )
 
 
 BYTE_SAMPLER = DemoModel(

@@ -52,7 +52,7 @@ class Pipeline:
         runner: TaskRunner,
         tracer: Tracer,
         target_s: Callable[[ModeName], float],
-        capture_content: bool = False,
+        capture_content: bool,
     ) -> None:
         self._router = router
         self._copies = copies
