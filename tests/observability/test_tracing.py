@@ -140,6 +140,32 @@ class TestRequestSpans:
         ]
         assert "gen_ai.input.messages" not in attributes  # no content unless opted in
 
+    async def test_content_is_on_the_span_when_the_config_opts_in(
+        self,
+        make_settings: SettingsFactory,
+        provider: TracerProvider,
+        exporter: InMemorySpanExporter,
+    ) -> None:
+        """tracing.capture_content = true: the attempt span carries the chat's messages and
+        the answer, as the GenAI conventions shape them."""
+        app = create_app(make_settings(tracing={"capture_content": True}), tracer_provider=provider)
+        async with serving(app) as client:
+            response = await client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "demo-tiny",
+                    "max_tokens": 4,
+                    "messages": [{"role": "user", "content": "Hi"}],
+                },
+            )
+        answer = response.json()["choices"][0]["message"]["content"]
+        _, (attempt,) = _request_tree(exporter, "POST /v1/chat/completions")
+        attributes = _attributes(attempt)
+        asked = [{"role": "user", "parts": [{"type": "text", "content": "Hi"}]}]
+        assert json.loads(attributes["gen_ai.input.messages"]) == asked
+        (said,) = json.loads(attributes["gen_ai.output.messages"])
+        assert (said["role"], said["parts"]) == ("assistant", [{"type": "text", "content": answer}])
+
     async def test_a_cache_hit(
         self, traced: tuple[Starlette, httpx.AsyncClient], exporter: InMemorySpanExporter
     ) -> None:
