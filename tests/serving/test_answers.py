@@ -42,11 +42,13 @@ class TestStreamsAndCompletions:
         text = await _collect(first)
         second = ensemble.answer(request("a"), incremental=True)
         again = await _collect(second)
-        whole = await ensemble.complete(request("a"))
-        assert (first.cached, second.cached, whole.cached) == (False, True, True)
-        assert again == text == whole.completion.text
-        assert second.result == first.result == whole.completion
+        collected = ensemble.answer(request("a"), incremental=False)
+        whole = await collected.wait()
+        assert (first.cached, second.cached, collected.cached) == (False, True, True)
+        assert again == text == whole.text
+        assert second.result == first.result == whole
         assert second.produced == 1  # the cached text in one piece
+        assert collected.produced == 0  # not streamed: only the end
         assert engines.by_name["a"].calls == 1
         assert [e.hit for e in events.of(CacheLookedUp)] == [False, True, True]
         finished = [(f.stream, f.cached) for f in events.of(InferenceFinished)]

@@ -363,7 +363,7 @@ class TestEveryAnswerEnds:
             await anyio.to_thread.run_sync(gated.arrived.wait)
             with anyio.fail_after(10):
                 await runner.aclose()
-                with pytest.raises(ModelUnavailableError, match="shutting down"):
+                with pytest.raises(ModelUnavailableError, match=r"'b' cannot serve.*shutting down"):
                     await stream.first()
         finally:
             gated.release.set()
