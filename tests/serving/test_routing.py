@@ -183,6 +183,17 @@ class TestContextSize:
         finals = [(f.model, f.error_type) for f in events.of(InferenceFailed) if f.final]
         assert finals == [("ensemble", "context_length_exceeded")]
 
+    async def test_a_prompt_too_long_for_a_named_member_is_its_final_failure(
+        self, ensemble: Ensemble, events: Events
+    ) -> None:
+        """Named, the member is the only candidate: its refusal is the answer, reported
+        once, as final, under the member's name."""
+        over = GenerationParams(max_tokens=250, temperature=0.0, top_p=1.0)
+        with pytest.raises(ContextLengthExceededError, match="maximum context length is 256"):
+            await ensemble.complete(request("a", params=over, prompt="Hello " * 10))
+        failed = [(f.model, f.error_type, f.final) for f in events.of(InferenceFailed)]
+        assert failed == [("a", "context_length_exceeded", True)]
+
 
 class TestSplitOrder:
     @pytest.mark.parametrize(
