@@ -183,6 +183,27 @@ class TestContextSize:
         finals = [(f.model, f.error_type) for f in events.of(InferenceFailed) if f.final]
         assert finals == [("ensemble", "context_length_exceeded")]
 
+    async def test_the_refusal_names_the_largest_context_whichever_is_tried_last(
+        self, make_ensemble: EnsembleFactory, demo_dir: Path
+    ) -> None:
+        """The larger member is tried first and the smaller last: the client is still told
+        the larger context, the one a shorter prompt must fit."""
+        path = str(demo_dir / "demo-tiny.gguf")
+        settings = Settings.from_mapping(
+            {
+                "models": [
+                    {"name": "large", "path": path, "n_ctx": 128},
+                    {"name": "small", "path": path, "n_ctx": 64},
+                ],
+                "modes": {"fast": {"prefer": ["large", "small"]}},
+            },
+            environ={},
+        )
+        ensemble = make_ensemble(settings)
+        await ensemble.load_all()
+        with pytest.raises(ContextLengthExceededError, match="maximum context length is 128"):
+            await ensemble.complete(request(prompt="word " * 200))
+
     async def test_a_prompt_too_long_for_a_named_member_is_its_final_failure(
         self, ensemble: Ensemble, events: Events
     ) -> None:
