@@ -577,4 +577,6 @@ class TestARolloutsCandidate:
         (shadow,) = shadows.seen
         assert (shadow.model, shadow.error_type, shadow.empty) == ("a", None, False)
         assert shadow.completion_tokens == answered.completion.completion_tokens
+        assert shadow.time_to_first_token_s is not None
+        assert 0 < shadow.time_to_first_token_s <= shadow.latency_s
         assert [finished.copy for finished in events.of(InferenceFinished)] == ["stable"]
