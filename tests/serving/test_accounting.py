@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from ensemble_ops.errors import NoMemberAvailableError
+from ensemble_ops.errors import EngineError, NoMemberAvailableError
 from ensemble_ops.events import EventBus, InferenceFailed, InferenceFinished
 from ensemble_ops.serving.accounting import Attempt, report_unanswered
 from ensemble_ops.serving.engine import Completion, GenerationParams
@@ -57,6 +57,22 @@ class TestAttempt:
         assert (finished.copy, finished.key) == ("candidate", "ops")
         assert (finished.prompt_tokens, finished.completion_tokens) == (0, 3)
         assert (finished.stream, finished.cached) == (True, False)
+
+    def test_a_failed_attempt_names_its_copy_caller_and_error(
+        self, provider: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> None:
+        bus = EventBus()
+        events = Recorded(bus, InferenceFailed)
+        attempt = _attempt(bus, provider)
+        attempt.copy = "candidate"
+        err = EngineError("a", "llama_decode returned -3")
+        with attempt.current():
+            attempt.failed(err, final=False)
+        (failed,) = events.of(InferenceFailed)
+        assert (failed.model, failed.mode, failed.final) == ("a", "balanced", False)
+        assert (failed.copy, failed.key) == ("candidate", "ops")
+        assert (failed.error_type, failed.message) == ("engine_error", str(err))
+        assert (_only_span(provider).attributes or {})["error.type"] == "engine_error"
 
     def test_a_skipped_member_says_why_on_its_span(
         self, provider: tuple[TracerProvider, InMemorySpanExporter]

@@ -568,7 +568,7 @@ class TestARolloutsCandidate:
         """The user's answer comes from the stable copy; the same request then runs on the
         candidate (the same file here, so the same tokens), reported only to the rollout."""
         shadows = Recorded(bus, ShadowFinished)
-        mirror = LlamaEngine.load(ensemble.slots["a"].spec)
+        mirror = FlakyEngine(LlamaEngine.load(ensemble.slots["a"].spec), failing=False)
         async with _candidate(ensemble, mirror, shadow=100):
             answered = await ensemble.complete(request("a"))
             with anyio.fail_after(10):
@@ -580,3 +580,20 @@ class TestARolloutsCandidate:
         assert shadow.time_to_first_token_s is not None
         assert 0 < shadow.time_to_first_token_s <= shadow.latency_s
         assert [finished.copy for finished in events.of(InferenceFinished)] == ["stable"]
+        assert mirror.calls == 1  # on the candidate, not the stable copy
+
+    async def test_a_shadows_share_of_requests_is_mirrored(
+        self, ensemble: Ensemble, bus: EventBus
+    ) -> None:
+        """At 50%, about half the answered requests are mirrored (each mirror ends before
+        the next request, so none is missed for a busy candidate)."""
+        shadows = Recorded(bus, ShadowFinished)
+        mirror = LlamaEngine.load(ensemble.slots["a"].spec)
+        asked = request("a", SAMPLED)
+        async with _candidate(ensemble, mirror, shadow=50) as candidate:
+            for _ in range(100):
+                await ensemble.complete(asked)
+                with anyio.fail_after(10):
+                    while candidate.in_flight:
+                        await anyio.sleep(0.001)
+        assert 25 < len(shadows.seen) < 75  # binomial(100, 0.5): 5 standard deviations
