@@ -447,7 +447,7 @@ class TestLatencyTargets:
         ensemble = make_ensemble()
         await ensemble.load_all()
         behind = await _swap_in(ensemble, "c", lambda real: _FarBehind(real, wait_s=6.0))
-        with pytest.raises(DeadlineUnreachableError) as refused:
+        with pytest.raises(DeadlineUnreachableError, match="model 'c' cannot start") as refused:
             await ensemble.complete(request("c", mode="fast"))
         assert refused.value.retry_after_s == 4  # 6 s of work, 2.5 s of target
         assert behind.submitted == 0
