@@ -59,6 +59,8 @@ class Member(FlakyEngine):
         super().__init__(real, failing=False)
         self.fail_next = 0
         self.asked: list[tuple[GenerationParams, float]] = []
+        self.turns: list[tuple[str, float]] = []
+        """Each sequence's caller and weight in the engine's fair admission."""
 
     def submit(
         self,
@@ -68,6 +70,7 @@ class Member(FlakyEngine):
         **options: Any,
     ) -> SequenceHandle:
         self.asked.append((params, options.get("target_s", 0.0)))
+        self.turns.append((options.get("caller", ""), options.get("weight", 1.0)))
         if self.fail_next:
             self.fail_next -= 1
             self.failing = True

@@ -400,6 +400,15 @@ class TestWhatTheEngineIsAsked:
         assert engines.by_name["a"].asked == [(params, 2.5)]
         assert result.completion.prompt_tokens == len(engines.by_name["a"].tokenize("Hello there"))
 
+    async def test_a_keyed_callers_turn_reaches_the_engine(
+        self, ensemble: Ensemble, engines: Engines
+    ) -> None:
+        """A keyed request takes turns as its caller, by its weight; without keys every
+        request is the one anonymous caller of weight 1."""
+        await ensemble.complete(replace(request("a", SAMPLED), caller="ops", weight=3.0))
+        await ensemble.complete(request("a", SAMPLED))
+        assert engines.by_name["a"].turns == [("ops", 3.0), ("", 1.0)]
+
     @pytest.mark.parametrize(
         ("mode", "target_s"), [("fast", 2.5), ("balanced", 3.0), ("creative", 4.0)]
     )
