@@ -12,7 +12,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ensemble_ops.config import ModeName, Settings
-from ensemble_ops.errors import ContextLengthExceededError, ModelNotFoundError
+from ensemble_ops.errors import (
+    ContextLengthExceededError,
+    ModelNotFoundError,
+    NoMemberAvailableError,
+)
 from ensemble_ops.events import InferenceFailed, InferenceFinished
 from ensemble_ops.serving.demo import DemoModel, write_model
 from ensemble_ops.serving.engine import ChatMessage, GenerationParams
@@ -203,6 +207,35 @@ class TestContextSize:
         await ensemble.load_all()
         with pytest.raises(ContextLengthExceededError, match="maximum context length is 128"):
             await ensemble.complete(request(prompt="word " * 200))
+
+    async def test_when_the_member_with_room_is_busy_the_client_is_told_to_retry(
+        self, make_ensemble: EnsembleFactory, demo_dir: Path
+    ) -> None:
+        """One member too small, the one with room full: a 503 naming both reasons, not a
+        400 that would have the client shorten a prompt that fits."""
+        path = str(demo_dir / "demo-tiny.gguf")
+        settings = Settings.from_mapping(
+            {
+                "models": [
+                    {"name": "small", "path": path, "n_ctx": 64},
+                    {"name": "large", "path": path, "n_ctx": 512, "queue_size": 0, "parallel": 1},
+                ],
+                "modes": {"fast": {"prefer": ["small"]}},
+            },
+            environ={},
+        )
+        ensemble = make_ensemble(settings)
+        await ensemble.load_all()
+        held = ensemble.slots["large"].acquire()
+        try:
+            with pytest.raises(NoMemberAvailableError) as refused:
+                await ensemble.complete(request(prompt="word " * 100))
+        finally:
+            held.release()
+        assert refused.value.reasons == {
+            "small": "the prompt does not fit its context",
+            "large": "overloaded",
+        }
 
     async def test_a_prompt_too_long_for_a_named_member_is_its_final_failure(
         self, ensemble: Ensemble, events: Events
