@@ -54,7 +54,8 @@ class TestOrder:
 
     async def test_an_unknown_member_is_not_found(self, ensemble: Ensemble) -> None:
         """An unknown name is refused, naming the members there are."""
-        with pytest.raises(ModelNotFoundError, match="choose one of: ensemble, a, b, c"):
+        named = "The model 'd' does not exist; choose one of: ensemble, a, b, c"
+        with pytest.raises(ModelNotFoundError, match=named):
             route(ensemble, "d")
         with pytest.raises(ModelNotFoundError):
             await ensemble.complete(request("d"))
