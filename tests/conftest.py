@@ -7,7 +7,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,9 @@ import anyio
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.applications import Starlette
 
 from ensemble_ops.config import ModeName, Settings
@@ -207,6 +210,20 @@ async def _client(settings: Settings) -> AsyncIterator[AppClient]:
     """The demo ensemble's app, in-process, lifespan entered and every model loaded."""
     async with serving(create_app(settings)) as client:
         yield client
+
+
+@pytest.fixture(name="exporter")
+def _exporter() -> InMemorySpanExporter:
+    """The spans ``provider``'s tracers end, each as it ends."""
+    return InMemorySpanExporter()
+
+
+@pytest.fixture(name="provider")
+def _provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider
+    provider.shutdown()
 
 
 def free_port() -> int:

@@ -10,7 +10,6 @@ import anyio
 import httpx
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ensemble_ops.access.keys import new_key
@@ -280,12 +279,14 @@ class TestLimits:
 
 
 class TestSecrets:
-    async def test_no_key_in_spans_or_error_bodies(self, make_settings: SettingsFactory) -> None:
+    async def test_no_key_in_spans_or_error_bodies(
+        self,
+        make_settings: SettingsFactory,
+        provider: TracerProvider,
+        exporter: InMemorySpanExporter,
+    ) -> None:
         """With content capture on, the spans of keyed, wrong-keyed and refused requests
         hold no key anywhere (names, attributes, events)."""
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
         settings = make_settings(
             tracing={"capture_content": True}, auth={"keys": _keys(alice={"rpm": 12})}
         )
@@ -297,7 +298,6 @@ class TestSecrets:
             for _ in range(2):  # over the limit
                 answer = await client.post("/v1/completions", json=BODY, headers=_bearer(ALICE))
                 bodies.append(answer.text)
-        provider.shutdown()
         spans = exporter.get_finished_spans()
         assert spans
         dumped = "".join(span.to_json() for span in spans) + "".join(bodies)

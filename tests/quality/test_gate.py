@@ -14,7 +14,6 @@ from typing import Any
 import anyio
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ensemble_ops.config import Settings
@@ -168,15 +167,15 @@ class TestGate:
 
 class TestTrace:
     async def test_the_verdict_and_each_failed_case_are_on_the_warm_up_span(
-        self, make_settings: SettingsFactory, half: Path
+        self,
+        make_settings: SettingsFactory,
+        half: Path,
+        provider: TracerProvider,
+        exporter: InMemorySpanExporter,
     ) -> None:
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
         app = create_app(_with_golden(make_settings, half), tracer_provider=provider)
         async with serving(app):
             status = await app.state.reload.reload_model(MEMBER)
-        provider.shutdown()
         assert status.state == "failed"
         [span] = [s for s in exporter.get_finished_spans() if s.name == "reload.warming_up"]
         attributes = dict(span.attributes or {})

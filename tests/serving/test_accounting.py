@@ -4,11 +4,9 @@ leave a field at its default (a candidate copy, a named caller, a skipped member
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ensemble_ops.errors import EngineError, NoMemberAvailableError
@@ -24,28 +22,17 @@ ASKED = InferenceRequest(
 )
 
 
-@pytest.fixture(name="provider")
-def _provider() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider, exporter
-    provider.shutdown()
+def _attempt(bus: EventBus, provider: TracerProvider) -> Attempt:
+    return Attempt.open(bus, provider.get_tracer("test"), ASKED, "a", stream=True)
 
 
-def _attempt(bus: EventBus, provider: tuple[TracerProvider, InMemorySpanExporter]) -> Attempt:
-    return Attempt.open(bus, provider[0].get_tracer("test"), ASKED, "a", stream=True)
-
-
-def _only_span(provider: tuple[TracerProvider, InMemorySpanExporter]) -> ReadableSpan:
-    (span,) = provider[1].get_finished_spans()
+def _only_span(exporter: InMemorySpanExporter) -> ReadableSpan:
+    (span,) = exporter.get_finished_spans()
     return span
 
 
 class TestAttempt:
-    def test_a_cancelled_attempt_names_its_copy_and_caller(
-        self, provider: tuple[TracerProvider, InMemorySpanExporter]
-    ) -> None:
+    def test_a_cancelled_attempt_names_its_copy_and_caller(self, provider: TracerProvider) -> None:
         bus = EventBus()
         events = Recorded(bus, InferenceFinished)
         attempt = _attempt(bus, provider)
@@ -59,7 +46,7 @@ class TestAttempt:
         assert (finished.stream, finished.cached) == (True, False)
 
     def test_a_failed_attempt_names_its_copy_caller_and_error(
-        self, provider: tuple[TracerProvider, InMemorySpanExporter]
+        self, provider: TracerProvider, exporter: InMemorySpanExporter
     ) -> None:
         bus = EventBus()
         events = Recorded(bus, InferenceFailed)
@@ -72,15 +59,15 @@ class TestAttempt:
         assert (failed.model, failed.mode, failed.final) == ("a", "balanced", False)
         assert (failed.copy, failed.key) == ("candidate", "ops")
         assert (failed.error_type, failed.message) == ("engine_error", str(err))
-        assert (_only_span(provider).attributes or {})["error.type"] == "engine_error"
+        assert (_only_span(exporter).attributes or {})["error.type"] == "engine_error"
 
     def test_a_skipped_member_says_why_on_its_span(
-        self, provider: tuple[TracerProvider, InMemorySpanExporter]
+        self, provider: TracerProvider, exporter: InMemorySpanExporter
     ) -> None:
         attempt = _attempt(EventBus(), provider)
         with attempt.current():
             attempt.skipped("the prompt does not fit its context")
-        attributes = _only_span(provider).attributes or {}
+        attributes = _only_span(exporter).attributes or {}
         assert attributes["ensemble_ops.skipped"] == "the prompt does not fit its context"
 
 
@@ -105,11 +92,11 @@ class TestFinished:
     did not run on the engine, the values that say so."""
 
     def test_a_generated_answer_reports_the_engines_figures(
-        self, provider: tuple[TracerProvider, InMemorySpanExporter]
+        self, provider: TracerProvider, exporter: InMemorySpanExporter
     ) -> None:
         bus = EventBus()
         events = Recorded(bus, InferenceFinished)
-        attempt = Attempt.open(bus, provider[0].get_tracer("test"), ASKED, "a", stream=False)
+        attempt = Attempt.open(bus, provider.get_tracer("test"), ASKED, "a", stream=False)
         attempt.copy = "candidate"
         started = time.perf_counter()
         with attempt.current():
@@ -125,14 +112,14 @@ class TestFinished:
         assert finished.cached_tokens == 2
         assert (finished.compute_wait_s, finished.first_token_compute_wait_s) == (0.0625, 0.03125)
         assert 0 <= finished.latency_s <= time.perf_counter() - started + 1e-3
-        attributes = _only_span(provider).attributes or {}
+        attributes = _only_span(exporter).attributes or {}
         assert attributes["gen_ai.usage.input_tokens"] == 5
         assert attributes["gen_ai.usage.output_tokens"] == 3
         assert attributes["gen_ai.request.stream"] is False
         assert "gen_ai.input.messages" not in attributes  # content is captured only when asked
 
     def test_a_streamed_answer_reports_when_its_first_piece_reached_the_request(
-        self, provider: tuple[TracerProvider, InMemorySpanExporter]
+        self, provider: TracerProvider
     ) -> None:
         bus = EventBus()
         events = Recorded(bus, InferenceFinished)
@@ -149,12 +136,10 @@ class TestFinished:
         assert 0 <= finished.time_to_first_token_s <= time.perf_counter() - before + 1e-3
         assert finished.time_to_first_token_s <= finished.latency_s
 
-    def test_a_cached_answer_reports_no_engine_figures(
-        self, provider: tuple[TracerProvider, InMemorySpanExporter]
-    ) -> None:
+    def test_a_cached_answer_reports_no_engine_figures(self, provider: TracerProvider) -> None:
         bus = EventBus()
         events = Recorded(bus, InferenceFinished)
-        attempt = Attempt.open(bus, provider[0].get_tracer("test"), ASKED, "a", stream=False)
+        attempt = Attempt.open(bus, provider.get_tracer("test"), ASKED, "a", stream=False)
         with attempt.current():
             attempt.finished(GENERATED, cached=True)
         (finished,) = events.of(InferenceFinished)
@@ -167,13 +152,13 @@ class TestFinished:
         assert (finished.compute_wait_s, finished.first_token_compute_wait_s) == (0.0, 0.0)
 
     def test_content_is_captured_on_the_span_when_asked(
-        self, provider: tuple[TracerProvider, InMemorySpanExporter]
+        self, provider: TracerProvider, exporter: InMemorySpanExporter
     ) -> None:
-        tracer = provider[0].get_tracer("test")
+        tracer = provider.get_tracer("test")
         attempt = Attempt.open(EventBus(), tracer, ASKED, "a", stream=True, capture_content=True)
         with attempt.current():
             attempt.finished(GENERATED, cached=False)
-        attributes = _only_span(provider).attributes or {}
+        attributes = _only_span(exporter).attributes or {}
         assert "Hi" in str(attributes["gen_ai.input.messages"])
         assert "Hello there" in str(attributes["gen_ai.output.messages"])
         assert attributes["gen_ai.request.stream"] is True

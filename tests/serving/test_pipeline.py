@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 import anyio
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
@@ -66,8 +65,8 @@ async def _swap_in(ensemble: Ensemble, name: str, wrap: Callable[[LlamaEngine], 
     return engine
 
 
-async def _until_idle(ensemble: Ensemble, name: str) -> None:
-    loaded = ensemble.slots[name].active
+async def _until_idle(loaded: Loaded | None) -> None:
+    """Until ``loaded`` has no request in flight: its last lease is released."""
     assert loaded is not None
     with anyio.fail_after(10):
         while loaded.in_flight:
@@ -239,7 +238,7 @@ class TestStreams:
         assert stream.member == "a"
         assert stream.result is not None
         assert text == stream.result.text
-        await _until_idle(ensemble, "a")
+        await _until_idle(ensemble.slots["a"].active)
         finished = events.of(InferenceFinished)
         assert [(f.model, f.stream, f.outcome) for f in finished] == [("a", True, "success")]
         ttft = finished[0].time_to_first_token_s
@@ -280,7 +279,7 @@ class TestStreams:
         await stream.first()
         stream.close()  # while the engine is held after its first piece
         paused.resume.set()
-        await _until_idle(ensemble, "b")
+        await _until_idle(ensemble.slots["b"].active)
         with anyio.fail_after(10):
             while not events.of(InferenceFinished):
                 await anyio.sleep(0.01)
@@ -305,7 +304,7 @@ class TestStreams:
                         await anyio.sleep(0.01)
                 scope.cancel()  # the caller leaves while its sequence is in the engine
         gated.release.set()
-        await _until_idle(ensemble, "b")
+        await _until_idle(ensemble.slots["b"].active)
         with anyio.fail_after(10):
             while not events.of(InferenceFinished):
                 await anyio.sleep(0.01)
@@ -321,7 +320,7 @@ class TestStreams:
         with pytest.raises(EngineError):
             await stream.first()
         stream.close()
-        await _until_idle(ensemble, "b")
+        await _until_idle(ensemble.slots["b"].active)
 
     async def test_a_closed_ensemble_refuses_streams_too(self, ensemble: Ensemble) -> None:
         """After close(), a stream fails before any text with the member's reason."""
@@ -543,14 +542,15 @@ class TestARolloutsCandidate:
         assert [finished.copy for finished in events.of(InferenceFinished)] == ["stable"]
 
     async def test_a_candidate_failing_before_any_text_is_retried_on_the_stable_copy(
-        self, make_ensemble: EnsembleFactory, events: Events
+        self,
+        make_ensemble: EnsembleFactory,
+        events: Events,
+        provider: TracerProvider,
+        exporter: InMemorySpanExporter,
     ) -> None:
         """The candidate's failure is recorded as not final and the stable copy answers the
         same member within the same span, which ends well; a request that asked for the
         candidate gets the failure itself, on its span too."""
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
         ensemble = make_ensemble(tracer=provider.get_tracer("test"))
         await ensemble.load_all()
         failing = FlakyEngine(LlamaEngine.load(ensemble.slots["a"].spec))
@@ -602,7 +602,5 @@ class TestARolloutsCandidate:
         async with _candidate(ensemble, mirror, shadow=50) as candidate:
             for _ in range(100):
                 await ensemble.complete(asked)
-                with anyio.fail_after(10):
-                    while candidate.in_flight:
-                        await anyio.sleep(0.001)
+                await _until_idle(candidate)
         assert 25 < len(shadows.seen) < 75  # binomial(100, 0.5): 5 standard deviations

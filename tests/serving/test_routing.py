@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ensemble_ops.config import ModeName, Settings
@@ -142,7 +141,12 @@ class TestCapability:
 
 class TestContextSize:
     async def test_a_prompt_too_long_for_one_member_goes_to_one_with_room(
-        self, make_ensemble: EnsembleFactory, demo_dir: Path, events: Events
+        self,
+        make_ensemble: EnsembleFactory,
+        demo_dir: Path,
+        events: Events,
+        provider: TracerProvider,
+        exporter: InMemorySpanExporter,
     ) -> None:
         """The preferred member's context is too small for the prompt: the next member,
         with a larger one, answers, and the skip is no failure of anyone (its span says
@@ -158,9 +162,6 @@ class TestContextSize:
             },
             environ={},
         )
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
         ensemble = make_ensemble(settings, tracer=provider.get_tracer("test"))
         await ensemble.load_all()
         long_prompt = "word " * 100
